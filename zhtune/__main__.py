@@ -1,0 +1,5 @@
+import sys
+
+from zhtune.cli import main
+
+sys.exit(main())

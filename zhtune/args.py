@@ -1,0 +1,304 @@
+"""The arguments of every command, one dataclass each, with ms-swift v2's names and meanings.
+
+Shared fields are declared once (ModelArguments, DataArguments, GenerationArguments) and the command
+classes combine them. `parse_args(cls, argv)` turns `--name value ...` (and `--config FILE`) into an
+instance: lists take several values (`--dataset a b c`), booleans take true/false, and an unknown
+name or value is one error line naming the closest valid choice.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zhtune.errors import UserError, closest
+
+
+def _choices(*values):
+    return {"choices": values}
+
+
+@dataclass
+class ModelArguments:
+    model_type: str | None = field(default=None, metadata={"help": "a registered model type, e.g. gemma2-9b-instruct; "
+                                                           "default: read from --model_id_or_path, else gemma3-270m"})
+    model_id_or_path: str | None = field(default=None, metadata={"help": "hub id (ModelScope, or HF with USE_HF=1) or local folder"})
+    model_revision: str | None = None
+    template_type: str = field(default="AUTO", metadata={"help": "chat template; AUTO: the model type's"})
+    system: str | None = field(default=None, metadata={"help": "system prompt"})
+    dtype: str = field(default="AUTO", metadata=_choices("AUTO", "bf16", "fp16", "fp32"))
+    use_flash_attn: bool | None = field(default=None, metadata={"help": "fastest attention that is exact for the model "
+                                                                "(Gemma 2: flex_attention with softcapping, never sdpa)"})
+    seed: int = 42
+    dry_run: bool = field(default=False, metadata={"help": "resolve names and print the configuration; load nothing"})
+    config: str | None = field(default=None, metadata={"help": "a YAML or JSON file of these arguments (command line wins)"})
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] = field(default_factory=list, metadata={"help": "entries [HF::|MS::]name|hub_id|path[:subset/subset][#N]"})
+    val_dataset: list[str] = field(default_factory=list)
+    dataset_seed: int = 42
+    dataset_test_ratio: float = 0.01
+    max_length: int = 2048
+    truncation_strategy: str = field(default="delete", metadata=_choices("delete", "truncation_left"))
+    model_name: list[str] = field(default_factory=list, metadata={"help": "self-cognition name: ZH [EN]"})
+    model_author: list[str] = field(default_factory=list, metadata={"help": "self-cognition author: ZH [EN]"})
+    preprocess_num_proc: int = 2
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int = 2048
+    do_sample: bool = True
+    temperature: float = 0.3
+    top_k: int = 20
+    top_p: float = 0.7
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+
+
+@dataclass
+class CheckpointArguments:
+    ckpt_dir: str | None = field(default=None, metadata={"help": "a checkpoint folder written by `zhtune sft`"})
+    merge_lora: bool = field(default=False, metadata={"help": "merge the LoRA adapter into <ckpt_dir>-merged once, then use it"})
+    infer_backend: str = field(default="AUTO", metadata=_choices("AUTO", "pt", "vllm"))
+
+
+@dataclass
+class SftArguments(ModelArguments, DataArguments):
+    sft_type: str = field(default="lora", metadata=_choices("lora", "full"))
+    output_dir: str = "output"
+    add_output_dir_suffix: bool = True
+    lora_target_modules: list[str] = field(default_factory=lambda: ["DEFAULT"],
+                                           metadata={"help": "ALL, EMBEDDING, DEFAULT or module names"})
+    lora_modules_to_save: list[str] = field(default_factory=list, metadata={"help": "LN, EMBEDDING or module names"})
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout_p: float = 0.05
+    learning_rate: float | None = field(default=None, metadata={"help": "default 1e-4 for lora, 1e-5 for full"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float = 0.5
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: str = "cosine"
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 1
+    eval_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = field(default=None, metadata={"help": "default ceil(16 / batch_size / world_size)"})
+    eval_steps: int = 50
+    save_steps: int | None = field(default=None, metadata={"help": "default: --eval_steps"})
+    save_total_limit: int = field(default=2, metadata={"help": "-1 keeps every checkpoint"})
+    logging_steps: int = 5
+    gradient_checkpointing: bool = True
+    resume_from_checkpoint: str | None = None
+    deepspeed: str | None = field(default=None, metadata={"help": "default-zero2, default-zero3 or a JSON file"})
+    packing: bool | None = field(default=None, metadata={"help": "padding-free packing; default: on for the GPU fast path"})
+    fast_path: bool | None = field(default=None, metadata={"help": "GPU fast path (packing, chunked softcapped loss); "
+                                                           "default: on where supported"})
+    identity_probe: bool = field(default=True, metadata={"help": "after training with self-cognition, score the held-out identity probe"})
+    max_length: int = 2048
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.sft_type == "lora" else 1e-5
+
+    def resolved_grad_accum(self, world_size: int = 1) -> int:
+        if self.gradient_accumulation_steps is not None:
+            return self.gradient_accumulation_steps
+        return max(1, math.ceil(16 / self.batch_size / world_size))
+
+
+@dataclass
+class InferArguments(ModelArguments, CheckpointArguments, GenerationArguments, DataArguments):
+    eval_batch_size: int = 8
+    save_result: bool = True
+    stream: bool = True
+
+
+@dataclass
+class EvalArguments(ModelArguments, CheckpointArguments, GenerationArguments, DataArguments):
+    eval_dataset: list[str] = field(default_factory=lambda: ["arc", "ceval", "gsm8k", "mmlu"])
+    eval_backend: str = field(default="Native", metadata=_choices("Native"))
+    eval_limit: str | None = field(default=None, metadata={"help": "N, or '[a:b]' for a slice of every set"})
+    eval_batch_size: int = 8
+    eval_few_shot: int = 0
+    eval_data_dir: str | None = field(default=None, metadata={"help": "local copies of the benchmark files"})
+    eval_output_dir: str = "eval_outputs"
+    name: str | None = None
+    ckpt_dir: list[str] = field(default_factory=list, metadata={"help": "one or more checkpoints; with --model_type "
+                                                                "or --model_id_or_path too, the base model is compared"})
+    do_sample: bool = False
+    max_new_tokens: int | None = field(default=None, metadata={"help": "default per dataset (letters 32, gsm8k 512)"})
+
+
+@dataclass
+class ExportArguments(ModelArguments, CheckpointArguments):
+    merge_lora: bool = True
+
+
+@dataclass
+class DeployArguments(InferArguments):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing
+
+def _base_type(tp):
+    """(scalar type, is_list) for a field annotation like `list[str]` or `int | None`."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return tp, False
+
+
+def _convert(name: str, raw, tp, choices):
+    if isinstance(raw, str) and raw.lower() in ("none", "null") and tp is not str:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(raw, bool):
+                value = raw
+            elif str(raw).lower() in ("true", "1", "yes"):
+                value = True
+            elif str(raw).lower() in ("false", "0", "no"):
+                value = False
+            else:
+                raise ValueError
+        elif tp is int:
+            value = int(raw)
+        elif tp is float:
+            value = float(raw)
+        else:
+            value = str(raw)
+    except (TypeError, ValueError):
+        kind = "true or false" if tp is bool else tp.__name__
+        raise UserError(f"--{name} takes {kind}, got '{raw}'.") from None
+    if choices and value not in choices:
+        raise UserError(f"--{name} '{value}' is not one of {', '.join(map(str, choices))}.{closest(value, choices)}")
+    return value
+
+
+def _fields(cls):
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _read_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file. Give a YAML or JSON file of arguments.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        raise UserError(f"--config {path} cannot be parsed ({type(e).__name__}: {e}). Fix the file.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must hold a mapping of argument names to values.")
+    return data
+
+
+def split_argv(argv: list[str]) -> dict[str, list[str]]:
+    """`--a 1 --b x y --c=3` -> {'a': ['1'], 'b': ['x', 'y'], 'c': ['3']}."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for token in argv:
+        if token.startswith("--") and len(token) > 2 and not _is_number(token):
+            name, eq, value = token[2:].partition("=")
+            name = name.replace("-", "_")
+            current = name
+            out[current] = [value] if eq else []
+        elif current is None:
+            raise UserError(f"unexpected value '{token}': values follow an argument name, e.g. --dataset {token}.")
+        else:
+            out[current].append(token)
+    return out
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_args(cls, argv: list[str]):
+    """Build `cls` from command-line tokens; `--config` values come first, the command line wins."""
+    fields = _fields(cls)
+    given = split_argv(argv)
+    for name in given:
+        if name not in fields and name != "help":
+            raise UserError(f"unknown argument --{name}.{closest(name, fields)} "
+                            f"See `zhtune {_command_of(cls)} --help`.")
+    values: dict = {}
+    if "config" in given:
+        if len(given["config"]) != 1:
+            raise UserError("--config takes one file.")
+        for name, raw in _read_config(given["config"][0]).items():
+            if name not in fields:
+                raise UserError(f"unknown argument '{name}' in {given['config'][0]}.{closest(name, fields)}")
+            values[name] = _from_values(fields[name], raw if isinstance(raw, list) else [raw])
+    for name, raw in given.items():
+        values[name] = _from_values(fields[name], raw)
+    return cls(**values)
+
+
+def _from_values(f, raw: list):
+    tp, is_list = _base_type(f.type)
+    choices = f.metadata.get("choices")
+    if is_list:
+        return [_convert(f.name, r, tp, choices) for r in raw]
+    if len(raw) == 0:
+        if tp is bool:
+            return True
+        raise UserError(f"--{f.name} needs a value.")
+    if len(raw) > 1:
+        raise UserError(f"--{f.name} takes one value, got {len(raw)}: {' '.join(map(str, raw))}. Quote it if it has spaces.")
+    return _convert(f.name, raw[0], tp, choices)
+
+
+def _command_of(cls) -> str:
+    return {SftArguments: "sft", InferArguments: "infer", EvalArguments: "eval",
+            ExportArguments: "export", DeployArguments: "deploy"}.get(cls, "")
+
+
+def format_help(cls, command: str, summary: str) -> str:
+    lines = [f"usage: zhtune {command} [--name value ...]", "", summary, "", "arguments (default in brackets):"]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        tp, is_list = _base_type(f.type)
+        kind = ("LIST " if is_list else "") + getattr(tp, "__name__", str(tp))
+        extra = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            extra = (extra + " " if extra else "") + "{" + "|".join(map(str, f.metadata["choices"])) + "}"
+        lines.append(f"  --{f.name:<28} {kind:<10} [{default}]  {extra}".rstrip())
+    return "\n".join(lines)
+
+
+def env_world() -> dict:
+    """Distributed settings from the seed's environment variables."""
+    return {
+        "nproc_per_node": int(os.environ.get("NPROC_PER_NODE", "1")),
+        "nnodes": int(os.environ.get("NNODES", "1")),
+        "node_rank": int(os.environ.get("NODE_RANK", "0")),
+        "master_addr": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "master_port": int(os.environ.get("MASTER_PORT", "29500")),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
