@@ -121,6 +121,7 @@ class InferArguments(ModelArguments, CheckpointArguments, GenerationArguments, D
     eval_batch_size: int = 8
     save_result: bool = True
     stream: bool = True
+    verbose: bool = field(default=False, metadata={"help": "print each turn's full prompt to stderr"})
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""`zhtune infer`: chat with a model or checkpoint, or run a dataset through it in batches."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from zhtune.checkpoint import sft_args_or_guess
+from zhtune.dry_run import print_dry_run
+from zhtune.infer.chat import run_chat
+from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
+from zhtune.models.loader import resolve_model
+
+
+def infer_main(args) -> int:
+    spec = ModelSpec.from_args(args)
+    if args.dry_run:
+        sft = sft_args_or_guess(spec.ckpt_dir) if spec.ckpt_dir else {}
+        resolved = resolve_model(spec.model_type or sft.get("model_type"),
+                                 spec.model_id_or_path or sft.get("model_id_or_path"),
+                                 args.template_type if args.template_type != "AUTO" else sft.get("template_type", "AUTO"))
+        print_dry_run("infer", args, {**resolved.describe(), "infer_backend": args.infer_backend,
+                                       "ckpt_dir": spec.ckpt_dir, "merge_lora": args.merge_lora,
+                                       "mode": "batch" if (args.val_dataset or args.dataset) else "chat"})
+        return 0
+    engine = load_engine(spec)
+    settings = GenerationSettings.from_args(args)
+    if args.val_dataset or args.dataset:
+        return batch_infer(engine, settings, args)
+    run_chat(engine, settings, verbose=args.verbose)
+    return 0
+
+
+def batch_infer(engine, settings, args) -> int:
+    from zhtune.data import load_datasets
+
+    if args.val_dataset:
+        split = load_datasets(args.val_dataset, seed=args.dataset_seed, test_ratio=0.0,
+                              model_name=args.model_name, model_author=args.model_author)
+        rows = split.train + split.val
+    else:
+        split = load_datasets(args.dataset, seed=args.dataset_seed, test_ratio=args.dataset_test_ratio,
+                              model_name=args.model_name, model_author=args.model_author)
+        rows = split.val
+    prompts, records = [], []
+    for row in rows:
+        messages = row["messages"]
+        label = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        conversation = messages[:-1] if label is not None else messages
+        system = conversation[0]["content"] if conversation[0]["role"] == "system" else None
+        turns = [m for m in conversation if m["role"] != "system"]
+        history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 1, 2)]
+        prompts.append(conversation)
+        records.append({"system": system, "query": turns[-1]["content"], "label": label, "history": history})
+    print(f"[zhtune] batch inference: {len(prompts)} rows, batch size {args.eval_batch_size}")
+    replies = engine.generate(prompts, settings, batch_size=args.eval_batch_size, progress=True)
+    for record, reply in zip(records, replies):
+        record["response"] = reply
+    base = Path(args.ckpt_dir) if args.ckpt_dir else Path(engine.model_dir)
+    out = base / "infer_result" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    write_jsonl_atomic(out, [{k: r[k] for k in ("system", "query", "response", "label", "history")} for r in records])
+    print(f"[zhtune] wrote {len(records)} rows to {out}")
+    return 0
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
