@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             print(A.format_help(cls, name, summary))
             return 0
         args = A.parse_args(cls, rest)
+        args.argv = rest  # for commands that relaunch themselves (sft under torchrun)
         module, func = target.split(":")
         result = getattr(importlib.import_module(module), func)(args)
         return int(result or 0)

@@ -151,6 +151,16 @@ class PtEngine(Engine):
         self.template = get_template(resolved.template, self.tokenizer)
         self.stop_ids = self.template.stop_token_ids()
 
+    @classmethod
+    def from_model(cls, model, tokenizer, resolved: ResolvedModel, name: str, system: str | None = None):
+        """An engine around a model already in memory (e.g. right after training)."""
+        engine = cls.__new__(cls)
+        engine.model, engine.tokenizer, engine.model_dir = model, tokenizer, None
+        engine.model_type, engine.name, engine.system = resolved.model_type, name, system
+        engine.template = get_template(resolved.template, tokenizer)
+        engine.stop_ids = engine.template.stop_token_ids()
+        return engine
+
     @property
     def device(self):
         return next(self.model.parameters()).device

@@ -1,0 +1,83 @@
+"""Registry lookups, name resolution, attention choice, and the embedded Gemma on a CPU."""
+
+import time
+
+import pytest
+
+from zhtune.errors import UserError
+from zhtune.models.loader import download_from_hub, pick_attention, resolve_model
+from zhtune.models.registry import MODELS, find_by_hub_id, get_model_info
+
+REQUIRED = ["gemma2-2b", "gemma2-2b-instruct", "gemma2-9b", "gemma2-9b-instruct", "gemma2-27b", "gemma2-27b-instruct",
+            "gemma3-270m", "qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct", "qwen2.5-7b-instruct", "llama3-8b-instruct"]
+
+
+def test_registry_has_the_required_models():
+    assert set(REQUIRED) <= set(MODELS)
+    info = get_model_info("gemma2-9b-instruct")
+    assert (info.ms_id, info.hf_id, info.template) == ("LLM-Research/gemma-2-9b-it", "google/gemma-2-9b-it", "gemma")
+
+
+@pytest.mark.parametrize("hub_id,model_type", [("LLM-Research/gemma-2-9b-it", "gemma2-9b-instruct"),
+                                               ("google/gemma-2-9b-it", "gemma2-9b-instruct"),
+                                               ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct"),
+                                               ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3-8b-instruct")])
+def test_hub_ids_map_back_to_their_model_type(hub_id, model_type):
+    assert find_by_hub_id(hub_id).model_type == model_type
+    assert resolve_model(None, hub_id).model_type == model_type
+
+
+def test_default_is_the_embedded_model():
+    resolved = resolve_model(None, None)
+    assert (resolved.model_type, resolved.source, resolved.template) == ("gemma3-270m", "embedded", "gemma")
+
+
+def test_local_folder_type_from_config(tiny_models):
+    assert resolve_model(None, str(tiny_models["gemma2"])).model_type == "gemma2-9b-instruct"
+    assert resolve_model("gemma2-2b", str(tiny_models["gemma2"])).template == "default-generation"
+
+
+def test_use_hf_switches_hub(monkeypatch):
+    monkeypatch.setenv("USE_HF", "1")
+    assert resolve_model("gemma2-9b-instruct", None).location == "google/gemma-2-9b-it"
+    monkeypatch.setenv("USE_HF", "0")
+    assert resolve_model("gemma2-9b-instruct", None).location == "LLM-Research/gemma-2-9b-it"
+
+
+def test_no_hub_is_one_clear_error(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_modelscope(name, *args, **kwargs):
+        if name == "modelscope":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_modelscope)
+    with pytest.raises(UserError, match="pass its folder with --model_id_or_path"):
+        download_from_hub("LLM-Research/gemma-2-9b-it")
+
+
+def test_gemma2_never_gets_sdpa():
+    gemma2, qwen = get_model_info("gemma2-9b-instruct"), get_model_info("qwen2.5-7b-instruct")
+    assert pick_attention(gemma2, True, "cuda:0") == "flex_attention"
+    assert pick_attention(gemma2, None, "cuda:0") == "eager"
+    assert pick_attention(gemma2, True, "cpu") == "eager"
+    assert pick_attention(qwen, None, "cpu") == "sdpa"
+
+
+def test_embedded_model_loads_fast_and_generates():
+    """Second and later loads come from the converted cache folder, in seconds."""
+    from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
+    from zhtune.models.embedded import embedded_model_dir
+    embedded_model_dir()  # converts on first use
+    start = time.time()
+    engine = load_engine(ModelSpec(model_type="gemma3-270m"), log=lambda *a: None)
+    assert time.time() - start < 30
+    replies = engine.generate([[{"role": "user", "content": "浙江的省会是哪里？"}],
+                               [{"role": "user", "content": "What is 2 + 2?"}]],
+                              GenerationSettings(max_new_tokens=8, do_sample=False), batch_size=2)
+    assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
+    # batching with left padding gives the same greedy reply as one at a time
+    single = engine.generate([[{"role": "user", "content": "What is 2 + 2?"}]],
+                             GenerationSettings(max_new_tokens=8, do_sample=False), batch_size=1)
+    assert single[0] == replies[1]

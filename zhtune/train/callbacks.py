@@ -1,0 +1,95 @@
+"""What a run records while it trains: logging.jsonl, loss curves in images/, the closing line."""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def memory_gib() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log event (train and eval) to <run_dir>/logging.jsonl, on the main process."""
+
+    def __init__(self, run_dir: Path, trainer_ref):
+        self.path = Path(run_dir) / "logging.jsonl"
+        self.trainer_ref = trainer_ref
+        self.last_time = None
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_time, self.last_tokens = time.time(), self.trainer_ref.tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        if "loss" in logs:
+            now, tokens = time.time(), self.trainer_ref.tokens_seen
+            row["tokens_per_s"] = round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1)
+            row["memory_gib"] = round(memory_gib(), 3)
+            self.last_time, self.last_tokens = now, tokens
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "logging.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard-style exponential smoothing with debiasing."""
+    out, last, n = [], 0.0, 0
+    for v in values:
+        n += 1
+        last = last * weight + (1 - weight) * v
+        out.append(last / (1 - weight ** n))
+    return out
+
+
+def plot_curves(run_dir: Path) -> list[Path]:
+    """images/train_loss.png (raw and smoothed) and images/eval_loss.png, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(run_dir)
+    images = Path(run_dir) / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, title in (("loss", "train loss"), ("eval_loss", "eval loss"), ("eval_token_acc", "eval token accuracy")):
+        points = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))
+                  and math.isfinite(r[key])]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        ax.plot(steps, values, color="#9ecae1", linewidth=1, marker="o" if len(values) < 30 else None,
+                markersize=3, label="raw")
+        if key == "loss" and len(values) > 2:
+            ax.plot(steps, smooth(list(values)), color="#08519c", linewidth=2, label="smoothed (0.9)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = images / f"{'train_' if key == 'loss' else ''}{key}.png"
+        tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, out)
+        written.append(out)
+    return written

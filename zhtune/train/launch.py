@@ -1,0 +1,49 @@
+"""Where a run writes, and `NPROC_PER_NODE=N zhtune sft ...` relaunching itself under torchrun."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from zhtune.args import env_world
+
+RUN_DIR_ENV = "ZHTUNE_RUN_DIR"
+
+
+def is_distributed_child() -> bool:
+    return "LOCAL_RANK" in os.environ
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    world = env_world()
+    return world["nproc_per_node"] * world["nnodes"]
+
+
+def new_run_dir(output_dir: str, model_type: str, add_suffix: bool = True) -> Path:
+    """output/<model_type>/v<N>-<YYYYmmdd-HHMMSS>, N counting the runs already there."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if not add_suffix:
+        return Path(output_dir)
+    base = Path(output_dir) / model_type
+    n = len([p for p in base.glob("v*-*") if p.is_dir()]) if base.is_dir() else 0
+    return base / f"v{n}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def relaunch_with_torchrun(argv: list[str], run_dir: Path) -> int:
+    """Run `zhtune sft argv` in NPROC_PER_NODE processes; every rank writes into the same run_dir."""
+    world = env_world()
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           f"--nproc_per_node={world['nproc_per_node']}", f"--nnodes={world['nnodes']}",
+           f"--node_rank={world['node_rank']}", f"--master_addr={world['master_addr']}",
+           f"--master_port={world['master_port']}", "-m", "zhtune.cli", "sft", *argv]
+    print(f"[zhtune] launching {world['nproc_per_node']} processes per node with torchrun", flush=True)
+    env = {**os.environ, RUN_DIR_ENV: str(run_dir)}
+    return subprocess.call(cmd, env=env)

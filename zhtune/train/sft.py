@@ -1,0 +1,235 @@
+"""`zhtune sft`: the fine-tuning recipe, top to bottom.
+
+1. resolve the model, template and LoRA targets; load and mix the datasets, encode them
+2. load the model, wrap it with LoRA (or train it fully), pick the training path (fast or exact)
+3. train with transformers' Trainer: logs, evals, atomic checkpoints, resume
+4. close: curves, the best and last checkpoint, and the identity probe when self-cognition was trained
+"""
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from zhtune.dry_run import print_dry_run
+from zhtune.errors import UserError
+from zhtune.models.loader import resolve_model
+from zhtune.train import launch
+
+
+def sft_main(args) -> int:
+    _check(args)
+    resolved = resolve_model(args.model_type, args.model_id_or_path, args.template_type)
+    if args.dry_run:
+        return _dry_run(args, resolved)
+    if args.resume_from_checkpoint:
+        run_dir = Path(args.resume_from_checkpoint).resolve().parent
+    else:
+        run_dir = launch.new_run_dir(args.output_dir, resolved.model_type, args.add_output_dir_suffix)
+    if launch.world_size() > 1 and not launch.is_distributed_child():
+        return launch.relaunch_with_torchrun(getattr(args, "argv", None) or sys.argv[2:], run_dir)
+    return train(args, resolved, run_dir)
+
+
+def _check(args) -> None:
+    if not args.dataset:
+        raise UserError("zhtune sft needs --dataset, e.g. --dataset self-cognition#500 my_data.jsonl.")
+    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
+        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder. "
+                        "Give a checkpoint-N folder of an earlier run.")
+    if args.deepspeed:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError("--deepspeed needs DeepSpeed: `pip install 'zhtune[deepspeed]'`, or drop --deepspeed "
+                            "to train with DDP.") from None
+
+
+def lora_plan(args, resolved, model=None) -> tuple[list[str], list[str]]:
+    """LoRA targets and fully trained modules, from the model's modules or its architecture table."""
+    from zhtune.tuners.lora import modules_of, modules_of_architecture, resolve_modules_to_save, resolve_targets
+    if args.sft_type != "lora":
+        return [], []
+    modules = modules_of(model) if model is not None else modules_of_architecture(resolved.info.architecture)
+    return (resolve_targets(args.lora_target_modules, modules, resolved.info),
+            resolve_modules_to_save(args.lora_modules_to_save, modules, resolved.info))
+
+
+def _dry_run(args, resolved) -> int:
+    from zhtune.data import plan_datasets
+    targets, to_save = lora_plan(args, resolved)
+    plan = plan_datasets(args.dataset, seed=args.dataset_seed, test_ratio=args.dataset_test_ratio,
+                         val_entries=args.val_dataset, model_name=args.model_name, model_author=args.model_author)
+    world = launch.world_size()
+    print_dry_run("sft", args, {
+        **resolved.describe(), "sft_type": args.sft_type, "lora_target_modules": targets,
+        "lora_modules_to_save": to_save, "datasets": plan.entries, "train_rows": plan.train_rows,
+        "val_rows": plan.val_rows, "learning_rate": args.resolved_learning_rate(), "world_size": world,
+        "gradient_accumulation_steps": args.resolved_grad_accum(world),
+        "output_dir": str(Path(args.output_dir) / resolved.model_type / "v<N>-<time>")})
+    return 0
+
+
+def train(args, resolved, run_dir: Path) -> int:
+    import torch
+    from transformers import set_seed
+
+    from zhtune.data import encode_rows, format_statistics, load_datasets
+    from zhtune.models.loader import load_model_and_tokenizer
+    from zhtune.templates import get_template
+    from zhtune.train.callbacks import plot_curves
+
+    main = launch.is_main_process()
+    log = print if main else (lambda *a, **k: None)
+    set_seed(args.seed)
+    split = load_datasets(args.dataset, seed=args.dataset_seed, test_ratio=args.dataset_test_ratio,
+                          val_entries=args.val_dataset, model_name=args.model_name, model_author=args.model_author)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model_and_tokenizer(resolved, args.dtype, args.use_flash_attn, device=device,
+                                                revision=args.model_revision, log=log)
+    template = get_template(resolved.template, tokenizer)
+    if args.system:
+        split.train, split.val = _with_system(split.train, args.system), _with_system(split.val, args.system)
+    train_set = encode_rows(split.train, template, args.max_length, args.truncation_strategy, args.preprocess_num_proc)
+    val_set = encode_rows(split.val, template, args.max_length, args.truncation_strategy, args.preprocess_num_proc)
+    log(format_statistics(split, train_set, val_set))
+    if not train_set.items:
+        raise UserError("no training rows are left after encoding: raise --max_length or use "
+                        "--truncation_strategy truncation_left.")
+
+    model = _wrap_model(args, resolved, model, log)
+    fast_path = _pick_training_path(args, model, device, log)
+    sft_args = {**dataclasses.asdict(args), "model_type": resolved.model_type, "template_type": resolved.template,
+                "model_id_or_path": args.model_id_or_path, "run_dir": str(run_dir)}
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "sft_args.json", sft_args)
+    trainer = _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    last = f"checkpoint-{trainer.state.global_step}"
+    if not (run_dir / last).is_dir():
+        if val_set.items:
+            trainer.evaluate()
+        trainer._save_checkpoint(trainer.model, None)
+    if not main:
+        return 0
+    plot_curves(run_dir)
+    best = trainer.state.best_model_checkpoint or str(run_dir / last)
+    if _trains_self_cognition(args) and args.identity_probe:
+        _identity_probe(args, trainer.model, tokenizer, resolved, run_dir / last)
+    print(f"[zhtune] best checkpoint: {best}, last checkpoint: {run_dir / last}", flush=True)
+    return 0
+
+
+def _wrap_model(args, resolved, model, log):
+    if args.sft_type == "full":
+        model.train()
+        return model
+    from peft import get_peft_model
+
+    from zhtune.tuners.lora import lora_config
+    targets, to_save = lora_plan(args, resolved, model)
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(args, targets, to_save))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"[zhtune] LoRA on {targets}; fully trained: {to_save or 'none'}; "
+        f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({100 * trainable / total:.2f}%)")
+    return model
+
+
+def _pick_training_path(args, model, device, log):
+    """The GPU fast path where it is supported, else the exact plain path; one log line says which."""
+    try:
+        from zhtune.train.fast_path import FastPath
+    except ImportError:
+        log("[zhtune] training path: exact plain path (fast path not available in this build)")
+        return None
+    return FastPath.create(model, device, args, log=log)
+
+
+def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device):
+    import torch
+    from transformers import TrainingArguments
+
+    from zhtune.train.callbacks import JsonlLogger
+    from zhtune.train.packing import PaddedCollator
+    from zhtune.train.trainer import ZhTrainer, argmax_logits, token_accuracy
+
+    world = launch.world_size()
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    train_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_set.items]
+    val_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in val_set.items]
+    collator = PaddedCollator(pad_token_id=tokenizer.pad_token_id)
+    if fast_path is not None:
+        train_rows, collator = fast_path.prepare_data(train_set.items, args, tokenizer)
+    training_args = TrainingArguments(
+        output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
+        gradient_accumulation_steps=args.resolved_grad_accum(world), learning_rate=args.resolved_learning_rate(),
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_ratio,
+        lr_scheduler_type=args.lr_scheduler_type, num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+        eval_strategy="steps" if val_rows else "no", eval_steps=args.eval_steps, save_strategy="steps",
+        save_steps=args.save_steps or args.eval_steps,
+        save_total_limit=None if args.save_total_limit < 0 else args.save_total_limit,
+        logging_steps=args.logging_steps, logging_first_step=True, gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, seed=args.seed, data_seed=args.seed, bf16=bf16,
+        report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
+        metric_for_best_model="loss" if val_rows else None, greater_is_better=False if val_rows else None,
+        ddp_backend=None if torch.cuda.is_available() else "gloo", ddp_find_unused_parameters=False,
+        deepspeed=_deepspeed_config(args.deepspeed), use_cpu=not device.startswith("cuda"), save_only_model=False,
+    )
+    trainer = ZhTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=val_rows or None,
+                        data_collator=collator, compute_metrics=token_accuracy,
+                        preprocess_logits_for_metrics=argmax_logits, sft_args=sft_args, fast_path=fast_path)
+    trainer.add_callback(JsonlLogger(run_dir, trainer))
+    return trainer
+
+
+def _deepspeed_config(value: str | None):
+    if not value:
+        return None
+    presets = {
+        "default-zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+                          "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"},
+        "default-zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                                "stage3_gather_16bit_weights_on_model_save": True},
+                          "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"},
+    }
+    if value in presets:
+        return presets[value]
+    if not Path(value).is_file():
+        raise UserError(f"--deepspeed {value}: give default-zero2, default-zero3 or a JSON config file.")
+    return value
+
+
+def _with_system(rows: list[dict], system: str) -> list[dict]:
+    """--system for every row that brings none of its own."""
+    return [row if row["messages"][0]["role"] == "system" else
+            {**row, "messages": [{"role": "system", "content": system}] + row["messages"]} for row in rows]
+
+
+def _trains_self_cognition(args) -> bool:
+    return any(entry.split("#")[0].split(":")[0] == "self-cognition" for entry in args.dataset)
+
+
+def _identity_probe(args, model, tokenizer, resolved, ckpt_dir: Path) -> None:
+    """Ask the trained model the held-out identity questions; save and print the score."""
+    from zhtune.eval.self_cognition import score_identity
+    from zhtune.infer.engine import PtEngine
+    engine = PtEngine.from_model(model, tokenizer, resolved, name=ckpt_dir.name, system=args.system)
+    result = score_identity(engine, args.model_name, args.model_author)
+    _write_json(ckpt_dir.parent / "identity_probe.json", result)
+    print(f"[zhtune] identity probe: {result['score']:.2%} of {result['total']} held-out questions name "
+          f"{'/'.join(args.model_name)} and {'/'.join(args.model_author)}", flush=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)

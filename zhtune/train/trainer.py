@@ -1,0 +1,79 @@
+"""transformers' Trainer with what zhtune adds: atomic checkpoints that carry sft_args.json, the fast
+path's loss, a count of real tokens, and token accuracy at evaluation."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from zhtune.templates import IGNORE_INDEX
+
+STAGING = ".tmp-checkpoint"
+
+
+class ZhTrainer(Trainer):
+    def __init__(self, *args, sft_args: dict, fast_path=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sft_args = sft_args
+        self.fast_path = fast_path
+        self.tokens_seen = 0
+        self._staging = False
+
+    # -- loss ------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum()) if "attention_mask" not in inputs \
+                else int(inputs["attention_mask"].sum())
+        if self.fast_path is not None and model.training and not return_outputs:
+            return self.fast_path.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        base = super()._get_output_dir(trial)
+        return os.path.join(base, STAGING) if self._staging else base
+
+    def _save_checkpoint(self, model, trial):
+        """Write checkpoint-N under a staging folder, then rename it into place: a run killed while
+        saving leaves the previous checkpoints whole and no half folder named checkpoint-N."""
+        run_dir = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.args.should_save:
+            staged = Path(run_dir) / STAGING / name
+            (staged / "sft_args.json").write_text(json.dumps(self.sft_args, ensure_ascii=False, indent=2),
+                                                  encoding="utf-8")
+            generation_config = getattr(self.model, "generation_config", None)
+            if generation_config is not None:
+                generation_config.save_pretrained(staged)
+            final = Path(run_dir) / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(Path(run_dir) / STAGING, ignore_errors=True)
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+        if self.state.best_global_step:
+            self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
+        self.accelerator.wait_for_everyone()
+
+
+def token_accuracy(eval_pred) -> dict:
+    """Share of label tokens the model predicts exactly (next-token, teacher-forced)."""
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    preds, labels = torch.as_tensor(preds)[:, :-1], torch.as_tensor(labels)[:, 1:]
+    mask = labels != IGNORE_INDEX
+    return {"token_acc": float((preds[mask] == labels[mask]).float().mean()) if mask.any() else 0.0}
+
+
+def argmax_logits(logits, labels):
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)

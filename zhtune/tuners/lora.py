@@ -1,0 +1,107 @@
+"""ms-swift's LoRA target keywords, resolved to module names.
+
+`--lora_target_modules`: ALL (every Linear except the output head), EMBEDDING (every Embedding),
+DEFAULT (the model type's registered default) and literal module names such as `lm_head`.
+`--lora_modules_to_save`: LN (every norm layer, trained fully), EMBEDDING, or names.
+
+Names are module-name suffixes (`q_proj`, `embed_tokens`, `lm_head`), the form PEFT matches. With a
+model at hand they come from its modules; for `--dry_run` (no weights, maybe no config) from the
+architecture table below, which the tests keep equal to what the real modules give.
+"""
+
+from zhtune.errors import UserError
+from zhtune.models.registry import ModelInfo
+
+KEYWORDS = ("ALL", "EMBEDDING", "DEFAULT", "LN")
+
+_DECODER_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ARCHITECTURE_MODULES = {
+    "gemma2": {"linear": _DECODER_LINEAR, "embedding": ["embed_tokens"], "head": "lm_head",
+               "norm": ["input_layernorm", "norm", "post_attention_layernorm", "post_feedforward_layernorm",
+                        "pre_feedforward_layernorm"]},
+    "gemma3_text": {"linear": _DECODER_LINEAR, "embedding": ["embed_tokens"], "head": "lm_head",
+                    "norm": ["input_layernorm", "k_norm", "norm", "post_attention_layernorm",
+                             "post_feedforward_layernorm", "pre_feedforward_layernorm", "q_norm"]},
+    "qwen2": {"linear": _DECODER_LINEAR, "embedding": ["embed_tokens"], "head": "lm_head",
+              "norm": ["input_layernorm", "norm", "post_attention_layernorm"]},
+    "llama": {"linear": _DECODER_LINEAR, "embedding": ["embed_tokens"], "head": "lm_head",
+              "norm": ["input_layernorm", "norm", "post_attention_layernorm"]},
+}
+
+
+def modules_of(model) -> dict:
+    """{'linear': [...], 'embedding': [...], 'norm': [...], 'head': name, 'all': {...}} from a real model."""
+    import torch.nn as nn
+    head = model.get_output_embeddings()
+    linear, embedding, norm, all_names = set(), set(), set(), set()
+    head_name = "lm_head"
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        suffix = name.rsplit(".", 1)[-1]
+        all_names.add(suffix)
+        if module is head:
+            head_name = suffix
+        elif isinstance(module, nn.Linear):
+            linear.add(suffix)
+        elif isinstance(module, nn.Embedding):
+            embedding.add(suffix)
+        elif "norm" in type(module).__name__.lower():
+            norm.add(suffix)
+    return {"linear": sorted(linear), "embedding": sorted(embedding), "norm": sorted(norm), "head": head_name,
+            "all": all_names}
+
+
+def modules_of_architecture(architecture: str) -> dict:
+    table = ARCHITECTURE_MODULES.get(architecture)
+    if table is None:
+        raise UserError(f"no module table for architecture '{architecture}'; load the model (drop --dry_run).")
+    names = set(table["linear"]) | set(table["embedding"]) | set(table["norm"]) | {table["head"]}
+    return {**table, "linear": sorted(table["linear"]), "all": names}
+
+
+def resolve_targets(keywords: list[str], modules: dict, info: ModelInfo) -> list[str]:
+    out: list[str] = []
+    for word in keywords:
+        if word == "ALL":
+            out += modules["linear"]
+        elif word == "EMBEDDING":
+            out += modules["embedding"]
+        elif word == "DEFAULT":
+            out += list(info.default_lora_targets)
+        elif word in modules["all"]:
+            out.append(word)
+        else:
+            raise UserError(f"--lora_target_modules: '{word}' is neither a keyword ({', '.join(KEYWORDS[:3])}) "
+                            f"nor a module of {info.model_type}.{_hint(word, modules)}")
+    return sorted(set(out), key=out.index)
+
+
+def resolve_modules_to_save(keywords: list[str], modules: dict, info: ModelInfo) -> list[str]:
+    out: list[str] = []
+    for word in keywords:
+        if word == "LN":
+            out += modules["norm"]
+        elif word == "EMBEDDING":
+            out += modules["embedding"]
+        elif word in modules["all"]:
+            out.append(word)
+        else:
+            raise UserError(f"--lora_modules_to_save: '{word}' is neither a keyword (LN, EMBEDDING) nor a module "
+                            f"of {info.model_type}.{_hint(word, modules)}")
+    return sorted(set(out), key=out.index)
+
+
+def _hint(word, modules) -> str:
+    from zhtune.errors import closest
+    return closest(word, list(KEYWORDS) + sorted(modules["all"]))
+
+
+def lora_config(args, targets: list[str], to_save: list[str]):
+    from peft import LoraConfig, TaskType
+    overlap = set(targets) & set(to_save)
+    if overlap:
+        raise UserError(f"{', '.join(sorted(overlap))} is both a LoRA target and fully trained "
+                        "(--lora_modules_to_save): choose one.")
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha,
+                      lora_dropout=args.lora_dropout_p, target_modules=targets, modules_to_save=to_save or None)
