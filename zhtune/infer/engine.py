@@ -130,7 +130,7 @@ def load_engine(spec: ModelSpec, log=print) -> Engine:
         engine = VllmEngine(resolved, spec, log=log)
     else:
         engine = PtEngine(resolved, spec, adapter_dir=spec.ckpt_dir if lora else None, log=log)
-    engine.name = spec.display_name
+    engine.name = spec.display_name if spec.ckpt_dir else resolved.model_type
     engine.system = system
     return engine
 
