@@ -1,0 +1,107 @@
+"""`zhtune sft` on tiny random models from real configs, on a CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from zhtune.args import SftArguments
+from zhtune.cli import main
+from zhtune.models.loader import resolve_model
+from zhtune.train.sft import lora_plan
+from zhtune.tuners.lora import modules_of, modules_of_architecture
+
+
+@pytest.mark.parametrize("arch,model_type", [("gemma2", "gemma2-9b-instruct"), ("gemma3_text", "gemma3-270m"),
+                                             ("qwen2", "qwen2.5-7b-instruct")])
+def test_target_keywords_resolve_the_same_with_and_without_the_model(tiny_models, arch, model_type):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    resolved = resolve_model(model_type, str(tiny_models[arch]))
+    args = SftArguments(lora_target_modules=["EMBEDDING", "ALL", "lm_head"], lora_modules_to_save=["LN"])
+    from_model, from_table = lora_plan(args, resolved, model), lora_plan(args, resolved)
+    assert from_model == from_table
+    targets, to_save = from_model
+    assert targets[0] == "embed_tokens" and targets[-1] == "lm_head" and "down_proj" in targets
+    assert set(to_save) == set(modules_of(model)["norm"]) and "input_layernorm" in to_save
+    assert modules_of(model)["linear"] == modules_of_architecture(resolved.info.architecture)["linear"]
+
+
+def test_run_layout_and_loss_falls(trained_run):
+    run_dir = trained_run["run_dir"]
+    assert (run_dir / "sft_args.json").is_file()
+    rows = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) >= 5 and losses[-1] < losses[0]
+    assert any("eval_loss" in r and "eval_token_acc" in r for r in rows)
+    assert all("tokens_per_s" in r and "memory_gib" in r for r in rows if "loss" in r)
+    assert (run_dir / "images" / "train_loss.png").stat().st_size > 10_000
+    assert list((run_dir / "runs").rglob("events.out.tfevents*")), "tensorboard logs"
+    for step in (3, 6):
+        ckpt = run_dir / f"checkpoint-{step}"
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "sft_args.json", "generation_config.json",
+                "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= names, names
+        assert json.loads((ckpt / "sft_args.json").read_text())["model_type"] == "gemma2-9b-instruct"
+    assert not list(run_dir.glob(".tmp*")), "no staging folder left behind"
+
+
+def test_closing_line_names_best_and_last(tiny_models, tmp_path, capsys):
+    from conftest import write_chat_jsonl
+    data = write_chat_jsonl(tmp_path / "d.jsonl", 10)
+    assert main(["sft", "--model_id_or_path", str(tiny_models["qwen2"]), "--model_type", "qwen2.5-0.5b-instruct",
+                 "--dataset", str(data), "--max_steps", "2", "--eval_steps", "1", "--batch_size", "2",
+                 "--output_dir", str(tmp_path / "out")]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("[zhtune] best checkpoint: ") and "last checkpoint: " in last_line
+    assert last_line.endswith("checkpoint-2")
+
+
+def test_resume_after_sigkill_matches_uninterrupted(trained_run, tmp_path):
+    """Kill a run right after its first checkpoint; resuming finishes with the same final loss."""
+    argv = trained_run["argv"]
+    full_losses = [json.loads(l).get("loss") for l in (trained_run["run_dir"] / "logging.jsonl").read_text().splitlines()]
+    out = tmp_path / "killed"
+    argv = [a if a != argv[argv.index("--output_dir") + 1] else str(out) for a in argv]
+    proc = subprocess.Popen([sys.executable, "-m", "zhtune", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = None
+    import time
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        found = list(out.glob("gemma2-9b-instruct/v0-*/checkpoint-3"))
+        if found:
+            run_dir = found[0].parent
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert run_dir is not None, "the first checkpoint appeared"
+    assert main([*argv, "--resume_from_checkpoint", str(run_dir / "checkpoint-3")]) == 0
+    resumed = [json.loads(l) for l in (run_dir / "logging.jsonl").read_text().splitlines()]
+    final_resumed = [r["loss"] for r in resumed if "loss" in r and r["step"] == 6][-1]
+    final_full = [l for l in full_losses if l is not None][-1]
+    assert final_resumed == pytest.approx(final_full, abs=1e-4)
+
+
+def test_two_processes_through_nproc_per_node(tiny_models, tmp_path):
+    from conftest import write_chat_jsonl
+    data = write_chat_jsonl(tmp_path / "d.jsonl", 12)
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": "29561", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "zhtune", "sft", "--model_id_or_path", str(tiny_models["gemma2"]),
+                             "--dataset", str(data), "--max_steps", "2", "--eval_steps", "2", "--output_dir",
+                             str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "launching 2 processes" in result.stdout
+    run_dirs = list((tmp_path / "out" / "gemma2-9b-instruct").glob("v*-*"))
+    assert len(run_dirs) == 1, "both ranks write into one run folder"
+    args = json.loads((run_dirs[0] / "checkpoint-2" / "sft_args.json").read_text())
+    assert args["gradient_accumulation_steps"] is None  # default: ceil(16 / batch / world) = 8
+    state = json.loads((run_dirs[0] / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+
+
+def test_bad_sft_input(tmp_path):
+    assert main(["sft", "--model_type", "gemma3-270m"]) == 2
+    assert main(["sft", "--dataset", "x.jsonl", "--resume_from_checkpoint", str(tmp_path / "nope")]) == 2
