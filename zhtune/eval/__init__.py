@@ -1,0 +1,12 @@
+"""`zhtune eval`: benchmarks (one file each), answer extraction, tables. Entry: evaluate.eval_main."""
+
+from zhtune.eval.base import bundled_samples_dir
+
+
+def run_evaluation(args, **kwargs) -> dict:
+    """{"scores": {model: {dataset: accuracy}}, "output_dir": ..., ...}; see zhtune.eval.evaluate."""
+    from zhtune.eval.evaluate import run_evaluation as run
+    return run(args, **kwargs)
+
+
+__all__ = ["bundled_samples_dir", "run_evaluation"]

@@ -1,0 +1,235 @@
+"""What every benchmark shares: the item, where its files come from, prompts as chat turns, scoring.
+
+A benchmark is one small class (arc.py, ceval.py, gsm8k.py, mmlu.py, self_cognition.py). It reads its
+test split and its few-shot split either from a local folder (`--eval_data_dir DIR` holds DIR/arc,
+DIR/ceval, DIR/gsm8k, DIR/mmlu in the files' original formats) or from the hub (ModelScope, or
+Hugging Face with USE_HF=1), and turns every row into an `EvalItem`. Everything after that (prompt,
+generation, extraction, scoring) is the same code for all of them.
+"""
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from zhtune.errors import UserError
+from zhtune.eval.extract import LETTERS, extract_choice, extract_number, numbers_equal, to_number
+
+
+@dataclass
+class EvalItem:
+    id: str
+    question: str
+    gold: str  # a letter, a canonical number, or for self-cognition "name + author"
+    choices: list[str] = field(default_factory=list)  # option texts; letter i is LETTERS[i]
+    subject: str | None = None
+    solution: str | None = None  # the worked answer a few-shot example shows (GSM8K)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def letters(self) -> str:
+        return LETTERS[:len(self.choices)]
+
+
+@dataclass
+class Scored:
+    extracted: str | None
+    correct: bool
+
+    @property
+    def no_answer(self) -> bool:
+        return self.extracted is None
+
+
+def options_text(item: EvalItem) -> str:
+    return "\n".join(f"{letter}. {text}" for letter, text in zip(item.letters, item.choices))
+
+
+def letter_item(id_: str, question: str, choices: list[str], labels: list[str], answer_key: str,
+                subject: str | None = None) -> EvalItem:
+    """An item whose options carry their own labels ("A".."E", or ARC's "1".."4").
+
+    Options are shown as A, B, C, ... by position, and the gold letter is the position of the answer
+    key among the labels, so an item labelled 1-4 with answerKey "3" has gold "C".
+    """
+    labels = [str(label).strip() for label in labels]
+    key = str(answer_key).strip()
+    if key not in labels:
+        raise ValueError(f"answer key {key!r} is not one of the labels {labels}")
+    gold = LETTERS[labels.index(key)]
+    meta = {"labels": labels} if labels != list(LETTERS[:len(labels)]) else {}
+    return EvalItem(id_, question.strip(), gold, [str(c).strip() for c in choices], subject, meta=meta)
+
+
+class Benchmark:
+    """One benchmark. Subclasses set the names and implement the loaders and the prompt."""
+
+    name: str = ""
+    ms_id: str | None = None  # ModelScope dataset id
+    hf_id: str | None = None  # Hugging Face dataset id
+    kind: str = "choice"  # "choice" (an option letter) or "number"
+    max_new_tokens: int = 32
+    test_split: str = "test"
+    shot_split: str = "train"
+
+    # -- data ------------------------------------------------------------------------------------
+    def load(self, data_dir: str | Path | None, few_shot: bool = False) -> list[EvalItem]:
+        """The test items (or the few-shot pool) in their canonical order."""
+        if data_dir is None:
+            return self.load_hub(few_shot)
+        folder = Path(data_dir).expanduser() / self.name
+        if not folder.is_dir():
+            raise UserError(f"--eval_data_dir {data_dir} has no {self.name}/ folder. Expected layout: "
+                            f"{data_dir}/{{arc,ceval,gsm8k,mmlu}}/ with the official files (see zhtune/eval/README.md).")
+        items = self.load_local(folder, few_shot)
+        if not items and not few_shot:  # a missing few-shot split is reported by the caller
+            raise UserError(f"no {self.name} items found under {folder}. {self.local_layout()}")
+        return items
+
+    def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
+        raise NotImplementedError
+
+    def load_hub(self, few_shot: bool) -> list[EvalItem]:
+        raise NotImplementedError
+
+    def local_layout(self) -> str:
+        """One sentence: which files a local copy has."""
+        return ""
+
+    def source(self, data_dir: str | Path | None) -> str:
+        if data_dir is not None:
+            return str(Path(data_dir).expanduser() / self.name)
+        return f"HF::{self.hf_id}" if use_hf() else f"MS::{self.ms_id}"
+
+    # -- prompt and scoring ----------------------------------------------------------------------
+    def user_prompt(self, item: EvalItem) -> str:
+        raise NotImplementedError
+
+    def shot_answer(self, item: EvalItem) -> str:
+        """The assistant turn of a few-shot example."""
+        return item.gold
+
+    def conversation(self, item: EvalItem, shots: list[EvalItem] = ()) -> list[dict]:
+        """Few-shot examples as earlier user/assistant turns, then the item as the last user turn."""
+        turns = []
+        for shot in shots:
+            turns += [{"role": "user", "content": self.user_prompt(shot)},
+                      {"role": "assistant", "content": self.shot_answer(shot)}]
+        return turns + [{"role": "user", "content": self.user_prompt(item)}]
+
+    def score(self, item: EvalItem, output: str) -> Scored:
+        if self.kind == "number":
+            value = extract_number(output)
+            return Scored(value, numbers_equal(value, to_number(item.gold)))
+        letter = extract_choice(output, item.letters)
+        return Scored(letter, letter == item.gold)
+
+
+def pick_shots(item: EvalItem, pool: list[EvalItem], k: int) -> list[EvalItem]:
+    """The first k examples of the pool, from the item's own subject where the pool has one."""
+    if k <= 0 or not pool:
+        return []
+    same = [s for s in pool if s.subject == item.subject] if item.subject else []
+    return [s for s in (same or pool) if s.id != item.id][:k]
+
+
+# -- hub access ------------------------------------------------------------------------------------
+
+def use_hf() -> bool:
+    return os.environ.get("USE_HF", "0").lower() in ("1", "true")
+
+
+def _hub_host() -> str:
+    if use_hf():
+        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    return os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn").split("://")[-1].split("/")[0]
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def bundled_samples_dir() -> Path:
+    """Ten hand-written items per benchmark in the official formats, for trying `zhtune eval` offline."""
+    return Path(__file__).parent / "samples"
+
+
+def offline_message(benchmark: str, why: str) -> str:
+    return (f"cannot load the {benchmark} benchmark from the hub ({why}). Point at local copies instead: "
+            f"--eval_data_dir DIR with DIR/arc, DIR/ceval, DIR/gsm8k, DIR/mmlu in their official formats "
+            f"(see zhtune/eval/README.md), or try the bundled samples: --eval_data_dir {bundled_samples_dir()}")
+
+
+def hub_rows(benchmark: "Benchmark", subset: str | None, split: str) -> list[dict]:
+    """Rows of one subset and split, from ModelScope (default) or Hugging Face (USE_HF=1)."""
+    hub = "Hugging Face" if use_hf() else "ModelScope"
+    dataset_id = benchmark.hf_id if use_hf() else benchmark.ms_id
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and use_hf():
+        raise UserError(offline_message(benchmark.name, "HF_HUB_OFFLINE=1"))
+    if not _reachable(_hub_host()):
+        raise UserError(offline_message(benchmark.name, f"{hub} is not reachable"))
+    try:
+        if use_hf():
+            from datasets import load_dataset
+        else:
+            from modelscope.msdatasets import MsDataset
+    except ImportError:
+        pkg = "datasets" if use_hf() else "modelscope"
+        raise UserError(offline_message(benchmark.name, f"the package {pkg} is not installed: `pip install {pkg}`")) from None
+    try:
+        if use_hf():
+            data = load_dataset(dataset_id, subset, split=split)
+        else:
+            data = MsDataset.load(dataset_id, subset_name=subset or "default", split=split)
+        return [dict(row) for row in data]
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
+        raise UserError(offline_message(benchmark.name, f"{hub} {dataset_id} {subset or ''} {split}: "
+                                        f"{type(e).__name__}")) from None
+
+
+# -- local files -----------------------------------------------------------------------------------
+
+def read_records(path: Path) -> list[dict]:
+    """Rows of a .jsonl, .json (a list) or .parquet file."""
+    import json
+    if path.suffix == ".parquet":
+        try:
+            import pandas as pd
+            return pd.read_parquet(path).to_dict("records")
+        except ImportError:
+            raise UserError(f"{path} is a parquet file: reading it needs `pip install pandas pyarrow`.") from None
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n} is not JSON ({e.msg}). Give the benchmark's original file.") from None
+    return rows
+
+
+def read_csv(path: Path, header: bool) -> list:
+    """CSV rows: dicts when the file has a header, lists when it has none (MMLU)."""
+    import csv
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f)) if header else [row for row in csv.reader(f) if row]
+
+
+def rows_to_items(rows: list, parse, where: str) -> list[EvalItem]:
+    """parse(row, index) -> EvalItem for every row; a bad row is a UserError naming it."""
+    items = []
+    for i, row in enumerate(rows):
+        try:
+            items.append(parse(row, i))
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise UserError(f"{where}: row {i + 1} is not in a format zhtune reads ({type(e).__name__}: {e}).") from None
+    return items
