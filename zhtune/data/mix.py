@@ -153,13 +153,16 @@ def sample_rows(rows: list, n: int | None, rng: random.Random, label: str, log=N
     return list(rows) * repeats + [rows[i] for i in rng.sample(range(size), rest)]
 
 
-def split_val(rows: list, ratio: float, rng: random.Random) -> tuple[list, list]:
-    """A random `ratio` of the rows (at least one when there are two or more) for validation."""
-    n = len(rows)
+def val_size(n: int, ratio: float) -> int:
+    """Validation rows for an entry of n rows: `ratio` of them, at least one when n >= 2, never all."""
     if ratio <= 0 or n < 2:
-        return list(rows), []
-    k = min(n - 1, max(1, int(n * ratio + 1e-9)))
-    val_index = set(rng.sample(range(n), k))
+        return 0
+    return min(n - 1, max(1, int(n * ratio + 1e-9)))
+
+
+def split_val(rows: list, ratio: float, rng: random.Random) -> tuple[list, list]:
+    """A random `val_size` of the rows for validation; the rest, in order, for training."""
+    val_index = set(rng.sample(range(len(rows)), val_size(len(rows), ratio)))
     return ([r for i, r in enumerate(rows) if i not in val_index],
             [r for i, r in enumerate(rows) if i in val_index])
 
@@ -167,6 +170,62 @@ def split_val(rows: list, ratio: float, rng: random.Random) -> tuple[list, list]
 def load_datasets(entries: list[str], *, seed: int = 42, test_ratio: float = 0.01, val_entries=(),
                   model_name=(), model_author=(), log=None) -> DatasetSplit:
     """Load, sample and concatenate every entry; split each for validation unless val_entries are given."""
+    parsed, parsed_val, identity = _check(entries, val_entries, test_ratio, model_name, model_author)
+    split = DatasetSplit([], [], [])
+    for role, group in (("train", parsed), ("val", parsed_val)):
+        for index, entry in enumerate(group):
+            rng = random.Random(f"{seed}/{role}/{index}/{entry.text}")
+            rows = sample_rows(load_entry(entry), entry.requested, rng, entry.text, log)
+            rows = fill_placeholders(rows, identity, entry.text)
+            if role == "val":
+                train, val = [], rows
+            elif parsed_val:
+                train, val = rows, []
+            else:
+                train, val = split_val(rows, test_ratio, rng)
+            split.train += train
+            split.val += val
+            split.entries.append(_entry_report(entry, len(train), len(val)))
+    return split
+
+
+@dataclass
+class DatasetPlan:
+    entries: list[dict]  # as DatasetSplit.entries; train/val None where only the hub could tell
+    train_rows: int | None
+    val_rows: int | None
+
+
+def plan_datasets(entries: list[str], *, seed: int = 42, test_ratio: float = 0.01, val_entries=(),
+                  model_name=(), model_author=()) -> DatasetPlan:
+    """The row counts load_datasets will give, without touching a hub (for --dry_run).
+
+    Local and shipped files are read (that checks every row); a hub entry counts as its #N, or as
+    unknown (None) without one.
+    """
+    parsed, parsed_val, identity = _check(entries, val_entries, test_ratio, model_name, model_author)
+    reports = []
+    for role, group in (("train", parsed), ("val", parsed_val)):
+        for entry in group:
+            size = entry.requested
+            if entry.source == "local" or (entry.info is not None and entry.info.shipped_file):
+                rows = load_entry(entry)
+                fill_placeholders(rows, identity, entry.text)
+                size = size or len(rows)
+            if size is None:
+                train = val = None
+            elif role == "val":
+                train, val = 0, size
+            else:
+                val = 0 if parsed_val else val_size(size, test_ratio)
+                train = size - val
+            reports.append(_entry_report(entry, train, val))
+    total = lambda key: None if any(r[key] is None for r in reports) else sum(r[key] for r in reports)  # noqa: E731
+    return DatasetPlan(reports, total("train"), total("val"))
+
+
+def _check(entries, val_entries, test_ratio, model_name, model_author):
+    """Every entry parsed and the arguments checked, before any row is loaded."""
     entries, val_entries = list(entries or ()), list(val_entries or ())
     if not entries:
         raise UserError("no --dataset given. Name one or more, e.g. --dataset self-cognition#500 zh-instruct "
@@ -179,23 +238,12 @@ def load_datasets(entries: list[str], *, seed: int = 42, test_ratio: float = 0.0
     if identity is None and any(e.name == "self-cognition" for e in parsed + parsed_val):
         raise UserError("self-cognition needs the model's identity: "
                         "--model_name 小黄 'Xiao Huang' --model_author 魔搭 ModelScope (Chinese, then English).")
-    split = DatasetSplit([], [], [])
-    for role, group in (("train", parsed), ("val", parsed_val)):
-        for index, entry in enumerate(group):
-            rng = random.Random(f"{seed}/{role}/{index}/{entry.text}")
-            rows = sample_rows(load_entry(entry), entry.requested, rng, entry.text, log)
-            rows = fill_placeholders(rows, identity, entry.text)
-            if role == "val":
-                train, val = [], rows
-            elif val_entries:
-                train, val = rows, []
-            else:
-                train, val = split_val(rows, test_ratio, rng)
-            split.train += train
-            split.val += val
-            split.entries.append({"name": entry.name, "subset": _subset_list(entry.subsets),
-                                  "requested": entry.requested, "train": len(train), "val": len(val)})
-    return split
+    return parsed, parsed_val, identity
+
+
+def _entry_report(entry: Entry, train, val) -> dict:
+    return {"name": entry.name, "subset": _subset_list(entry.subsets), "requested": entry.requested,
+            "train": train, "val": val}
 
 
 def _subset_list(subsets: tuple) -> list[str] | None:
