@@ -155,14 +155,15 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
     from transformers import TrainingArguments
 
     from zhtune.train.callbacks import JsonlLogger
-    from zhtune.train.packing import PaddedCollator
+    from transformers import DataCollatorForSeq2Seq
+    from zhtune.templates import IGNORE_INDEX
     from zhtune.train.trainer import ZhTrainer, argmax_logits, token_accuracy
 
     world = launch.world_size()
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     train_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_set.items]
     val_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in val_set.items]
-    collator = PaddedCollator(pad_token_id=tokenizer.pad_token_id)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if fast_path is not None:
         train_rows, collator = fast_path.prepare_data(train_set.items, args, tokenizer)
     training_args = TrainingArguments(
@@ -179,7 +180,7 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
         gradient_checkpointing_kwargs={"use_reentrant": False}, seed=args.seed, data_seed=args.seed, bf16=bf16,
         report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
         metric_for_best_model="loss" if val_rows else None, greater_is_better=False if val_rows else None,
-        ddp_backend=None if torch.cuda.is_available() else "gloo", ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None, ddp_find_unused_parameters=False,
         deepspeed=_deepspeed_config(args.deepspeed), use_cpu=not device.startswith("cuda"), save_only_model=False,
     )
     trainer = ZhTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=val_rows or None,

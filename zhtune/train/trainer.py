@@ -59,10 +59,23 @@ class ZhTrainer(Trainer):
                 shutil.rmtree(final)
             os.replace(staged, final)
             shutil.rmtree(Path(run_dir) / STAGING, ignore_errors=True)
-            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            self._rotate(run_dir)
         if self.state.best_global_step:
             self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
         self.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: str) -> None:
+        """Keep --save_total_limit checkpoints (the best and the latest always stay)."""
+        best = self.state.best_model_checkpoint
+        if best and STAGING in best:
+            best = None
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:  # older transformers keep it as a method
+            self.state.best_model_checkpoint = best
+            return self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=best, use_mtime=False)
 
 
 def token_accuracy(eval_pred) -> dict:
