@@ -131,7 +131,7 @@ def pick_shots(item: EvalItem, pool: list[EvalItem], k: int) -> list[EvalItem]:
     if k <= 0 or not pool:
         return []
     same = [s for s in pool if s.subject == item.subject] if item.subject else []
-    return [s for s in (same or pool) if s.id != item.id][:k]
+    return [s for s in (same or pool) if s.question != item.question][:k]  # never the item itself
 
 
 # -- hub access ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ letter answers (32 new tokens; GSM8K 512; `--max_new_tokens` overrides both).
 """
 
 import gc
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +186,6 @@ def _is_vllm(engine) -> bool:
 
 def _free_memory() -> None:
     gc.collect()
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")  # only if a model was loaded: never import torch just for this
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
