@@ -54,8 +54,8 @@ def test_seed_command_dry_run(name, tmp_path):
     assert info["model_type"] == "gemma2-9b-instruct"
     assert info["template"] == "gemma"
     if name == "sft":
-        assert info["lora_target_modules"] == ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                               "up_proj", "down_proj", "lm_head"]
+        assert info["lora_target_modules"] == ["embed_tokens", "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                               "up_proj", "v_proj", "lm_head"]
         assert "post_feedforward_layernorm" in info["lora_modules_to_save"]
         assert [d["requested"] for d in info["datasets"]] == [10000, 5000, 5000, 5000, 500]
         assert info["world_size"] == 4 and info["gradient_accumulation_steps"] == 16

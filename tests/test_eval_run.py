@@ -226,3 +226,15 @@ def test_dry_run_before_after_and_limit(capsys):
     assert [m["label"] for m in out["models"]] == ["gemma3-270m", "v1-2/checkpoint-5"]
     assert out["eval_limit"] == "[10:20]" and out["data_source"]["arc"].endswith("samples/arc")
     assert out["max_new_tokens"] == {"arc": 32, "ceval": 32, "gsm8k": 512, "mmlu": 32}
+
+
+def test_real_engine_on_the_bundled_samples(tmp_path):
+    """The real path: the embedded Gemma 3 270M through zhtune.infer.engine, 2 items per benchmark."""
+    result = run_evaluation(_args(tmp_path, "--model_type", "gemma3-270m", "--eval_limit", "2",
+                                  "--max_new_tokens", "4", "--infer_backend", "pt"), log=lambda *_: None)
+    scores = result["scores"]["gemma3-270m"]
+    assert list(scores) == ["arc", "ceval", "gsm8k", "mmlu"] and all(0.0 <= s <= 1.0 for s in scores.values())
+    for ds in scores:
+        rows = [json.loads(line) for line in open(f"{result['output_dir']}/{ds}.jsonl")]
+        assert len(rows) == 2 and all(isinstance(r["output"], str) for r in rows)
+        assert rows[0]["prompt"].startswith("<bos><start_of_turn>user\n")

@@ -52,7 +52,7 @@ def test_closing_line_names_best_and_last(tiny_models, tmp_path, capsys):
     from conftest import write_chat_jsonl
     data = write_chat_jsonl(tmp_path / "d.jsonl", 10)
     assert main(["sft", "--model_id_or_path", str(tiny_models["qwen2"]), "--model_type", "qwen2.5-0.5b-instruct",
-                 "--dataset", str(data), "--max_steps", "2", "--eval_steps", "1", "--batch_size", "2",
+                 "--dataset", str(data), "--max_steps", "2", "--eval_steps", "1", "--batch_size", "2", "--gradient_accumulation_steps", "1",
                  "--output_dir", str(tmp_path / "out")]) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("[zhtune] best checkpoint: ") and "last checkpoint: " in last_line
