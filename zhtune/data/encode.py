@@ -27,7 +27,8 @@ from zhtune.templates import IGNORE_INDEX, Encoded
 
 STRATEGIES = ("delete", "truncation_left")
 CACHE_VERSION = 1  # bump when the encoding or the file layout changes
-IN_PROCESS_BELOW = 2000  # rows; below this, starting worker processes costs more than it saves
+IN_PROCESS_BELOW = 10000  # rows; below this, starting worker processes (each imports transformers
+# and unpickles the tokenizer, ~5-15 s) costs more than it saves
 CHUNK_ROWS = 1000
 
 
