@@ -1,0 +1,217 @@
+"""The GPU fast path of `zhtune sft`: padding-free packing, document-masked attention that keeps
+Gemma 2's attention softcap (flex_attention), and a chunked softcapped loss that never builds the
+full logits. It computes the same loss as the exact plain path (transformers' own forward and loss on
+padded batches) on the same tokens; benchmarks/sft_speed.py measures both, and RESULTS.md there
+records each switch's effect.
+
+Where it runs: on a GPU, for Gemma 2, Gemma 3 (text) and Qwen2, unless --fast_path false. Elsewhere
+(CPU, other models, DeepSpeed ZeRO-3) the exact plain path runs. `--fast_path true` forces it on a
+CPU too (with eager attention: exact, slower; useful for tests). One log line says which path runs.
+
+Switches: `packing` (--packing), `chunk_size` of the loss; outside the loss, for the recipe:
+`set_checkpointed_layers` (checkpoint only as many decoder layers as memory needs),
+`set_lora_input_casting` and `compile_decoder_layers` (see their docstrings and RESULTS.md).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zhtune.train.loss import chunked_causal_lm_loss
+from zhtune.train.packing import FLEX_BLOCK, PackedCollator, PaddedCollator, pack_encoded
+
+# transformers architecture (config.model_type) -> what the fast path needs to know
+SUPPORTED = ("gemma2", "gemma3_text", "qwen2")
+LOG_PREFIX = "[zhtune] training path: "
+
+
+def attn_implementation(model_config, device: str) -> str | None:
+    """The attention the fast path wants at load time, or None to keep the loader's choice.
+
+    On a GPU: flex_attention for every supported model (a fused kernel with document masks; for
+    Gemma 2 also the attention softcap, which sdpa drops). On a CPU: None (eager, exact; flex_attention
+    has no backward on CPU)."""
+    if not str(device).startswith("cuda") or getattr(model_config, "model_type", None) not in SUPPORTED:
+        return None
+    return "flex_attention"
+
+
+@dataclass
+class FastPath:
+    packing: bool = True
+    chunk_size: int = 1024
+    pad_to_multiple_of: int = FLEX_BLOCK
+    log: object = field(default=print, repr=False)
+    softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
+
+    # -- choosing the path -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, model, device: str, args, log=print) -> "FastPath | None":
+        """The recipe's entry: a FastPath for this (already loaded, maybe PEFT-wrapped) model, or None
+        for the exact plain path. Logs the one line."""
+        fast = cls(packing=getattr(args, "packing", None) is not False, log=log)
+        enabled, _ = fast.decide(_base_model(model).config, device, args)
+        return fast if enabled else None
+
+    def decide(self, model_config, device: str, args) -> tuple[bool, str]:
+        """(enabled, reason), and one log line saying which path runs."""
+        enabled, reason = self._decide(model_config, str(device), args)
+        self.softcap = getattr(model_config, "final_logit_softcapping", None)
+        self.log(LOG_PREFIX + (f"fast ({reason})" if enabled else f"exact plain path: {reason}"))
+        return enabled, reason
+
+    def _decide(self, config, device: str, args) -> tuple[bool, str]:
+        wanted = getattr(args, "fast_path", None)
+        arch = getattr(config, "model_type", None)
+        attn = getattr(config, "_attn_implementation", None) or "eager"
+        if wanted is False:
+            return False, "--fast_path false"
+        if not device.startswith("cuda") and wanted is not True:
+            return False, f"no GPU (device {device}); --fast_path true forces it"
+        if arch not in SUPPORTED:
+            return False, f"the fast path supports {', '.join(SUPPORTED)}, not {arch}"
+        if _zero3(getattr(args, "deepspeed", None)):
+            return False, "DeepSpeed ZeRO-3 partitions the lm_head the chunked loss calls"
+        if self.packing and attn not in ("flex_attention", "eager", "sdpa", "flash_attention_2"):
+            return False, f"packing needs flex_attention, eager, sdpa or flash_attention_2, not {attn}"
+        softcap_attn = getattr(config, "attn_logit_softcapping", None) is not None
+        if softcap_attn and attn not in ("flex_attention", "eager"):
+            return False, f"{arch} caps attention logits and {attn} would drop that; load with flex_attention"
+        if softcap_attn and attn == "eager" and device.startswith("cuda") and wanted is not True:
+            return False, f"{arch} loaded with eager attention; load with flex_attention for the fast path"
+        parts = []
+        if self.packing:
+            parts.append("packing")
+        parts.append(attn + (" with softcap" if softcap_attn else ""))
+        softcap_loss = getattr(config, "final_logit_softcapping", None) is not None
+        parts.append("chunked softcapped loss" if softcap_loss else "chunked loss")
+        return True, " + ".join(parts)
+
+    # -- data ------------------------------------------------------------------------------------
+    def prepare_data(self, items, args, tokenizer=None):
+        """(train rows, collator). With packing: rows of up to --max_length tokens from
+        `pack_encoded` (the --dataset_seed shuffles their order) and a PackedCollator; else one sample
+        per row and a PaddedCollator."""
+        pad_id = _pad_id(tokenizer)
+        if self.packing:
+            rows = pack_encoded(items, args.max_length, seed=getattr(args, "dataset_seed", 42))
+            self.log(f"[zhtune] packing: {len(items)} samples into {len(rows)} rows of at most "
+                     f"{args.max_length} tokens")
+            return rows, PackedCollator(pad_id=pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+        rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in items]
+        return rows, PaddedCollator(pad_id=pad_id)
+
+    # -- loss ------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """The mean token loss, like transformers Trainer.compute_loss: loss_sum / num_items_in_batch
+        when given (the label count of the whole accumulated batch; Trainer counts labels[..., 1:]),
+        else over this batch's own label tokens. No multiplication by the world size: Trainer's
+        `average_tokens_across_devices` scaling, if wanted, is the caller's.
+
+        `model` may be wrapped (DDP, accelerate, PEFT): the forward goes through every wrapper, with
+        no logits computed (logits_to_keep selects none), and a hook on the decoder takes its final
+        hidden states for the chunked loss against the (possibly LoRA-wrapped) lm_head."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        base = _base_model(model)
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        captured = {}
+
+        def keep_hidden(_module, _args, output):
+            captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        hook = decoder.register_forward_hook(keep_hidden)
+        try:
+            model(**inputs, use_cache=False,
+                  logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
+        finally:
+            hook.remove()
+        softcap = getattr(base.config, "final_logit_softcapping", None)
+        loss_sum, n_tokens = chunked_causal_lm_loss(captured["hidden"], head, labels, softcap, self.chunk_size)
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
+        if torch.is_tensor(denominator):
+            denominator = denominator.to(loss_sum.device)
+        return loss_sum / denominator
+
+
+# -- levers outside the loss ---------------------------------------------------------------------
+
+def decoder_layers(model):
+    return _base_model(model).get_decoder().layers
+
+
+def set_checkpointed_layers(model, n: int) -> list[int]:
+    """Checkpoint only n of the decoder layers (spread evenly); the others keep their activations.
+    Call after `gradient_checkpointing_enable()`. Returns the checkpointed indices."""
+    layers = decoder_layers(model)
+    total = len(layers)
+    n = max(0, min(n, total))
+    chosen = [i for i in range(total) if (i + 1) * n // total > i * n // total]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return chosen
+
+
+def set_lora_input_casting(model, enabled: bool) -> int:
+    """PEFT casts each LoRA input to the adapter's dtype (fp32 adapters on a bf16 model: a full fp32
+    copy of every input, then autocast casts it back for the matmul). Under bf16 autocast that copy
+    is waste: `enabled=False` keeps inputs in bf16 (the LoRA matmul is bf16 under autocast either way).
+    Only for code that runs the model under autocast (Trainer with bf16 does); turn it back on before
+    running the model without autocast (generation). Returns the number of LoRA layers changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    n = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
+            n += 1
+    return n
+
+
+def compile_decoder_layers(model, part: str = "layer", **compile_kwargs) -> int:
+    """torch.compile each decoder layer (part="layer") or only its MLP (part="mlp"): identical
+    layers share one compiled graph (regional compilation), and a checkpointed layer recomputes the
+    compiled forward. Returns the number of modules compiled."""
+    n = 0
+    for layer in decoder_layers(model):
+        target = layer if part == "layer" else layer.mlp
+        target.compile(**compile_kwargs)
+        n += 1
+    return n
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _base_model(model):
+    """The transformers *ForCausalLM under DDP / accelerate / PEFT wrappers."""
+    seen = 0
+    while hasattr(model, "module") and seen < 5:  # DDP, DeepSpeed engine
+        model, seen = model.module, seen + 1
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _zero3(deepspeed) -> bool:
+    if not deepspeed:
+        return False
+    if isinstance(deepspeed, str):
+        if deepspeed.endswith("zero3"):
+            return True
+        try:
+            import json
+            with open(deepspeed, encoding="utf-8") as f:
+                deepspeed = json.load(f)
+        except (OSError, ValueError):
+            return False
+    return isinstance(deepspeed, dict) and deepspeed.get("zero_optimization", {}).get("stage") == 3
