@@ -74,7 +74,8 @@ def resolve(args) -> dict:
             "eval_limit": describe_limit(limit),
             "eval_few_shot": args.eval_few_shot,
             "max_new_tokens": {b.name: args.max_new_tokens or b.max_new_tokens for b in benches},
-            "infer_backend": args.infer_backend,
+            "eval_backend": args.eval_backend, "infer_backend": args.infer_backend,
+            "eval_batch_size": args.eval_batch_size,
             "eval_output_dir": str(Path(args.eval_output_dir) / report.slug(args.name or first.label) / "<timestamp>")}
 
 
@@ -138,7 +139,8 @@ def evaluate_task(engine, task: Task, args, log=print, label: str = "") -> tuple
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   repetition_penalty=args.repetition_penalty, seed=args.seed)
     batch = args.eval_batch_size
-    chunk = len(conversations) if _is_vllm(engine) else max(batch * 8, 64)
+    # vllm schedules everything itself; for pt, chunks only serve progress lines (at most ~20 per dataset)
+    chunk = len(conversations) if _is_vllm(engine) else max(batch * 8, 64, -(-len(conversations) // 20))
     start, outputs = time.time(), []
     for i in range(0, len(conversations), chunk):
         outputs += engine.generate(conversations[i:i + chunk], settings, batch_size=batch)
