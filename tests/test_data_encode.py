@@ -1,5 +1,7 @@
 """Encoding with the real Gemma tokenizer: label masks, max_length policies, the disk cache, statistics."""
 
+import os
+
 import pytest
 from data_fixtures import CharTemplate
 
@@ -76,8 +78,7 @@ def test_cache_is_reused_and_keyed_by_settings(gemma, tmp_path, monkeypatch):
     assert not list((tmp_path / "encoded").glob(".*"))  # no temporary file left behind
     again = encode_rows(rows, gemma, 256)
     assert again.stats["from_cache"] and again.items == first.items and again.dropped == first.dropped
-    assert {k: v for k, v in again.stats.items() if k != "from_cache"} == \
-           {k: v for k, v in first.stats.items() if k != "from_cache"}
+    assert again.stats == {**first.stats, "from_cache": True} and again.stats["cache_file"] == str(files[0])
     encode_rows(rows, gemma, 128)
     encode_rows(rows, gemma, 256, truncation_strategy="truncation_left")
     encode_rows(rows[:4], gemma, 256)
@@ -90,9 +91,12 @@ def test_worker_processes_give_the_same_result(tmp_path, monkeypatch):
     monkeypatch.setattr(encode_module, "IN_PROCESS_BELOW", 0)
     monkeypatch.setattr(encode_module, "CHUNK_ROWS", 7)
     rows = [conversation(i, turns=1 + i % 3) for i in range(40)]
-    parallel = encode_rows(rows, CharTemplate(), 60, num_proc=2, cache_dir=tmp_path / "a")
-    serial = encode_rows(rows, CharTemplate(), 60, num_proc=1, cache_dir=tmp_path / "b")
+    said = []
+    parallel = encode_rows(rows, CharTemplate(), 60, num_proc=2, cache_dir=tmp_path / "a", log=said.append)
+    serial = encode_rows(rows, CharTemplate(), 60, num_proc=1, cache_dir=tmp_path / "b", log=said.append)
     assert parallel.items == serial.items and parallel.dropped == serial.dropped > 0
+    if (os.cpu_count() or 1) >= 2:
+        assert said == ["[zhtune] encoding 40 rows with 2 processes (cached for re-runs)..."]
 
 
 def test_statistics_table(gemma, tmp_path):
@@ -110,3 +114,11 @@ def test_statistics_table(gemma, tmp_path):
     assert f"train tokens: 5 rows, length mean {train.stats['mean']}, min {train.stats['min']}" in table
     assert "dropped: 1 (longer than max_length 100: 1)" in table
     assert "val tokens: 1 rows" in table and table.endswith("dropped: none")
+    again = format_statistics(split, encode_rows(split.train, gemma, 100, cache_dir=tmp_path), None)
+    assert "(encoded earlier, from the cache)" in again and "val tokens" not in again
+
+
+def test_no_rows_encode_to_an_empty_set(gemma, tmp_path):
+    empty = encode_rows([], gemma, 100, cache_dir=tmp_path)
+    assert empty.items == [] and empty.dropped == 0 and empty.stats["rows"] == 0 and empty.stats["mean"] is None
+    assert "no rows" in format_statistics(DatasetSplit([], [], []), empty)

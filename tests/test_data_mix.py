@@ -12,7 +12,7 @@ from zhtune.data import describe_entries, load_datasets, load_identity_probe, pl
 from zhtune.data.registry import DATASETS, FILES_DIR
 from zhtune.errors import UserError
 
-NAMES = dict(model_name=["小黄", "Xiao Huang"], model_author=["魔搭", "ModelScope"])
+NAMES = {"model_name": ["小黄", "Xiao Huang"], "model_author": ["魔搭", "ModelScope"]}
 REAL_ALPACA = Path("/work/shared/data/sft/alpaca_zh_demo.json")
 
 
@@ -170,7 +170,9 @@ def test_identity_probe_is_held_out():
 
 def test_placeholders_are_filled_in_the_rows_language():
     split = load_datasets(["self-cognition"], test_ratio=0, **NAMES)
-    text = lambda r: " ".join(m["content"] for m in r["messages"])  # noqa: E731
+
+    def text(row):
+        return " ".join(m["content"] for m in row["messages"])
     assert not any("{{" in text(r) for r in split.train)
     zh = [r for r in split.train if r["tag"] == "zh"]
     en = [r for r in split.train if r["tag"] == "en"]
@@ -242,6 +244,19 @@ def test_hub_rows_go_through_column_renames_and_format_detection(monkeypatch):
     split = load_datasets(["firefly-zh#4"], test_ratio=0)
     assert calls == [("AI-ModelScope/firefly-train-1.1M", "default", "train")]
     assert len(split.train) == 4 and split.train[0]["messages"][0]["content"].startswith("问题")
+
+
+def test_bad_hub_rows_are_left_out_and_counted(monkeypatch):
+    rows = [{"query": f"q{i}", "response": "" if i % 4 == 0 else f"r{i}"} for i in range(12)]
+    monkeypatch.delenv("USE_HF", raising=False)
+    monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(
+        MsDataset=types.SimpleNamespace(load=lambda *a, **k: [{"text": "no format"}] + rows)))
+    said = []
+    split = load_datasets(["owner/set"], test_ratio=0, log=said.append)
+    assert len(split.train) == 9
+    assert len(said) == 1 and said[0].startswith(
+        "[zhtune] warning: dataset owner/set: left out 4 of 13 rows that cannot be trained on; "
+        "the first: ModelScope owner/set row 1: fits no known format (fields: text).")
 
 
 def test_every_registered_dataset_is_reachable():

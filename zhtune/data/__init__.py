@@ -9,7 +9,8 @@
 """
 
 from zhtune.data.encode import EncodedSet, encode_rows
-from zhtune.data.mix import DatasetPlan, DatasetSplit, describe_entries, load_datasets, plan_datasets
+from zhtune.data.entries import describe_entries
+from zhtune.data.mix import DatasetPlan, DatasetSplit, load_datasets, plan_datasets
 from zhtune.data.registry import DATASETS, DatasetInfo
 from zhtune.data.self_cognition import load_identity_probe
 from zhtune.data.stats import format_statistics

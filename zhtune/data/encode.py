@@ -10,10 +10,10 @@ leaves a half file. Large sets are encoded by `num_proc` worker processes in chu
 """
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,13 +30,19 @@ CACHE_VERSION = 1  # bump when the encoding or the file layout changes
 IN_PROCESS_BELOW = 10000  # rows; below this, starting worker processes (each imports transformers
 # and unpickles the tokenizer, ~5-15 s) costs more than it saves
 CHUNK_ROWS = 1000
+# Encoded into the cache key, so that a change to a template's markers, its label rule or the
+# tokenizer's behaviour never reuses stale ids.
+_KEY_CONVERSATION = [{"role": "system", "content": "s"}, {"role": "user", "content": "q 你好"},
+                     {"role": "assistant", "content": "a 好"}, {"role": "user", "content": "q2"},
+                     {"role": "assistant", "content": "a2"}]
 
 
 @dataclass
 class EncodedSet:
     items: list[Encoded]
     dropped: int
-    stats: dict = field(default_factory=dict)  # rows, mean/min/max length, trained_tokens, dropped_reasons
+    stats: dict = field(default_factory=dict)  # rows, mean/min/max length, trained_tokens, dropped_reasons,
+    #                                             from_cache, cache_file
 
 
 def encode_rows(rows: list[dict], template, max_length: int | None, truncation_strategy: str = "delete",
@@ -44,25 +50,28 @@ def encode_rows(rows: list[dict], template, max_length: int | None, truncation_s
     if truncation_strategy not in STRATEGIES:
         raise UserError(f"--truncation_strategy '{truncation_strategy}' is not one of {', '.join(STRATEGIES)}.")
     max_length = max_length if max_length and max_length > 0 else None
+    log = log or print
     path = _cache_folder(cache_dir) / f"{cache_key(rows, template, max_length, truncation_strategy)}.npz"
     cached = _read_cache(path)
-    if cached is not None:
-        cached.stats["from_cache"] = True
-        return cached
-    results = _encode_all([r["messages"] for r in rows], template, max_length, truncation_strategy, num_proc)
-    items = [Encoded(*r) for r in results if not isinstance(r, str)]
-    reasons = Counter(r for r in results if isinstance(r, str))
-    encoded = EncodedSet(items, sum(reasons.values()), _stats(items, reasons))
-    _write_cache(path, encoded, log or _warn)
-    encoded.stats["from_cache"] = False
+    if cached is None:
+        results = _encode_all([r["messages"] for r in rows], template, max_length, truncation_strategy, num_proc, log)
+        items = [Encoded(*r) for r in results if not isinstance(r, str)]
+        reasons = Counter(r for r in results if isinstance(r, str))
+        encoded = EncodedSet(items, sum(reasons.values()), _stats(items, reasons))
+        _write_cache(path, encoded, log)
+    else:
+        encoded = cached
+    encoded.stats.update(from_cache=cached is not None, cache_file=str(path))
     return encoded
 
 
 def cache_key(rows: list[dict], template, max_length, truncation_strategy: str) -> str:
     tokenizer = template.tokenizer
     digest = hashlib.sha256()
+    probe = template.encode(_KEY_CONVERSATION)
     header = [CACHE_VERSION, template.name, template.default_system, type(tokenizer).__name__,
-              getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_length, truncation_strategy]
+              getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_length, truncation_strategy,
+              probe.input_ids, probe.labels]
     digest.update(json.dumps(header, ensure_ascii=False).encode())
     for row in rows:
         digest.update(json.dumps(row["messages"], ensure_ascii=False, sort_keys=True).encode())
@@ -102,13 +111,16 @@ def _worker_chunk(messages_list):
     return _encode_chunk(messages_list, _worker["template"], _worker["max_length"], _worker["strategy"])
 
 
-def _encode_all(messages_list, template, max_length, strategy, num_proc) -> list:
+def _encode_all(messages_list, template, max_length, strategy, num_proc, log) -> list:
+    num_proc = min(num_proc, os.cpu_count() or 1)
     if num_proc <= 1 or len(messages_list) < IN_PROCESS_BELOW:
         return _encode_chunk(messages_list, template, max_length, strategy)
     chunks = [messages_list[i:i + CHUNK_ROWS] for i in range(0, len(messages_list), CHUNK_ROWS)]
+    processes = min(num_proc, len(chunks))
+    log(f"[zhtune] encoding {len(messages_list)} rows with {processes} processes (cached for re-runs)...")
     # spawn, not fork: the parent may already run torch and tokenizer threads, which fork can deadlock
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(num_proc, len(chunks)), _init_worker, (template, max_length, strategy)) as pool:
+    with context.Pool(processes, _init_worker, (template, max_length, strategy)) as pool:
         return [r for chunk in pool.imap(_worker_chunk, chunks) for r in chunk]
 
 
@@ -137,15 +149,16 @@ def _read_cache(path: Path) -> EncodedSet | None:
             meta = json.loads(str(f["meta"]))
     except (OSError, ValueError, KeyError):  # unreadable: encode again and overwrite
         return None
-    items = [Encoded(ids[a:b].tolist(), labels[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+    items = [Encoded(ids[a:b].tolist(), labels[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
     return EncodedSet(items, meta["dropped"], meta["stats"])
 
 
 def _write_cache(path: Path, encoded: EncodedSet, log) -> None:
     offsets = np.zeros(len(encoded.items) + 1, dtype=np.int64)
     np.cumsum([len(e.input_ids) for e in encoded.items], out=offsets[1:])
-    flat = lambda key: np.fromiter((t for e in encoded.items for t in getattr(e, key)),  # noqa: E731
-                                   dtype=np.int32, count=int(offsets[-1]))
+
+    def flat(key):
+        return np.fromiter((t for e in encoded.items for t in getattr(e, key)), dtype=np.int32, count=int(offsets[-1]))
     meta = json.dumps({"dropped": encoded.dropped, "stats": encoded.stats}, ensure_ascii=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,8 +171,4 @@ def _write_cache(path: Path, encoded: EncodedSet, log) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as e:
-        log(f"could not write the encoding cache {path} ({e.strerror or e}); continuing without it.")
-
-
-def _warn(message: str) -> None:
-    print(f"[zhtune] warning: {message}", file=sys.stderr)
+        log(f"[zhtune] warning: could not write the encoding cache {path} ({e.strerror or e}); continuing without it.")

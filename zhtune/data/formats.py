@@ -11,7 +11,8 @@ silently dropped or empty reply teaches the model to say nothing.
 """
 
 import json
-from typing import Iterable
+import math
+from collections.abc import Iterable
 
 from zhtune.errors import UserError
 from zhtune.templates import check_messages
@@ -41,26 +42,36 @@ def detect_format(row: dict) -> str | None:
 
 
 def convert_rows(records: Iterable[tuple[int, object]], source: str, unit: str = "row",
-                 columns: dict | None = None) -> list[dict]:
-    """(number, raw record) pairs -> conversation rows; `unit` names the number ('row' or 'line')."""
+                 columns: dict | None = None, skipped: list | None = None) -> list[dict]:
+    """(number, raw record) pairs -> conversation rows; `unit` names the number ('row' or 'line').
+
+    A bad row raises, unless `skipped` is a list: then its one-line reason is appended there and
+    the row left out (for hub datasets, whose rows the user cannot fix).
+    """
     rows, fmt, first = [], None, None
     for number, record in records:
-        where = f"{source} {unit} {number}"
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected an object with fields, found {type(record).__name__}. {FORMAT_HINT}")
-        if columns:
-            record = {columns.get(k, k): v for k, v in record.items()}
-        if fmt is None:
-            fmt, first = detect_format(record), number
-            if fmt is None:
-                raise UserError(f"{where}: fits no known format (fields: {_fields(record)}). {FORMAT_HINT}")
         try:
-            rows.append(to_row(record, fmt))
-        except RowError as e:
-            raise UserError(f"{where}: {e} (format {fmt}, detected from {unit} {first}; "
-                            f"fields: {_fields(record)}). Fix or remove the row.") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{source} {unit} {number}: expected an object with fields, "
+                                f"found {type(record).__name__}. {FORMAT_HINT}")
+            if columns:
+                record = {columns.get(k, k): v for k, v in record.items()}
+            if fmt is None and detect_format(record) is None:
+                raise UserError(f"{source} {unit} {number}: fits no known format "
+                                f"(fields: {_fields(record)}). {FORMAT_HINT}")
+            fmt, first = fmt or detect_format(record), first or number
+            try:
+                rows.append(to_row(record, fmt))
+            except RowError as e:
+                raise UserError(f"{source} {unit} {number}: {e} (format {fmt}, detected from {unit} {first}; "
+                                f"fields: {_fields(record)}). Fix or remove the row.") from None
+        except UserError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
     if not rows:
-        raise UserError(f"{source}: has no rows. Give a dataset with at least one conversation.")
+        why = f" (all {len(skipped)} rows skipped; the first: {skipped[0]})" if skipped else ""
+        raise UserError(f"{source}: has no rows{why}. Give a dataset with at least one conversation.")
     return rows
 
 
@@ -164,10 +175,10 @@ def _text(value, what: str) -> str:
         return ""
     if isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:  # not NaN
-        return str(value)
-    if isinstance(value, float):
+    if isinstance(value, float) and math.isnan(value):  # an empty cell read by pandas
         return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     raise RowError(f"{what} must be text, found {type(value).__name__}")
 
 

@@ -6,6 +6,7 @@ The hubs are optional: without the package, or offline, the error says how to us
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 from zhtune.data.formats import convert_rows
@@ -63,7 +64,7 @@ def _read_table(file: Path, suffix: str) -> list[tuple[int, dict]]:
             records = _read_json(file)
         elif suffix == ".csv":
             import pandas as pd
-            frame = pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8")
+            frame = pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
             records = frame.to_dict("records")
         else:
             import pyarrow.parquet as pq
@@ -103,8 +104,12 @@ def _open_text(file: Path):
 
 # -- hubs ------------------------------------------------------------------------------------------
 
-def load_hub(hub_id: str, subset: str, split: str, use_hf: bool, columns: dict | None = None) -> list[dict]:
-    """One subset of a hub dataset, through modelscope's MsDataset or Hugging Face `datasets`."""
+def load_hub(hub_id: str, subset: str, split: str, use_hf: bool, columns: dict | None = None, log=print) -> list[dict]:
+    """One subset of a hub dataset, through modelscope's MsDataset or Hugging Face `datasets`.
+
+    Rows that fit no format or have an empty reply are left out and counted in a warning: unlike a
+    local file, the user cannot fix them.
+    """
     label = f"{hub_id}:{subset}" if subset != "default" else hub_id
     hub = "Hugging Face" if use_hf else "ModelScope"
     if use_hf:
@@ -113,21 +118,26 @@ def load_hub(hub_id: str, subset: str, split: str, use_hf: bool, columns: dict |
         except ImportError:
             raise UserError(f"dataset {label}: loading from Hugging Face needs the `datasets` package "
                             f"(pip install 'zhtune[data]'), {_LOCAL_HINT}") from None
-        load = lambda: datasets.load_dataset(hub_id, None if subset == "default" else subset, split=split)  # noqa: E731
+        load = partial(datasets.load_dataset, hub_id, None if subset == "default" else subset, split=split)
     else:
         try:
             from modelscope import MsDataset
         except ImportError:
             raise UserError(f"dataset {label}: loading from ModelScope needs the `modelscope` package "
                             f"(pip install 'zhtune[hub]'; or USE_HF=1 for Hugging Face), {_LOCAL_HINT}") from None
-        load = lambda: MsDataset.load(hub_id, subset_name=subset, split=split)  # noqa: E731
+        load = partial(MsDataset.load, hub_id, subset_name=subset, split=split)
     try:
         dataset = load()
         records = [(i, dict(r)) for i, r in enumerate(dataset, 1)]
     except Exception as e:  # noqa: BLE001 - offline, missing id, hub down: all need the same advice
         raise UserError(f"dataset {label}: could not load it from {hub} ({type(e).__name__}: {_one_line(e)}). "
                         f"If you are offline, {_LOCAL_HINT}") from None
-    return convert_rows(records, f"{hub} {label}", columns=columns)
+    skipped = []
+    rows = convert_rows(records, f"{hub} {label}", columns=columns, skipped=skipped)
+    if skipped:
+        log(f"[zhtune] warning: dataset {label}: left out {len(skipped)} of {len(records)} rows that cannot be "
+            f"trained on; the first: {skipped[0]}")
+    return rows
 
 
 def _one_line(error: Exception, limit: int = 200) -> str:

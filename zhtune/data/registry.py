@@ -59,5 +59,9 @@ def get_dataset_info(name: str) -> DatasetInfo:
     try:
         return DATASETS[name]
     except KeyError:
-        raise UserError(f"unknown dataset '{name}'.{closest(name, DATASETS)} Registered: {', '.join(DATASETS)}; "
-                        "or give a hub id (owner/name) or a local .jsonl/.json/.csv/.parquet file.") from None
+        raise unknown_dataset(name) from None
+
+
+def unknown_dataset(name: str) -> UserError:
+    return UserError(f"unknown dataset '{name}'.{closest(name, DATASETS)} Registered: {', '.join(DATASETS)}; "
+                     "or give a hub id (owner/name) or a local .jsonl/.json/.csv/.parquet file.")

@@ -16,7 +16,8 @@ def format_statistics(split, encoded_train=None, encoded_val=None) -> str:
     lines.append(f"{'total':<{width}}  {'':>9}  {len(split.train):>7}  {len(split.val):>6}")
     for name, encoded in (("train", encoded_train), ("val", encoded_val)):
         if encoded is not None:
-            lines.append(f"{name} tokens: {_lengths(encoded.stats)}; dropped: {_dropped(encoded)}")
+            cached = " (encoded earlier, from the cache)" if encoded.stats.get("from_cache") else ""
+            lines.append(f"{name} tokens: {_lengths(encoded.stats)}; dropped: {_dropped(encoded)}{cached}")
     return "\n".join(lines)
 
 
