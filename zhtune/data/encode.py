@@ -27,8 +27,9 @@ from zhtune.templates import IGNORE_INDEX, Encoded
 
 STRATEGIES = ("delete", "truncation_left")
 CACHE_VERSION = 1  # bump when the encoding or the file layout changes
-IN_PROCESS_BELOW = 10000  # rows; below this, starting worker processes (each imports transformers
-# and unpickles the tokenizer, ~5-15 s) costs more than it saves
+# Below this many rows, starting worker processes (each imports transformers and unpickles the
+# tokenizer: 5-15 s) costs more than it saves.
+IN_PROCESS_BELOW = 10000
 CHUNK_ROWS = 1000
 # Encoded into the cache key, so that a change to a template's markers, its label rule or the
 # tokenizer's behaviour never reuses stale ids.
@@ -39,14 +40,17 @@ _KEY_CONVERSATION = [{"role": "system", "content": "s"}, {"role": "user", "conte
 
 @dataclass
 class EncodedSet:
+    """The kept rows; `stats`: rows, mean/min/max token length, trained_tokens,
+    dropped_reasons ({reason: count}), from_cache, cache_file."""
+
     items: list[Encoded]
     dropped: int
-    stats: dict = field(default_factory=dict)  # rows, mean/min/max length, trained_tokens, dropped_reasons,
-    #                                             from_cache, cache_file
+    stats: dict = field(default_factory=dict)
 
 
 def encode_rows(rows: list[dict], template, max_length: int | None, truncation_strategy: str = "delete",
                 num_proc: int = 2, cache_dir=None, log=None) -> EncodedSet:
+    """Encode rows (or read them from the cache); rows over max_length are dropped or cut per the strategy."""
     if truncation_strategy not in STRATEGIES:
         raise UserError(f"--truncation_strategy '{truncation_strategy}' is not one of {', '.join(STRATEGIES)}.")
     max_length = max_length if max_length and max_length > 0 else None

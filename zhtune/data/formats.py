@@ -56,10 +56,11 @@ def convert_rows(records: Iterable[tuple[int, object]], source: str, unit: str =
                                 f"found {type(record).__name__}. {FORMAT_HINT}")
             if columns:
                 record = {columns.get(k, k): v for k, v in record.items()}
-            if fmt is None and detect_format(record) is None:
-                raise UserError(f"{source} {unit} {number}: fits no known format "
-                                f"(fields: {_fields(record)}). {FORMAT_HINT}")
-            fmt, first = fmt or detect_format(record), first or number
+            if fmt is None:  # the file's format is its first row's
+                fmt, first = detect_format(record), number
+                if fmt is None:
+                    raise UserError(f"{source} {unit} {number}: fits no known format "
+                                    f"(fields: {_fields(record)}). {FORMAT_HINT}")
             try:
                 rows.append(to_row(record, fmt))
             except RowError as e:
