@@ -216,7 +216,8 @@ def _with_system(rows: list[dict], system: str) -> list[dict]:
 
 
 def _trains_self_cognition(args) -> bool:
-    return any(entry.split("#")[0].split(":")[0] == "self-cognition" for entry in args.dataset)
+    from zhtune.data import describe_entries
+    return any(entry["name"] == "self-cognition" for entry in describe_entries(args.dataset))
 
 
 def _identity_probe(args, model, tokenizer, resolved, ckpt_dir: Path) -> None:
