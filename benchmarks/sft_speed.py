@@ -342,6 +342,8 @@ def main(argv=None) -> int:
         else:
             say(f"[bench] {name}: {r}")
         results["variants"][name] = r
+        if rank == 0 and args.out:  # after every variant: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=1))
 
     results["seconds_total"] = time.perf_counter() - t0
     if rank == 0:

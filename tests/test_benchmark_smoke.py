@@ -1,0 +1,34 @@
+"""benchmarks/sft_speed.py --smoke: the whole benchmark on a tiny Gemma 2 on the CPU."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "sft_speed.py"
+
+
+def test_sft_speed_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("sft_speed", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    agreement = results["agreement"]
+    assert agreement["loss_abs_diff"] <= 1e-4
+    assert agreement["grad_cosine"] > 0.9999 and agreement["grad_cosine_lora"] > 0.9999
+    variants = results["variants"]
+    assert set(variants) == {"baseline", "packed_full", "chunked", "chunked_nocast", "ckpt_auto"}
+    for name, r in variants.items():
+        assert r.get("tokens_per_s", 0) > 0, (name, r)
+    printed = capsys.readouterr().out
+    assert "[zhtune] training path: fast (packing + eager with softcap + chunked softcapped loss)" in printed
+    assert "[bench] summary" in printed
+
+
+def test_flops_per_token_of_gemma2_9b():
+    spec = importlib.util.spec_from_file_location("sft_speed", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    per_token = bench.model_flops(bench.GEMMA2_9B, [1]) / 1  # one token: no attention context to speak of
+    assert 36.8e9 < per_token < 37.0e9  # 2 x 2 x (8.31B decoder linear + 0.92B lm_head) parameters

@@ -1,0 +1,251 @@
+"""The fast path computes what the exact plain path computes: packing, the chunked softcapped loss,
+and FastPath.compute_loss on tiny Gemma 2 / Gemma 3 / Qwen2 models (fp32, CPU)."""
+
+import pytest
+import torch
+from torch import nn
+
+from zhtune.templates.base import Encoded
+from zhtune.train.fast_path import FastPath, set_checkpointed_layers
+from zhtune.train.loss import chunked_causal_lm_loss, full_logits_loss
+from zhtune.train.packing import IGNORE_INDEX, PackedCollator, PaddedCollator, pack_encoded
+
+VOCAB = 300
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
+
+
+def tiny_model(arch: str, attn: str = "eager", lora: bool = True, seed: int = 0):
+    from transformers import Gemma2Config, Gemma3TextConfig, Qwen2Config, AutoModelForCausalLM
+    if arch == "gemma2":  # Gemma-2-9B's settings, shrunk: both softcaps, sliding window shorter than a sample
+        cfg = Gemma2Config(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True)
+    elif arch == "gemma3_text":
+        cfg = Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                               tie_word_embeddings=True)
+    else:
+        cfg = Qwen2Config(**TINY, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
+    if not lora:
+        return model.train()
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name or "lora_embedding_A" in name:  # non-zero, so every LoRA matrix has a gradient
+            nn.init.normal_(p, std=0.05)
+        if "norm" in name and "lora" not in name:
+            p.requires_grad_(True)  # the seed's --lora_modules_to_save LN
+    return model.train()
+
+
+def samples(lengths, seed=1, prompt_share=0.3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        p = max(1, int(n * prompt_share))
+        out.append(Encoded(ids, [IGNORE_INDEX] * p + ids[p:]))
+    return out
+
+
+def n_targets(items) -> int:
+    return sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in items)
+
+
+class _Args:
+    fast_path, packing, deepspeed, max_length, dataset_seed = True, None, None, 64, 42
+
+
+# -- packing -----------------------------------------------------------------------------------------
+
+def test_pack_encoded_keeps_every_sample_whole_and_apart():
+    items = samples([5, 17, 9, 30, 12, 3, 40, 1, 22])
+    rows = pack_encoded(items, max_length=48, seed=7)
+    assert rows == pack_encoded(items, max_length=48, seed=7)
+    assert all(len(r["input_ids"]) <= 48 for r in rows)
+    assert len(rows) == 3  # 139 tokens in 3 rows of 48: best-fit decreasing finds the fewest here
+    seen = []
+    for r in rows:
+        assert len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"])
+        starts = [i for i, p in enumerate(r["position_ids"]) if p == 0] + [len(r["input_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            assert r["position_ids"][a:b] == list(range(b - a))
+            assert r["labels"][a] == IGNORE_INDEX  # a sample's first token is never a target
+            seen.append((tuple(r["input_ids"][a:b]), tuple(r["labels"][a + 1:b])))
+    expected = [(tuple(e.input_ids), tuple(e.labels[1:])) for e in items]
+    assert sorted(seen) == sorted(expected)
+    with pytest.raises(ValueError, match="max_length"):
+        pack_encoded(samples([49]), max_length=48)
+
+
+def test_collators():
+    rows = pack_encoded(samples([5, 7, 20]), max_length=32)
+    batch = PackedCollator(pad_id=0)(rows)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # an attention_mask would hide the packing
+    assert batch["input_ids"].shape == (1, 128)
+    assert (batch["labels"][0, 32:] == IGNORE_INDEX).all() and (batch["input_ids"][0, 32:] == 0).all()
+    assert batch["position_ids"][0, 32] == 0  # the padding is a dummy sample of its own
+    padded = PaddedCollator(pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                       {"input_ids": [8], "labels": [8]}])
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert padded["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+# -- the chunked loss --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("softcap", [30.0, None])
+@pytest.mark.parametrize("lora_head", [False, True])
+def test_chunked_loss_equals_full_logits_softcapped_ce(softcap, lora_head):
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    nn.init.normal_(head.weight, std=2.0)  # logits well past the softcap, so the cap matters
+    if lora_head:
+        from peft import LoraConfig, get_peft_model
+
+        class Wrap(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lm_head = head
+        head = get_peft_model(Wrap(), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"])).base_model.model.lm_head
+        nn.init.normal_(head.lora_B["default"].weight, std=0.5)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 37))
+    labels[0, :10] = IGNORE_INDEX
+    labels[1, 30:] = IGNORE_INDEX
+    params = [p for p in head.parameters() if p.requires_grad]
+
+    ref, n_ref = full_logits_loss(head(hidden), labels, softcap)
+    ref_grads = torch.autograd.grad(ref, [hidden] + params)
+    if softcap is not None:  # the reference really is softcapped CE
+        plain = full_logits_loss(head(hidden), labels, None)[0]
+        assert abs(float(plain - ref)) > 1.0
+    for chunk in (5, 1024):
+        loss, n = chunked_causal_lm_loss(hidden, head, labels, softcap, chunk_size=chunk)
+        assert n == n_ref == int((labels[:, 1:] != IGNORE_INDEX).sum())
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(loss * 0.5, [hidden] + params)  # the incoming gradient scales
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, 0.5 * r, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, softcap, chunk_size=7)[0], ref.detach())
+
+
+# -- FastPath vs the exact plain path ----------------------------------------------------------------
+
+def _grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "qwen2"])
+def test_fast_path_matches_per_sample_eager(arch):
+    model = tiny_model(arch)
+    items = samples([5, 17, 9, 30, 12, 3, 21])  # 17, 30 and 21 tokens: longer than the sliding window (8)
+    n_items = n_targets(items)
+
+    model.zero_grad()
+    baseline = 0.0
+    for e in items:  # the exact plain path: one padded sample at a time, transformers' own loss
+        batch = PaddedCollator()([{"input_ids": e.input_ids, "labels": e.labels}])
+        out = model(**batch, num_items_in_batch=n_items, use_cache=False)
+        out.loss.backward()
+        baseline += float(out.loss)
+    ref = _grads(model)
+
+    fast = FastPath(chunk_size=16, log=lambda _: None)
+    rows, collator = fast.prepare_data(items, _Args())
+    assert len(rows) == 2
+    model.zero_grad()
+    total = 0.0
+    for row in rows:  # two micro-batches of one accumulated batch
+        loss = fast.compute_loss(model, collator([row]), num_items_in_batch=n_items)
+        loss.backward()
+        total += float(loss)
+    got = _grads(model)
+
+    assert abs(total - baseline) <= 1e-4
+    assert set(got) == set(ref) and len(ref) > 20
+    flat_ref = torch.cat([g.flatten() for g in ref.values()])
+    flat_got = torch.cat([got[n].flatten() for n in ref])
+    assert torch.nn.functional.cosine_similarity(flat_ref, flat_got, dim=0) > 0.9999
+    torch.testing.assert_close(flat_got, flat_ref, rtol=1e-3, atol=1e-6)
+
+
+def test_fast_path_with_gradient_checkpointing_and_mean_over_own_tokens():
+    model = tiny_model("gemma2")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert set_checkpointed_layers(model, 1) == [1]
+    items = samples([20, 11])
+    batch = PaddedCollator()([{"input_ids": e.input_ids, "labels": e.labels} for e in items])
+    expected = float(model(**batch, use_cache=False).loss)  # mean over the batch's label tokens
+    fast = FastPath(log=lambda _: None)
+    rows, collator = fast.prepare_data(items, _Args())
+    loss = fast.compute_loss(model, collator(rows))
+    loss.backward()
+    assert abs(float(loss) - expected) <= 1e-4
+
+
+def _logits(model, input_ids, position_ids=None):
+    with torch.no_grad():
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("attn", ["eager", "flex_attention"])
+def test_packing_never_mixes_documents(attn):
+    """Attention probe: change document A's tokens and document B's logits stay the same; and each
+    packed document's logits equal its own unpacked logits (softcaps and sliding window included)."""
+    model = tiny_model("gemma2", attn=attn, lora=False).eval()
+    a, b = samples([37, 50], seed=3)
+    rows = pack_encoded([a, b], max_length=128)
+    assert len(rows) == 1
+    batch = PackedCollator()(rows)
+    b_first = rows[0]["input_ids"][:50] == b.input_ids
+    span_b = slice(0, 50) if b_first else slice(37, 87)
+    span_a = slice(50, 87) if b_first else slice(0, 37)
+    try:
+        packed = _logits(model, batch["input_ids"], batch["position_ids"])
+    except Exception as e:  # noqa: BLE001 - flex_attention needs a working compiler on the CPU
+        if attn == "flex_attention":
+            pytest.skip(f"flex_attention does not run on this CPU: {type(e).__name__}")
+        raise
+    changed = batch["input_ids"].clone()
+    changed[0, span_a] = torch.randint(3, VOCAB, (37,))
+    probe = _logits(model, changed, batch["position_ids"])
+    torch.testing.assert_close(probe[0, span_b], packed[0, span_b], rtol=0, atol=1e-5)
+    assert not torch.allclose(probe[0, span_a], packed[0, span_a])
+
+    model.config._attn_implementation = "eager"  # the reference: each document alone
+    for e, span in ((a, span_a), (b, span_b)):
+        alone = _logits(model, torch.tensor([e.input_ids]))
+        torch.testing.assert_close(packed[0, span], alone[0], rtol=1e-4, atol=1e-4)
+
+
+# -- choosing the path -------------------------------------------------------------------------------
+
+def test_decide_logs_one_line_and_falls_back():
+    lines = []
+    model = tiny_model("gemma2", lora=False)
+
+    class A:
+        fast_path, packing, deepspeed = None, None, None
+    fast = FastPath(log=lines.append)
+    assert fast.decide(model.config, "cpu", A())[0] is False
+    assert lines == ["[zhtune] training path: exact plain path: no GPU (device cpu); --fast_path true forces it"]
+    model.config._attn_implementation = "flex_attention"
+    assert fast.decide(model.config, "cuda", A()) == (
+        True, "packing + flex_attention with softcap + chunked softcapped loss")
+    assert lines[-1] == ("[zhtune] training path: fast (packing + flex_attention with softcap + "
+                         "chunked softcapped loss)")
+    model.config._attn_implementation = "sdpa"
+    assert fast.decide(model.config, "cuda", A())[0] is False  # sdpa would drop Gemma 2's attention softcap
+    A.fast_path = False
+    assert fast.decide(model.config, "cuda", A()) == (False, "--fast_path false")
+    A.fast_path, A.deepspeed = None, "default-zero3"
+    model.config._attn_implementation = "flex_attention"
+    assert fast.decide(model.config, "cuda", A())[0] is False
+    A.deepspeed = None
+    llama = type("Cfg", (), {"model_type": "llama", "_attn_implementation": "sdpa"})()
+    enabled, reason = fast.decide(llama, "cuda", A())
+    assert not enabled and "llama" in reason
+    assert len(lines) == 6
