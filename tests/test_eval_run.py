@@ -238,3 +238,8 @@ def test_real_engine_on_the_bundled_samples(tmp_path):
         rows = [json.loads(line) for line in open(f"{result['output_dir']}/{ds}.jsonl")]
         assert len(rows) == 2 and all(isinstance(r["output"], str) for r in rows)
         assert rows[0]["prompt"].startswith("<bos><start_of_turn>user\n")
+
+
+def test_limit_past_the_end(tmp_path):
+    with pytest.raises(UserError, match=r"leaves no arc items \(it has 10\)"):
+        run_evaluation(_args(tmp_path, "--eval_dataset", "arc", "--eval_limit", "[50:60]"), log=lambda *_: None)

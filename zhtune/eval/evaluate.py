@@ -80,11 +80,11 @@ def resolve(args) -> dict:
 
 
 def load_task(bench: Benchmark, args, limit: slice | None, log=print) -> Task:
-    items = bench.load(args.eval_data_dir)
-    positions = list(range(len(items)))[limit] if limit else list(range(len(items)))
-    items = [items[i] for i in positions]
+    everything = bench.load(args.eval_data_dir)
+    positions = list(range(len(everything)))[limit] if limit else list(range(len(everything)))
+    items = [everything[i] for i in positions]
     if not items:
-        raise UserError(f"--eval_limit {args.eval_limit} leaves no {bench.name} items (it has {len(positions)}).")
+        raise UserError(f"--eval_limit {args.eval_limit} leaves no {bench.name} items (it has {len(everything)}).")
     pool = bench.load(args.eval_data_dir, few_shot=True) if args.eval_few_shot > 0 else []
     if args.eval_few_shot > 0 and not pool and bench.name != "self-cognition":
         raise UserError(f"--eval_few_shot {args.eval_few_shot}: no {bench.name} few-shot split found. "
