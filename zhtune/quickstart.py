@@ -44,7 +44,7 @@ def ask_probes(engine, settings) -> list[tuple[str, str]]:
 
 def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_tokens: int = 48) -> Path:
     from zhtune.eval.evaluate import run_evaluation
-    from zhtune.eval.samples import bundled_samples_dir
+    from zhtune.eval import bundled_samples_dir
     from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
 
     out_dir.mkdir(parents=True, exist_ok=True)
