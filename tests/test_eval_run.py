@@ -230,8 +230,14 @@ def test_dry_run_before_after_and_limit(capsys):
 
 def test_real_engine_on_the_bundled_samples(tmp_path):
     """The real path: the embedded Gemma 3 270M through zhtune.infer.engine, 2 items per benchmark."""
-    result = run_evaluation(_args(tmp_path, "--model_type", "gemma3-270m", "--eval_limit", "2",
-                                  "--max_new_tokens", "4", "--infer_backend", "pt"), log=lambda *_: None)
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy small CPU box, one thread is ~10x faster than contended threads
+    try:
+        result = run_evaluation(_args(tmp_path, "--model_type", "gemma3-270m", "--eval_limit", "2",
+                                      "--max_new_tokens", "4", "--infer_backend", "pt"), log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
     scores = result["scores"]["gemma3-270m"]
     assert list(scores) == ["arc", "ceval", "gsm8k", "mmlu"] and all(0.0 <= s <= 1.0 for s in scores.values())
     for ds in scores:
