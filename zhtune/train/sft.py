@@ -7,6 +7,7 @@
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -133,6 +134,9 @@ def _wrap_model(args, resolved, model, log):
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(args, targets, to_save))
+    # PEFT would also write the whole base embedding matrix beside the LoRA weights of an embedding
+    # target (a guard for resized vocabularies, which zhtune never does): 670 MB a checkpoint here.
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"[zhtune] LoRA on {targets}; fully trained: {to_save or 'none'}; "
