@@ -29,7 +29,7 @@ print(f"random Gemma-2-9B written in {time.time() - t:.0f}s", flush=True)
 PY
 fi
 export MASTER_PORT=29500 NPROC_PER_NODE=$ngpu CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1)))
-zhtune sft \
+python3 -m zhtune sft \
     --model_id_or_path $model --model_type gemma2-9b-instruct \
     --dataset $carry/data/alpaca_zh_demo.json#2000 self-cognition#500 \
     --lora_target_modules EMBEDDING ALL lm_head \
