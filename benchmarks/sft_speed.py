@@ -19,13 +19,15 @@ samples of 1024..8192 tokens (log-uniform, half trained), random token ids. They
 their samples one by one (the seed's batch_size 1; --baseline_batch_size pads several), the fast path
 on the packed rows. Tokens/s counts real tokens only (never padding).
 
-Variants (each adds one lever to the one before, and is timed after a warm-up step):
+Variants (each adds one lever, and is timed after a warm-up step; results in benchmarks/RESULTS.md):
     baseline        eager attention, per-sample batches, full logits, transformers' loss, all layers checkpointed
     packed_full     packing + flex_attention (softcap score_mod, document masks), full logits + transformers' loss
     chunked         + chunked softcapped loss (no full logits; lm_head only on trained tokens)
     chunked_nocast  + PEFT's LoRA inputs left in bf16 (no fp32 copy; bf16 autocast does the matmul either way)
-    ckpt_auto       + only as many layers checkpointed as --mem_budget_gib needs (measured, not guessed)
-    compiled        + torch.compile of each decoder layer (regional)
+    mem_lean        chunked_nocast with loss chunks of 256 tokens instead of 1024 (less memory for the logits)
+    ckpt_auto       chunked_nocast + only as many layers checkpointed as --mem_budget_gib needs (measured)
+    compiled_all    chunked_nocast + torch.compile of each decoder layer (regional), every layer checkpointed
+    compiled        compiled_all + only as many layers checkpointed as --mem_budget_gib needs (planned compiled)
 All run under bf16 autocast, as transformers' Trainer does with bf16=True. The optimizer step (AdamW
 on ~32M LoRA parameters, a few ms) is outside the timed region for every variant alike.
 
@@ -66,7 +68,7 @@ GEMMA2_9B = dict(  # google/gemma-2-9b config.json
 SMOKE = dict(GEMMA2_9B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32, query_pre_attn_scalar=16)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
-VARIANTS = ["baseline", "packed_full", "chunked", "chunked_nocast", "ckpt_auto", "compiled"]
+VARIANTS = ["baseline", "packed_full", "chunked", "chunked_nocast", "mem_lean", "ckpt_auto", "compiled_all", "compiled"]
 H100_BF16_PEAK = 989e12
 LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
 
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
         (lambda: torch.autocast("cpu", enabled=False))
     variants = [v for v in args.variants.split(",") if v]
     if args.smoke and args.variants == ",".join(VARIANTS):
-        variants.remove("compiled")  # inductor's CPU compile takes minutes, not seconds
+        variants = [v for v in variants if not v.startswith("compiled")]  # inductor on a CPU: minutes
     timer = Timer(device)
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(local) if cuda else "cpu",
                "world_size": world, "versions": _versions(), "args": vars(args), "variants": {}}
@@ -371,30 +373,31 @@ def run_variant(name, train_model, model, fast, fast_batches, base_batches, devi
         secs, peak = run_steps(train_model, packed_full_step, fast_batches[:1] + fast_batches * repeat, device,
                                autocast, timer)
         return {"seconds": secs, "peak_gib": peak, "passes": repeat}
-    step = make_chunked_step(fast)
+    step = make_chunked_step(fast if name != "mem_lean" else FastPath(chunk_size=256, softcap=fast.softcap))
     if name == "chunked":
         set_lora_input_casting(model, True)
-    elif name in ("chunked_nocast", "ckpt_auto", "compiled"):
+    elif name in ("chunked_nocast", "mem_lean", "ckpt_auto", "compiled_all", "compiled"):
         set_lora_input_casting(model, False)
     note = ""
-    if name in ("ckpt_auto", "compiled"):
-        note = auto_checkpointing(train_model, model, step, fast_batches[0], device, autocast, timer,
-                                  args.mem_budget_gib, say)
-    if name == "compiled":
+    compiled = name in ("compiled_all", "compiled")
+    if compiled:
         compile_decoder_layers(model, "layer")
         start = time.perf_counter()
         try:
             run_steps(train_model, step, fast_batches[:2], device, autocast, timer, warmup=2)
-            note += f"; compile warm-up {time.perf_counter() - start:.0f}s"
         except Exception:
             _uncompile(model)
             raise
+        note = f"compile warm-up {time.perf_counter() - start:.0f}s; "
     try:
+        if name in ("ckpt_auto", "compiled"):
+            note += auto_checkpointing(train_model, model, step, fast_batches[0], device, autocast, timer,
+                                       args.mem_budget_gib, say)
         secs, peak = run_steps(train_model, step, fast_batches[:1] + fast_batches * repeat, device, autocast, timer)
     finally:
-        if name == "compiled":
+        if compiled:
             _uncompile(model)
-    set_checkpointed_layers(model, len(model.get_base_model().model.layers))
+        set_checkpointed_layers(model, len(model.get_base_model().model.layers))
     return {"seconds": secs, "peak_gib": peak, "passes": repeat, "note": note.strip("; ")}
 
 

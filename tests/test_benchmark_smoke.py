@@ -18,7 +18,7 @@ def test_sft_speed_smoke(tmp_path, capsys):
     assert agreement["loss_abs_diff"] <= 1e-4
     assert agreement["grad_cosine"] > 0.9999 and agreement["grad_cosine_lora"] > 0.9999
     variants = results["variants"]
-    assert set(variants) == {"baseline", "packed_full", "chunked", "chunked_nocast", "ckpt_auto"}
+    assert set(variants) == {"baseline", "packed_full", "chunked", "chunked_nocast", "mem_lean", "ckpt_auto"}
     for name, r in variants.items():
         assert r.get("tokens_per_s", 0) > 0, (name, r)
     printed = capsys.readouterr().out

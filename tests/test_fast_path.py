@@ -249,3 +249,23 @@ def test_decide_logs_one_line_and_falls_back():
     enabled, reason = fast.decide(llama, "cuda", A())
     assert not enabled and "llama" in reason
     assert len(lines) == 6
+
+
+def test_prepare_model_and_data_levers():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    model = tiny_model("gemma2").to(torch.bfloat16)
+    fast = FastPath(log=lambda _: None)
+    fast.decide(model.get_base_model().config, "cpu", _Args())
+    assert fast.prepare_model(model) == ["bf16 LoRA inputs"]  # no torch.compile on a CPU by default
+    lora_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)
+    fast.restore_model(model)
+    assert all(m.cast_input_dtype_enabled for m in lora_layers)
+    items = samples([20, 11])
+    assert fast.prepare_data(items, _Args())[1](pack_encoded(items, 64))["input_ids"].shape == (1, 128)
+    fast.compile = True  # one fixed shape for torch.compile: every row padded to --max_length
+    _Args.max_length = 256
+    try:
+        assert fast.prepare_data(items, _Args())[1](pack_encoded(items, 256))["input_ids"].shape == (1, 256)
+    finally:
+        _Args.max_length = 64
