@@ -143,14 +143,16 @@ def load_tokenizer(path: Path):
 
 
 def load_model_and_tokenizer(resolved: ResolvedModel, dtype: str = "AUTO", use_flash_attn: bool | None = None,
-                             device: str | None = None, revision: str | None = None, log=print):
-    """(model, tokenizer) on `device`, in eval mode."""
+                             device: str | None = None, revision: str | None = None, log=print,
+                             attn_implementation: str | None = None):
+    """(model, tokenizer) on `device`, in eval mode. `attn_implementation` overrides the choice of
+    `pick_attention` (the training fast path asks for flex_attention)."""
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     path = model_dir(resolved, revision)
     torch_dtype = pick_dtype(dtype, device)
-    attn = pick_attention(resolved.info, use_flash_attn, device)
+    attn = attn_implementation or pick_attention(resolved.info, use_flash_attn, device)
     log(f"[zhtune] loading {resolved.model_type} from {path} ({str(torch_dtype).replace('torch.', '')}, "
         f"attention={attn}, device={device})")
     tokenizer = load_tokenizer(path)

@@ -88,7 +88,8 @@ def train(args, resolved, run_dir: Path) -> int:
                           val_entries=args.val_dataset, model_name=args.model_name, model_author=args.model_author)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(resolved, args.dtype, args.use_flash_attn, device=device,
-                                                revision=args.model_revision, log=log)
+                                                revision=args.model_revision, log=log,
+                                                attn_implementation=_fast_path_attention(args, resolved, device))
     template = get_template(resolved.template, tokenizer)
     if args.system:
         split.train, split.val = _with_system(split.train, args.system), _with_system(split.val, args.system)
@@ -118,6 +119,8 @@ def train(args, resolved, run_dir: Path) -> int:
     plot_curves(run_dir)
     best = trainer.state.best_model_checkpoint or str(run_dir / last)
     if _trains_self_cognition(args) and args.identity_probe:
+        if fast_path is not None:
+            fast_path.restore_model(trainer.model)
         _identity_probe(args, trainer.model, tokenizer, resolved, run_dir / last)
     print(f"[zhtune] best checkpoint: {best}, last checkpoint: {run_dir / last}", flush=True)
     return 0
@@ -144,14 +147,25 @@ def _wrap_model(args, resolved, model, log):
     return model
 
 
+def _fast_path_attention(args, resolved, device: str) -> str | None:
+    """On a GPU the fast path runs on flex_attention (document masks, Gemma 2's softcap): load with it."""
+    if args.fast_path is False:
+        return None
+    from types import SimpleNamespace
+
+    from zhtune.train.fast_path import attn_implementation
+    return attn_implementation(SimpleNamespace(model_type=resolved.info.architecture), device)
+
+
 def _pick_training_path(args, model, device, log):
     """The GPU fast path where it is supported, else the exact plain path; one log line says which."""
-    try:
-        from zhtune.train.fast_path import FastPath
-    except ImportError:
-        log("[zhtune] training path: exact plain path (fast path not available in this build)")
-        return None
-    return FastPath.create(model, device, args, log=log)
+    from zhtune.train.fast_path import FastPath
+    fast_path = FastPath.create(model, device, args, log=log)
+    if fast_path is not None:
+        levers = fast_path.prepare_model(model)
+        if levers:
+            log(f"[zhtune] fast path levers: {', '.join(levers)}")
+    return fast_path
 
 
 def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device):

@@ -28,7 +28,13 @@ class ZhTrainer(Trainer):
             self.tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum()) if "attention_mask" not in inputs \
                 else int(inputs["attention_mask"].sum())
         if self.fast_path is not None and model.training and not return_outputs:
-            return self.fast_path.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss = self.fast_path.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every rank's tokens; DDP averages the gradients over ranks
+                loss = loss * self.accelerator.num_processes
+            return loss
+        if "position_ids" in inputs and "attention_mask" not in inputs:
+            inputs = {**inputs, "use_cache": False}  # packed rows: transformers reads documents from position_ids
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
