@@ -3,17 +3,22 @@
 # (no hub, no weights needed). Run on the GPU machine from the repo root:
 #   NGPU=4 bash scripts/gpu_seed_sft.sh CARRY_DIR OUT_DIR
 # CARRY_DIR holds tokenizer.json.gz + tokenizer_config.json (the Gemma tokenizer) and data/alpaca_zh_demo.json.
+# No Gemma 2 tokenizer is reachable offline, so the carried one is the embedded Gemma 3's (262,144 ids,
+# the same chat-template tokens); the random model's vocab_size is raised to it (+2.4% embedding rows).
 set -euo pipefail
 carry=$1; out=$2; ngpu=${NGPU:-4}
 model=/tmp/gemma2-9b-random
 if [ ! -f $model/config.json ]; then
 python3 - "$model" "$carry" <<'PY'
-import gzip, shutil, sys, time, torch
+import gzip, json, shutil, sys, time, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM, Gemma2Config
 out, carry = Path(sys.argv[1]), Path(sys.argv[2])
+with gzip.open(carry / "tokenizer.json.gz", "rt", encoding="utf-8") as f:
+    tok = json.load(f)
+vocab = max(256000, len(tok["model"]["vocab"]), 1 + max(t["id"] for t in tok["added_tokens"]))
 # google/gemma-2-9b-it's config.json
-config = Gemma2Config(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+config = Gemma2Config(vocab_size=vocab, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=4096,
                       query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                       max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",

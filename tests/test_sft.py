@@ -59,6 +59,23 @@ def test_closing_line_names_best_and_last(tiny_models, tmp_path, capsys):
     assert last_line.endswith("checkpoint-2")
 
 
+def test_fast_path_under_bf16_mixed_precision(tiny_models, tmp_path, capsys):
+    """What runs on a GPU: a bf16 model, fp32 LoRA weights, Trainer's bf16 autocast around the forward
+    only, the fast path's chunked loss calling the lm_head outside it (and bf16 LoRA inputs)."""
+    from conftest import write_chat_jsonl
+    data = write_chat_jsonl(tmp_path / "d.jsonl", 12)
+    assert main(["sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset", str(data),
+                 "--lora_target_modules", "EMBEDDING", "ALL", "lm_head", "--lora_modules_to_save", "LN",
+                 "--dtype", "bf16", "--fast_path", "true", "--max_steps", "2", "--eval_steps", "2",
+                 "--output_dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "[zhtune] training path: fast" in out and "bf16 LoRA inputs" in out
+    run = next((tmp_path / "out").glob("*/v*"))
+    losses = [r["loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses and all(0 < x < 20 for x in losses)
+    assert (run / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
 def test_resume_after_sigkill_matches_uninterrupted(trained_run, tmp_path):
     """Kill a run right after its first checkpoint; resuming finishes with the same final loss."""
     argv = trained_run["argv"]

@@ -15,6 +15,7 @@ each LoRA input under bf16 autocast). `set_checkpointed_layers` checkpoints only
 layers as memory needs (all of them fit Gemma-2-9B at 8192 tokens in 24 GiB).
 """
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -162,7 +163,9 @@ class FastPath:
         finally:
             hook.remove()
         softcap = getattr(base.config, "final_logit_softcapping", None)
-        loss_sum, n_tokens = chunked_causal_lm_loss(captured["hidden"], head, labels, softcap, self.chunk_size)
+        hidden = captured["hidden"]
+        with _head_autocast(hidden):
+            loss_sum, n_tokens = chunked_causal_lm_loss(hidden, head, labels, softcap, self.chunk_size)
         denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
         if torch.is_tensor(denominator):
             denominator = denominator.to(loss_sum.device)
@@ -225,6 +228,18 @@ def _base_model(model):
     if hasattr(model, "get_base_model"):  # PEFT
         model = model.get_base_model()
     return model
+
+
+def _head_autocast(hidden: torch.Tensor):
+    """The autocast the lm_head would have run under inside the model's forward.
+
+    Trainer (through accelerate) puts bf16/fp16 autocast around the model's forward only; the chunked
+    loss calls the lm_head outside it. A half-precision hidden state means mixed precision: run the head
+    (and its fp32 LoRA, whose inputs stay bf16 under `bf16_lora_inputs`) under the same autocast."""
+    kind = hidden.device.type
+    if hidden.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, dtype=hidden.dtype)
 
 
 def _round_up(n: int, multiple: int) -> int:
