@@ -28,6 +28,7 @@ Variants (each adds one lever, and is timed after a warm-up step; results in ben
     ckpt_auto       chunked_nocast + only as many layers checkpointed as --mem_budget_gib needs (measured)
     compiled_all    chunked_nocast + torch.compile of each decoder layer (regional), every layer checkpointed
     compiled        compiled_all + only as many layers checkpointed as --mem_budget_gib needs (planned compiled)
+    compiled_nockpt compiled_all with no layer checkpointed (no recomputation; needs ~90 GiB: an H200, not an H100)
 All run under bf16 autocast, as transformers' Trainer does with bf16=True. The optimizer step (AdamW
 on ~32M LoRA parameters, a few ms) is outside the timed region for every variant alike.
 
@@ -68,7 +69,8 @@ GEMMA2_9B = dict(  # google/gemma-2-9b config.json
 SMOKE = dict(GEMMA2_9B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32, query_pre_attn_scalar=16)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
-VARIANTS = ["baseline", "packed_full", "chunked", "chunked_nocast", "mem_lean", "ckpt_auto", "compiled_all", "compiled"]
+VARIANTS = ["baseline", "packed_full", "chunked", "chunked_nocast", "mem_lean", "ckpt_auto", "compiled_all", "compiled",
+            "compiled_nockpt"]
 H100_BF16_PEAK = 989e12
 LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
 
@@ -376,10 +378,10 @@ def run_variant(name, train_model, model, fast, fast_batches, base_batches, devi
     step = make_chunked_step(fast if name != "mem_lean" else FastPath(chunk_size=256, softcap=fast.softcap))
     if name == "chunked":
         set_lora_input_casting(model, True)
-    elif name in ("chunked_nocast", "mem_lean", "ckpt_auto", "compiled_all", "compiled"):
+    elif name in ("chunked_nocast", "mem_lean", "ckpt_auto", "compiled_all", "compiled", "compiled_nockpt"):
         set_lora_input_casting(model, False)
     note = ""
-    compiled = name in ("compiled_all", "compiled")
+    compiled = name in ("compiled_all", "compiled", "compiled_nockpt")
     if compiled:
         compile_decoder_layers(model, "layer")
         start = time.perf_counter()
@@ -393,6 +395,9 @@ def run_variant(name, train_model, model, fast, fast_batches, base_batches, devi
         if name in ("ckpt_auto", "compiled"):
             note += auto_checkpointing(train_model, model, step, fast_batches[0], device, autocast, timer,
                                        args.mem_budget_gib, say)
+        if name == "compiled_nockpt":
+            set_checkpointed_layers(model, 0)
+            note += f"0/{len(model.get_base_model().model.layers)} layers checkpointed"
         secs, peak = run_steps(train_model, step, fast_batches[:1] + fast_batches * repeat, device, autocast, timer)
     finally:
         if compiled:
