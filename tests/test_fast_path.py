@@ -16,10 +16,10 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 
 
-def tiny_model(arch: str, attn: str = "eager", lora: bool = True, seed: int = 0):
+def tiny_model(arch: str, attn: str = "eager", lora: bool = True, seed: int = 0, layers: int = 2):
     from transformers import Gemma2Config, Gemma3TextConfig, Qwen2Config, AutoModelForCausalLM
     if arch == "gemma2":  # Gemma-2-9B's settings, shrunk: both softcaps, sliding window shorter than a sample
-        cfg = Gemma2Config(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+        cfg = Gemma2Config(**{**TINY, "num_hidden_layers": layers}, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True)
     elif arch == "gemma3_text":
         cfg = Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
@@ -269,3 +269,54 @@ def test_prepare_model_and_data_levers():
         assert fast.prepare_data(items, _Args())[1](pack_encoded(items, 256))["input_ids"].shape == (1, 256)
     finally:
         _Args.max_length = 64
+
+
+def test_checkpoint_planner_leaves_out_what_memory_allows():
+    from zhtune.train.memory_plan import CheckpointPlanner, plan_checkpointed_layers
+    gib = 2**30
+    # Gemma-2-9B on one H200 (RESULTS.md): 23.5 GiB with all 42 checkpointed, +1.57 GiB per layer left out
+    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 72.0) == 12
+    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 200.0) == 0
+    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 20.0) == 42  # no room: keep every layer
+
+    class Memory:  # what torch.cuda reports, for a 4-layer model: 10 GiB with all checkpointed, +1 per layer
+        def __init__(self):
+            self.resets = 0
+
+        def peak(self):
+            layers = decoder_layers(model)
+            return (10 + sum(not layer.gradient_checkpointing for layer in layers)) * gib
+
+        def reset_peak(self):
+            self.resets += 1
+
+        def total(self):
+            return 15 * gib  # budget 80%: 12 GiB -> 2 layers may go un-checkpointed
+
+    from zhtune.train.fast_path import decoder_layers
+    model = tiny_model("gemma2", layers=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lines, memory = [], Memory()
+    planner = CheckpointPlanner(model, probe=2, log=lines.append, memory=memory)
+    state = type("State", (), {"global_step": 1})()
+    planner.on_step_begin(None, state, None)
+    planner.on_step_end(None, state, None)  # step 1: measured with all 4, then 2 fewer
+    assert sum(layer.gradient_checkpointing for layer in decoder_layers(model)) == 2 and not lines
+    state.global_step = 2
+    planner.on_step_begin(None, state, None)
+    assert memory.resets == 1
+    planner.on_step_end(None, state, None)
+    assert sum(layer.gradient_checkpointing for layer in decoder_layers(model)) == 2
+    assert len(lines) == 1 and "2 of 4 decoder layers checkpointed from step 3" in lines[0]
+    planner.on_step_end(None, state, None)  # later steps change nothing
+    assert len(lines) == 1
+
+
+def test_token_counts_leave_out_padding():
+    from zhtune.train.packing import count_tokens
+    items = samples([20, 11], prompt_share=0.5)
+    packed = PackedCollator(pad_id=0, pad_to_multiple_of=128)(pack_encoded(items, 64))
+    assert packed["input_ids"].shape == (1, 128)
+    assert count_tokens(packed, pad_id=0) == (31, n_targets(items))
+    padded = PaddedCollator()([{"input_ids": e.input_ids, "labels": e.labels} for e in items])
+    assert count_tokens(padded, pad_id=0) == (31, n_targets(items))

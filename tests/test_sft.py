@@ -37,6 +37,7 @@ def test_run_layout_and_loss_falls(trained_run):
     assert len(losses) >= 5 and losses[-1] < losses[0]
     assert any("eval_loss" in r and "eval_token_acc" in r for r in rows)
     assert all("tokens_per_s" in r and "memory_gib" in r for r in rows if "loss" in r)
+    assert all(0 < r["trained_tokens_per_s"] <= r["tokens_per_s"] for r in rows if "loss" in r)
     assert (run_dir / "images" / "train_loss.png").stat().st_size > 10_000
     assert list((run_dir / "runs").rglob("events.out.tfevents*")), "tensorboard logs"
     for step in (3, 6):

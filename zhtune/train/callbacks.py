@@ -18,7 +18,9 @@ def memory_gib() -> float:
 
 
 class JsonlLogger(TrainerCallback):
-    """Appends every log event (train and eval) to <run_dir>/logging.jsonl, on the main process."""
+    """Appends every log event (train and eval) to <run_dir>/logging.jsonl, on the main process.
+    tokens_per_s and trained_tokens_per_s are this process's (per GPU): real tokens (padding never
+    counts) and those of them with a label, since the last log line."""
 
     def __init__(self, run_dir: Path, trainer_ref):
         self.path = Path(run_dir) / "logging.jsonl"
@@ -27,15 +29,20 @@ class JsonlLogger(TrainerCallback):
         self.last_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last_time, self.last_tokens = time.time(), self.trainer_ref.tokens_seen
+        self.last_time, self.last_tokens = time.time(), self._counts()
+
+    def _counts(self) -> tuple[int, int]:
+        return self.trainer_ref.tokens_seen, self.trainer_ref.trained_tokens_seen
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         if "loss" in logs:
-            now, tokens = time.time(), self.trainer_ref.tokens_seen
-            row["tokens_per_s"] = round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1)
+            now, tokens = time.time(), self._counts()
+            seconds = max(now - self.last_time, 1e-9)
+            row["tokens_per_s"] = round((tokens[0] - self.last_tokens[0]) / seconds, 1)
+            row["trained_tokens_per_s"] = round((tokens[1] - self.last_tokens[1]) / seconds, 1)
             row["memory_gib"] = round(memory_gib(), 3)
             self.last_time, self.last_tokens = now, tokens
         with open(self.path, "a", encoding="utf-8") as f:

@@ -114,6 +114,21 @@ class PackedCollator:
                 "position_ids": torch.tensor([position_ids], dtype=torch.long)}
 
 
+def count_tokens(inputs: dict, pad_id: int) -> tuple[int, int]:
+    """(real tokens, trained tokens) of a collated batch: padding never counts. A packed row's padding is
+    its last segment (position_ids restart at 0) when every token of it is pad_id and untrained."""
+    labels = inputs["labels"]
+    trained = int((labels[..., 1:] != IGNORE_INDEX).sum())
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum()), trained
+    ids, positions = inputs["input_ids"].reshape(-1), inputs["position_ids"].reshape(-1)
+    starts = (positions == 0).nonzero()
+    last = int(starts[-1]) if len(starts) else 0
+    if last > 0 and bool((ids[last:] == pad_id).all()) and bool((labels.reshape(-1)[last:] == IGNORE_INDEX).all()):
+        return last, trained
+    return int(ids.numel()), trained
+
+
 class PaddedCollator:
     """Samples -> a right-padded batch [B, T]: input_ids, attention_mask (1 on real tokens), labels
     (unshifted, -100 on padding). The exact plain path's batches: one sample per row, so no sample

@@ -205,6 +205,9 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
                         data_collator=collator, compute_metrics=token_accuracy,
                         preprocess_logits_for_metrics=argmax_logits, sft_args=sft_args, fast_path=fast_path)
     trainer.add_callback(JsonlLogger(run_dir, trainer))
+    if fast_path is not None and args.gradient_checkpointing and device.startswith("cuda"):
+        from zhtune.train.memory_plan import CheckpointPlanner
+        trainer.add_callback(CheckpointPlanner(model, log=print if launch.is_main_process() else (lambda *a: None)))
     return trainer
 
 

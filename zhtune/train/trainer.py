@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer
 
 from zhtune.templates import IGNORE_INDEX
+from zhtune.train.packing import count_tokens
 
 STAGING = ".tmp-checkpoint"
 
@@ -19,14 +20,16 @@ class ZhTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.sft_args = sft_args
         self.fast_path = fast_path
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # this process's real (non-padding) tokens; trained: those with a label
+        self.trained_tokens_seen = 0
         self._staging = False
 
     # -- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            self.tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum()) if "attention_mask" not in inputs \
-                else int(inputs["attention_mask"].sum())
+            real, trained = count_tokens(inputs, getattr(self.data_collator, "pad_id", -1))
+            self.tokens_seen += real
+            self.trained_tokens_seen += trained
         if self.fast_path is not None and model.training and not return_outputs:
             loss = self.fast_path.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
