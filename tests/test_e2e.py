@@ -21,7 +21,10 @@ def test_quickstart_path_on_the_embedded_model(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     base, tuned = list(summary["scores"])
     assert base == "gemma3-270m" and tuned.endswith("checkpoint-3")
-    assert set(summary["scores"][tuned]) == {"arc", "ceval", "gsm8k", "mmlu", "self-cognition"}
+    assert set(summary["scores"][tuned]) == {"arc", "ceval", "gsm8k", "mmlu"}
+    assert summary["identity"]["total"] == 40 and summary["identity"]["before"] == 0.0  # the base never says it
+    assert "| before (base) | 0/40 |" in text
+    assert len(json.loads((tmp_path / "identity_before.json").read_text())["items"]) == 40
     run_dir = next((tmp_path / "output" / "gemma3-270m").glob("v0-*"))
     assert (run_dir / "images" / "train_loss.png").is_file()
     assert (run_dir / "checkpoint-3-merged" / "model.safetensors").is_file()
@@ -29,4 +32,4 @@ def test_quickstart_path_on_the_embedded_model(tmp_path):
     assert probe["total"] == 40
     outputs = next((tmp_path / "eval_outputs" / "quickstart").iterdir())
     rows = [json.loads(l) for l in (outputs / "eval_result.jsonl").read_text().splitlines()]
-    assert len(rows) == 10  # 2 models x 5 datasets
+    assert len(rows) == 8  # 2 models x 4 datasets

@@ -47,19 +47,25 @@ def ask_probes(engine, settings) -> list[tuple[str, str]]:
 def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_tokens: int = 48) -> Path:
     from zhtune.eval.evaluate import run_evaluation
     from zhtune.eval import bundled_samples_dir
+    from zhtune.eval.self_cognition import score_identity
     from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1)
     print("[quickstart] 1/4 the base model answers the probes", flush=True)
-    before = ask_probes(load_engine(ModelSpec(model_type="gemma3-270m")), settings)
+    base = load_engine(ModelSpec(model_type="gemma3-270m"))
+    before = ask_probes(base, settings)
+    identity_before = score_identity(base, NAME, AUTHOR, settings, batch_size=20)
+    _write_json(out_dir / "identity_before.json", identity_before)
+    del base
 
     print("[quickstart] 2/4 fine-tuning (LoRA on embedding, all linear layers and lm_head; norms trained)", flush=True)
     if zhtune(["sft", *SFT_RECIPE, "--output_dir", str(out_dir / "output"), *sft_extra]) != 0:
         raise SystemExit("[quickstart] zhtune sft failed")
     run_dir = sorted((out_dir / "output" / "gemma3-270m").glob("v*-*"))[-1]
     ckpt = sorted(run_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    identity_after = json.loads((run_dir / "identity_probe.json").read_text(encoding="utf-8"))  # sft's own probe
 
     print("[quickstart] 3/4 the merged checkpoint answers the probes", flush=True)
     after = ask_probes(load_engine(ModelSpec(ckpt_dir=str(ckpt), merge_lora=True)), settings)
@@ -67,17 +73,18 @@ def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_
     print("[quickstart] 4/4 evaluation before and after", flush=True)
     from zhtune.args import EvalArguments
     eval_args = EvalArguments(model_type="gemma3-270m", ckpt_dir=[str(ckpt)], merge_lora=True,
-                              eval_dataset=["arc", "ceval", "gsm8k", "mmlu", "self-cognition"],
+                              eval_dataset=["arc", "ceval", "gsm8k", "mmlu"],
                               eval_limit=str(eval_limit), eval_data_dir=str(bundled_samples_dir()),
                               eval_output_dir=str(out_dir / "eval_outputs"), name="quickstart",
                               model_name=NAME, model_author=AUTHOR, max_new_tokens=max_new_tokens)
     evaluation = run_evaluation(eval_args)
-    report = write_report(out_dir, run_dir, ckpt, before, after, evaluation, time.time() - started)
+    report = write_report(out_dir, run_dir, ckpt, before, after, evaluation, (identity_before, identity_after),
+                          time.time() - started)
     print(f"[quickstart] report: {report}", flush=True)
     return report
 
 
-def write_report(out_dir, run_dir, ckpt, before, after, evaluation, seconds) -> Path:
+def write_report(out_dir, run_dir, ckpt, before, after, evaluation, identity, seconds) -> Path:
     scores = evaluation["scores"]
     models = list(scores)
     datasets = list(next(iter(scores.values())))
@@ -94,19 +101,31 @@ def write_report(out_dir, run_dir, ckpt, before, after, evaluation, seconds) -> 
         values = [scores[m].get(d) for m in models]
         change = values[-1] - values[0] if None not in values else None
         lines.append(f"| {d} | " + " | ".join(_num(v) for v in values) + f" | {_num(change, sign=True)} |")
-    identity = {m: scores[m].get("self-cognition") for m in models}
     lines += ["", "## Identity", "",
-              f"Held-out identity questions answered with both {'/'.join(NAME)} and {'/'.join(AUTHOR)} "
-              f"(in the question's language): before {_pct(identity[models[0]])}, after {_pct(identity[models[-1]])}.",
+              f"The {identity[1]['total']} held-out identity questions (never in the training rows), answered "
+              f"with both {'/'.join(NAME)} and {'/'.join(AUTHOR)} in the question's language:", "",
+              "| | correct | score | zh | en |", "|---|---:|---:|---:|---:|"]
+    for label, result in zip(("before (base)", "after (trained)"), identity):
+        tags = result["by_tag"]
+        lines.append(f"| {label} | {result['correct']}/{result['total']} | {_pct(result['score'])} | "
+                     f"{_pct(tags.get('zh'))} | {_pct(tags.get('en'))} |")
+    lines += ["", "Every answer: `identity_before.json` here, `identity_probe.json` in the run folder.",
               "", "## Training loss", "", "![train loss](" + os.path.relpath(run_dir / "images" / "train_loss.png", out_dir) + ")",
               "", f"Per-item evaluation outputs: `{evaluation['output_dir']}`.", ""]
     report = out_dir / "report.md"
     tmp = report.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     os.replace(tmp, report)
-    (out_dir / "summary.json").write_text(json.dumps({"scores": scores, "seconds": round(seconds, 1),
-                                                      "checkpoint": str(ckpt)}, ensure_ascii=False, indent=2))
+    _write_json(out_dir / "summary.json", {"scores": scores, "seconds": round(seconds, 1), "checkpoint": str(ckpt),
+                                           "identity": {"before": identity[0]["score"], "after": identity[1]["score"],
+                                                        "total": identity[1]["total"]}})
     return report
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _cell(text: str) -> str:
