@@ -137,7 +137,7 @@ def _num(v, sign=False) -> str:
 
 
 def _pct(v) -> str:
-    return "n/a" if v is None else f"{v:.0%}"
+    return "n/a" if v is None else f"{v:.1%}".replace(".0%", "%")
 
 
 def main() -> int:
