@@ -106,7 +106,11 @@ def test_resume_after_sigkill_matches_uninterrupted(trained_run, tmp_path):
 def test_two_processes_through_nproc_per_node(tiny_models, tmp_path):
     from conftest import write_chat_jsonl
     data = write_chat_jsonl(tmp_path / "d.jsonl", 12)
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": "29561", "OMP_NUM_THREADS": "1"}
+    import socket
+    with socket.socket() as sock:  # a free port: another run of the suite may hold a fixed one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "zhtune", "sft", "--model_id_or_path", str(tiny_models["gemma2"]),
                              "--dataset", str(data), "--max_steps", "2", "--eval_steps", "2", "--output_dir",
                              str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from zhtune.cli import main as zhtune
+from zhtune.files import write_json_atomic, write_text_atomic
 
 PROBES = ["你是谁？", "what's your name?", "你是谁研发的？"]
 MULTI_TURN = ["浙江的省会在哪？", "这有什么好吃的？"]
@@ -57,7 +58,7 @@ def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_
     base = load_engine(ModelSpec(model_type="gemma3-270m"))
     before = ask_probes(base, settings)
     identity_before = score_identity(base, NAME, AUTHOR, settings, batch_size=20)
-    _write_json(out_dir / "identity_before.json", identity_before)
+    write_json_atomic(out_dir / "identity_before.json", identity_before)
     del base
 
     print("[quickstart] 2/4 fine-tuning (LoRA on embedding, all linear layers and lm_head; norms trained)", flush=True)
@@ -113,19 +114,11 @@ def write_report(out_dir, run_dir, ckpt, before, after, evaluation, identity, se
               "", "## Training loss", "", "![train loss](" + os.path.relpath(run_dir / "images" / "train_loss.png", out_dir) + ")",
               "", f"Per-item evaluation outputs: `{evaluation['output_dir']}`.", ""]
     report = out_dir / "report.md"
-    tmp = report.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, report)
-    _write_json(out_dir / "summary.json", {"scores": scores, "seconds": round(seconds, 1), "checkpoint": str(ckpt),
+    write_text_atomic(report, "\n".join(lines))
+    write_json_atomic(out_dir / "summary.json", {"scores": scores, "seconds": round(seconds, 1), "checkpoint": str(ckpt),
                                            "identity": {"before": identity[0]["score"], "after": identity[1]["score"],
                                                         "total": identity[1]["total"]}})
     return report
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _cell(text: str) -> str:

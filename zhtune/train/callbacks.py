@@ -31,8 +31,8 @@ class JsonlLogger(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time, self.last_tokens = time.time(), self._counts()
 
-    def _counts(self) -> tuple[int, int]:
-        return self.trainer_ref.tokens_seen, self.trainer_ref.trained_tokens_seen
+    def _counts(self) -> tuple[int, int]:  # the trainer keeps them as device tensors: one sync per log line
+        return int(self.trainer_ref.tokens_seen), int(self.trainer_ref.trained_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

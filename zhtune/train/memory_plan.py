@@ -33,7 +33,7 @@ class CheckpointPlanner(TrainerCallback):
         self.chosen = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.steps_seen == 1 and self.chosen is None and self.peak_all is not None:
+        if self.steps_seen == 1 and self.chosen is None:  # the probe step: its own peak
             self.memory.reset_peak()
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -114,19 +114,21 @@ class PackedCollator:
                 "position_ids": torch.tensor([position_ids], dtype=torch.long)}
 
 
-def count_tokens(inputs: dict, pad_id: int) -> tuple[int, int]:
-    """(real tokens, trained tokens) of a collated batch: padding never counts. A packed row's padding is
-    its last segment (position_ids restart at 0) when every token of it is pad_id and untrained."""
+def count_tokens(inputs: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real tokens, trained tokens) of a collated batch, as 0-dim tensors on the batch's device (no
+    GPU sync on the training step's path): padding never counts. A packed row's padding is its last
+    segment (position_ids restart at 0) when every token of it is pad_id and untrained."""
     labels = inputs["labels"]
-    trained = int((labels[..., 1:] != IGNORE_INDEX).sum())
+    trained = (labels[..., 1:] != IGNORE_INDEX).sum()
     if "attention_mask" in inputs:
-        return int(inputs["attention_mask"].sum()), trained
-    ids, positions = inputs["input_ids"].reshape(-1), inputs["position_ids"].reshape(-1)
-    starts = (positions == 0).nonzero()
-    last = int(starts[-1]) if len(starts) else 0
-    if last > 0 and bool((ids[last:] == pad_id).all()) and bool((labels.reshape(-1)[last:] == IGNORE_INDEX).all()):
-        return last, trained
-    return int(ids.numel()), trained
+        return inputs["attention_mask"].sum(), trained
+    ids, positions, flat_labels = (inputs[k].reshape(-1) for k in ("input_ids", "position_ids", "labels"))
+    index = torch.arange(ids.numel(), device=ids.device)
+    last = torch.where(positions == 0, index, 0).max()  # where the last segment starts
+    outside_tail = index < last
+    padding_tail = (last > 0) & ((ids == pad_id) | outside_tail).all() & \
+        ((flat_labels == IGNORE_INDEX) | outside_tail).all()
+    return torch.where(padding_tail, last, ids.numel()), trained
 
 
 class PaddedCollator:

@@ -8,13 +8,13 @@
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 from pathlib import Path
 
 from zhtune.dry_run import print_dry_run
 from zhtune.errors import UserError
+from zhtune.files import write_json_atomic
 from zhtune.models.loader import resolve_model
 from zhtune.train import launch
 
@@ -106,7 +106,7 @@ def train(args, resolved, run_dir: Path) -> int:
                 "model_id_or_path": args.model_id_or_path, "run_dir": str(run_dir)}
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "sft_args.json", sft_args)
+        write_json_atomic(run_dir / "sft_args.json", sft_args)
     trainer = _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     last = f"checkpoint-{trainer.state.global_step}"
@@ -247,12 +247,6 @@ def _identity_probe(args, model, tokenizer, resolved, ckpt_dir: Path) -> None:
     from zhtune.infer.engine import PtEngine
     engine = PtEngine.from_model(model, tokenizer, resolved, name=ckpt_dir.name, system=args.system)
     result = score_identity(engine, args.model_name, args.model_author)
-    _write_json(ckpt_dir.parent / "identity_probe.json", result)
+    write_json_atomic(ckpt_dir.parent / "identity_probe.json", result)
     print(f"[zhtune] identity probe: {result['score']:.2%} of {result['total']} held-out questions name "
           f"{'/'.join(args.model_name)} and {'/'.join(args.model_author)}", flush=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)

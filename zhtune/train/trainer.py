@@ -20,7 +20,8 @@ class ZhTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.sft_args = sft_args
         self.fast_path = fast_path
-        self.tokens_seen = 0  # this process's real (non-padding) tokens; trained: those with a label
+        self.tokens_seen = 0  # this process's real (non-padding) tokens; trained: those with a label (tensors
+                              # on the batch's device once training starts, read at log time only)
         self.trained_tokens_seen = 0
         self._staging = False
 
