@@ -122,6 +122,10 @@ def test_two_processes_through_nproc_per_node(tiny_models, tmp_path):
     assert args["gradient_accumulation_steps"] is None  # default: ceil(16 / batch / world) = 8
     state = json.loads((run_dirs[0] / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+    # each rank's random state lands in the checkpoint (a resume on 2 ranks needs both); no staging left
+    assert {p.name for p in (run_dirs[0] / "checkpoint-2").glob("rng_state_*.pth")} == \
+        {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not (run_dirs[0] / ".tmp-checkpoint").exists()
 
 
 def test_bad_sft_input(tmp_path):

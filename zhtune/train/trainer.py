@@ -57,6 +57,9 @@ class ZhTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
+        # every rank writes its own rng_state_<rank>.pth into the staging folder: all of them must be
+        # done before rank 0 renames it, or a late rank writes into a folder that is gone
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             staged = Path(run_dir) / STAGING / name
             (staged / "sft_args.json").write_text(json.dumps(self.sft_args, ensure_ascii=False, indent=2),
