@@ -131,3 +131,19 @@ def test_two_processes_through_nproc_per_node(tiny_models, tmp_path):
 def test_bad_sft_input(tmp_path):
     assert main(["sft", "--model_type", "gemma3-270m"]) == 2
     assert main(["sft", "--dataset", "x.jsonl", "--resume_from_checkpoint", str(tmp_path / "nope")]) == 2
+
+
+def test_deepspeed_without_deepspeed_is_one_line(tmp_path, capsys):
+    pytest.importorskip("torch")
+    try:
+        import deepspeed  # noqa: F401
+        pytest.skip("DeepSpeed is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "out"
+    assert main(["sft", "--model_type", "gemma3-270m", "--dataset", "self-cognition#4", "--model_name", "小黄",
+                 "Xiao Huang", "--model_author", "魔搭", "ModelScope", "--deepspeed", "default-zero2",
+                 "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'zhtune[deepspeed]'" in err[0]
+    assert not out.exists(), "nothing written"
