@@ -22,6 +22,7 @@ from zhtune.errors import UserError
 from zhtune.eval import report
 from zhtune.eval.base import Benchmark, EvalItem, pick_shots
 from zhtune.eval.plan import ModelPlan, dataset_names, describe_limit, make_benchmark, parse_limit, plan_models
+from zhtune.files import write_jsonl_atomic
 
 
 def eval_main(args) -> int:
@@ -117,10 +118,10 @@ def run_evaluation(args, *, log=print, load=None) -> dict:
         for task in tasks:
             summary, rows = evaluate_task(engine, task, args, log=log, label=model.label)
             path = report.item_file(out_dir, task.name, model.label, several_models=len(models) > 1)
-            report.write_jsonl_atomic(path, rows)
+            write_jsonl_atomic(path, rows)
             scores[model.label][task.name] = summary["accuracy"]
             results.append({**_model_fields(model), **summary, "file": str(path.relative_to(out_dir))})
-            report.write_jsonl_atomic(out_dir / "eval_result.jsonl", results)
+            write_jsonl_atomic(out_dir / "eval_result.jsonl", results)
         del engine
         _free_memory()
     table = report.format_table(scores, [t.name for t in tasks])

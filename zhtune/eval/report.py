@@ -7,8 +7,6 @@
 Every file is written to a temporary name in its folder and renamed when complete.
 """
 
-import json
-import os
 import re
 import time
 from pathlib import Path
@@ -29,14 +27,6 @@ def new_output_dir(root: str | Path, name: str) -> Path:
     out.mkdir(parents=True)
     return out
 
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def item_file(out_dir: Path, dataset: str, model_label: str, several_models: bool) -> Path:

@@ -35,7 +35,7 @@ def run_chat(engine: Engine, settings: GenerationSettings, stdin=None, stdout=No
         if expect_system:
             engine.system = command or None
             history, expect_system = [], False
-            print(f"[system prompt set; conversation cleared]", file=stdout, flush=True)
+            print("[system prompt set; conversation cleared]", file=stdout, flush=True)
             continue
         if command in ("exit", "quit"):
             break

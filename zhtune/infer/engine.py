@@ -6,7 +6,7 @@ and stops at the template's end-of-turn, and whose `stream` yields a reply piece
 """
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 

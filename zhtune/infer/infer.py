@@ -1,12 +1,11 @@
 """`zhtune infer`: chat with a model or checkpoint, or run a dataset through it in batches."""
 
-import json
-import os
 import time
 from pathlib import Path
 
 from zhtune.checkpoint import sft_args_or_guess
 from zhtune.dry_run import print_dry_run
+from zhtune.files import write_jsonl_atomic
 from zhtune.infer.chat import run_chat
 from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
 from zhtune.models.loader import resolve_model
@@ -62,11 +61,3 @@ def batch_infer(engine, settings, args) -> int:
     print(f"[zhtune] wrote {len(records)} rows to {out}")
     return 0
 
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

@@ -1,7 +1,6 @@
 """transformers' Trainer with what zhtune adds: atomic checkpoints that carry sft_args.json, the fast
 path's loss, a count of real tokens, and token accuracy at evaluation."""
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from zhtune.files import write_json_atomic
 from zhtune.templates import IGNORE_INDEX
 from zhtune.train.packing import count_tokens
 
@@ -62,8 +62,7 @@ class ZhTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             staged = Path(run_dir) / STAGING / name
-            (staged / "sft_args.json").write_text(json.dumps(self.sft_args, ensure_ascii=False, indent=2),
-                                                  encoding="utf-8")
+            write_json_atomic(staged / "sft_args.json", self.sft_args)
             generation_config = getattr(self.model, "generation_config", None)
             if generation_config is not None:
                 generation_config.save_pretrained(staged)
