@@ -21,6 +21,14 @@ def _choices(*values):
     return {"choices": values}
 
 
+def _at_least(low, help: str | None = None):
+    return {"min": low, **({"help": help} if help else {})}
+
+
+def _between(low, high):
+    return {"min": low, "max": high}
+
+
 @dataclass
 class ModelArguments:
     model_type: str | None = field(default=None, metadata={"help": "a registered model type, e.g. gemma2-9b-instruct; "
@@ -33,6 +41,7 @@ class ModelArguments:
     use_flash_attn: bool | None = field(default=None, metadata={"help": "fastest attention that is exact for the model "
                                                                 "(Gemma 2: flex_attention with softcapping, never sdpa)"})
     seed: int = 42
+    log_level: str = field(default="INFO", metadata=_choices("DEBUG", "INFO", "WARNING", "ERROR"))
     dry_run: bool = field(default=False, metadata={"help": "resolve names and print the configuration; load nothing"})
     config: str | None = field(default=None, metadata={"help": "a YAML or JSON file of these arguments (command line wins)"})
 
@@ -42,23 +51,23 @@ class DataArguments:
     dataset: list[str] = field(default_factory=list, metadata={"help": "entries [HF::|MS::]name|hub_id|path[:subset/subset][#N]"})
     val_dataset: list[str] = field(default_factory=list)
     dataset_seed: int = 42
-    dataset_test_ratio: float = 0.01
-    max_length: int = 2048
+    dataset_test_ratio: float = field(default=0.01, metadata=_between(0.0, 0.99))
+    max_length: int = field(default=2048, metadata=_at_least(1))
     truncation_strategy: str = field(default="delete", metadata=_choices("delete", "truncation_left"))
     model_name: list[str] = field(default_factory=list, metadata={"help": "self-cognition name: ZH [EN]"})
     model_author: list[str] = field(default_factory=list, metadata={"help": "self-cognition author: ZH [EN]"})
-    preprocess_num_proc: int = 2
+    preprocess_num_proc: int = field(default=2, metadata=_at_least(1))
 
 
 @dataclass
 class GenerationArguments:
-    max_new_tokens: int = 2048
+    max_new_tokens: int = field(default=2048, metadata=_at_least(1))
     do_sample: bool = True
-    temperature: float = 0.3
-    top_k: int = 20
-    top_p: float = 0.7
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
+    temperature: float = field(default=0.3, metadata=_at_least(0.0))
+    top_k: int = field(default=20, metadata=_at_least(0, "0: no top-k cut"))
+    top_p: float = field(default=0.7, metadata=_between(0.0, 1.0))
+    repetition_penalty: float = field(default=1.0, metadata=_at_least(0.0))
+    num_beams: int = field(default=1, metadata=_at_least(1, "beam search on the pt backend"))
 
 
 @dataclass
@@ -66,6 +75,10 @@ class CheckpointArguments:
     ckpt_dir: str | None = field(default=None, metadata={"help": "a checkpoint folder written by `zhtune sft`"})
     merge_lora: bool = field(default=False, metadata={"help": "merge the LoRA adapter into <ckpt_dir>-merged once, then use it"})
     infer_backend: str = field(default="AUTO", metadata=_choices("AUTO", "pt", "vllm"))
+    gpu_memory_utilization: float = field(default=0.9, metadata={"min": 0.05, "max": 1.0,
+                                                                 "help": "vllm: share of the GPU's memory it takes"})
+    max_model_len: int | None = field(default=None, metadata=_at_least(1, "vllm: longest prompt + reply"))
+    tensor_parallel_size: int = field(default=1, metadata=_at_least(1, "vllm: GPUs one model spans"))
 
 
 @dataclass
@@ -76,26 +89,29 @@ class SftArguments(ModelArguments, DataArguments):
     lora_target_modules: list[str] = field(default_factory=lambda: ["DEFAULT"],
                                            metadata={"help": "ALL, EMBEDDING, DEFAULT or module names"})
     lora_modules_to_save: list[str] = field(default_factory=list, metadata={"help": "LN, EMBEDDING or module names"})
-    lora_rank: int = 8
-    lora_alpha: int = 32
-    lora_dropout_p: float = 0.05
+    lora_rank: int = field(default=8, metadata=_at_least(1))
+    lora_alpha: int = field(default=32, metadata=_at_least(1))
+    lora_dropout_p: float = field(default=0.05, metadata=_between(0.0, 0.99))
     learning_rate: float | None = field(default=None, metadata={"help": "default 1e-4 for lora, 1e-5 for full"})
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.1
     max_grad_norm: float = 0.5
-    warmup_ratio: float = 0.05
-    lr_scheduler_type: str = "cosine"
-    num_train_epochs: float = 1.0
+    warmup_ratio: float = field(default=0.05, metadata=_between(0.0, 1.0))
+    lr_scheduler_type: str = field(default="cosine", metadata=_choices(
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+        "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay"))
+    num_train_epochs: float = field(default=1.0, metadata={"min": 0.0, "min_exclusive": True})
     max_steps: int = -1
-    batch_size: int = 1
-    eval_batch_size: int | None = None
-    gradient_accumulation_steps: int | None = field(default=None, metadata={"help": "default ceil(16 / batch_size / world_size)"})
-    eval_steps: int = 50
-    save_steps: int | None = field(default=None, metadata={"help": "default: --eval_steps"})
+    batch_size: int = field(default=1, metadata=_at_least(1))
+    eval_batch_size: int | None = field(default=None, metadata=_at_least(1))
+    gradient_accumulation_steps: int | None = field(default=None, metadata=_at_least(
+        1, "default ceil(16 / batch_size / world_size)"))
+    eval_steps: int = field(default=50, metadata=_at_least(1))
+    save_steps: int | None = field(default=None, metadata=_at_least(1, "default: --eval_steps"))
     save_total_limit: int = field(default=2, metadata={"help": "-1 keeps every checkpoint"})
-    logging_steps: int = 5
+    logging_steps: int = field(default=5, metadata=_at_least(1))
     gradient_checkpointing: bool = True
     resume_from_checkpoint: str | None = None
     deepspeed: str | None = field(default=None, metadata={"help": "default-zero2, default-zero3 or a JSON file"})
@@ -103,7 +119,6 @@ class SftArguments(ModelArguments, DataArguments):
     fast_path: bool | None = field(default=None, metadata={"help": "GPU fast path (packing, chunked softcapped loss); "
                                                            "default: on where supported"})
     identity_probe: bool = field(default=True, metadata={"help": "after training with self-cognition, score the held-out identity probe"})
-    max_length: int = 2048
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -118,9 +133,12 @@ class SftArguments(ModelArguments, DataArguments):
 
 @dataclass
 class InferArguments(ModelArguments, CheckpointArguments, GenerationArguments, DataArguments):
-    eval_batch_size: int = 8
-    save_result: bool = True
-    stream: bool = True
+    eval_batch_size: int = field(default=8, metadata=_at_least(1))
+    save_result: bool = field(default=True, metadata={"help": "batch inference: write the replies to "
+                                                           "--result_dir (else print them)"})
+    result_dir: str | None = field(default=None, metadata={"help": "batch inference output; default "
+                                                           "<ckpt_dir>/infer_result or infer_result/<model_type>"})
+    stream: bool = field(default=True, metadata={"help": "chat: print replies as they are generated"})
     verbose: bool = field(default=False, metadata={"help": "print each turn's full prompt to stderr"})
 
 
@@ -129,8 +147,8 @@ class EvalArguments(ModelArguments, CheckpointArguments, GenerationArguments, Da
     eval_dataset: list[str] = field(default_factory=lambda: ["arc", "ceval", "gsm8k", "mmlu"])
     eval_backend: str = field(default="Native", metadata=_choices("Native"))
     eval_limit: str | None = field(default=None, metadata={"help": "N, or '[a:b]' for a slice of every set"})
-    eval_batch_size: int = 8
-    eval_few_shot: int = 0
+    eval_batch_size: int = field(default=8, metadata=_at_least(1))
+    eval_few_shot: int = field(default=0, metadata=_at_least(0))
     eval_data_dir: str | None = field(default=None, metadata={"help": "local copies of the benchmark files"})
     eval_output_dir: str = "eval_outputs"
     name: str | None = None
@@ -148,7 +166,7 @@ class ExportArguments(ModelArguments, CheckpointArguments):
 @dataclass
 class DeployArguments(InferArguments):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = field(default=8000, metadata=_between(1, 65535))
     served_model_name: str | None = None
 
 
@@ -191,6 +209,20 @@ def _convert(name: str, raw, tp, choices):
     if choices and value not in choices:
         raise UserError(f"--{name} '{value}' is not one of {', '.join(map(str, choices))}.{closest(value, choices)}")
     return value
+
+
+def check_range(f, value) -> None:
+    """A field's declared range (metadata min / max / min_exclusive), for values from any source."""
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise UserError(f"--{f.name} must be a finite number, got {value}.")
+    if low is not None and (value <= low if f.metadata.get("min_exclusive") else value < low):
+        word = "more than" if f.metadata.get("min_exclusive") else "at least"
+        raise UserError(f"--{f.name} must be {word} {low}, got {value}.")
+    if high is not None and value > high:
+        raise UserError(f"--{f.name} must be at most {high}, got {value}.")
 
 
 def _fields(cls):
@@ -258,6 +290,9 @@ def parse_args(cls, argv: list[str]):
             values[name] = _from_values(fields[name], raw if isinstance(raw, list) else [raw])
     for name, raw in given.items():
         values[name] = _from_values(fields[name], raw)
+    for name, value in values.items():
+        for item in (value if isinstance(value, list) else [value]):
+            check_range(fields[name], item)
     return cls(**values)
 
 
@@ -287,6 +322,10 @@ def format_help(cls, command: str, summary: str) -> str:
         tp, is_list = _base_type(f.type)
         kind = ("LIST " if is_list else "") + getattr(tp, "__name__", str(tp))
         extra = f.metadata.get("help", "")
+        if "min" in f.metadata or "max" in f.metadata:
+            low = f.metadata.get("min", "")
+            extra = (extra + " " if extra else "") + f"range {'(' if f.metadata.get('min_exclusive') else '['}{low}, " \
+                f"{f.metadata.get('max', '')}]"
         if f.metadata.get("choices"):
             extra = (extra + " " if extra else "") + "{" + "|".join(map(str, f.metadata["choices"])) + "}"
         lines.append(f"  --{f.name:<28} {kind:<10} [{default}]  {extra}".rstrip())

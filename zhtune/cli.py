@@ -1,10 +1,13 @@
 """`zhtune <command> ...`: maps command names to their entry functions, nothing else."""
 
 import importlib
+import os
 import sys
+import traceback
 
 from zhtune import args as A
 from zhtune.errors import UserError, closest
+from zhtune.log import setup_logging
 
 COMMANDS = {
     # name: (arguments class, module:function, one-line summary)
@@ -37,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
             print(A.format_help(cls, name, summary))
             return 0
         args = A.parse_args(cls, rest)
+        setup_logging(args.log_level)
         args.argv = rest  # for commands that relaunch themselves (sft under torchrun)
         module, func = target.split(":")
         result = getattr(importlib.import_module(module), func)(args)
         return int(result or 0)
     except UserError as e:
+        if os.environ.get("ZHTUNE_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()  # the chained cause included
         print(f"zhtune {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -49,13 +49,17 @@ def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_
     from zhtune.eval.evaluate import run_evaluation
     from zhtune.eval import bundled_samples_dir
     from zhtune.eval.self_cognition import score_identity
-    from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
+    from zhtune.args import InferArguments
+    from zhtune.infer.base import GenerationSettings
+    from zhtune.infer.engine import load_engine
+    from zhtune.models.resolve import resolve_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1)
     print("[quickstart] 1/4 the base model answers the probes", flush=True)
-    base = load_engine(ModelSpec(model_type="gemma3-270m"))
+    engine_args = InferArguments(merge_lora=True, infer_backend="pt")
+    base = load_engine(resolve_model("gemma3-270m"), engine_args)
     before = ask_probes(base, settings)
     identity_before = score_identity(base, NAME, AUTHOR, settings, batch_size=20)
     write_json_atomic(out_dir / "identity_before.json", identity_before)
@@ -69,7 +73,7 @@ def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_
     identity_after = json.loads((run_dir / "identity_probe.json").read_text(encoding="utf-8"))  # sft's own probe
 
     print("[quickstart] 3/4 the merged checkpoint answers the probes", flush=True)
-    after = ask_probes(load_engine(ModelSpec(ckpt_dir=str(ckpt), merge_lora=True)), settings)
+    after = ask_probes(load_engine(resolve_model(ckpt_dir=str(ckpt)), engine_args), settings)
 
     print("[quickstart] 4/4 evaluation before and after", flush=True)
     from zhtune.args import EvalArguments
@@ -134,6 +138,8 @@ def _pct(v) -> str:
 
 
 def main() -> int:
+    from zhtune.log import setup_logging
+    setup_logging()
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("quickstart_run")
     run(out)
     return 0

@@ -7,12 +7,10 @@ Hugging Face with USE_HF=1), and turns every row into an `EvalItem`. Everything 
 generation, extraction, scoring) is the same code for all of them.
 """
 
-import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
+from zhtune import hub
 from zhtune.errors import UserError
 from zhtune.eval.extract import LETTERS, extract_choice, extract_number, numbers_equal, to_number
 
@@ -100,7 +98,7 @@ class Benchmark:
     def source(self, data_dir: str | Path | None) -> str:
         if data_dir is not None:
             return str(Path(data_dir).expanduser() / self.name)
-        return f"HF::{self.hf_id}" if use_hf() else f"MS::{self.ms_id}"
+        return f"HF::{self.hf_id}" if hub.use_hf() else f"MS::{self.ms_id}"
 
     # -- prompt and scoring ----------------------------------------------------------------------
     def user_prompt(self, item: EvalItem) -> str:
@@ -136,60 +134,21 @@ def pick_shots(item: EvalItem, pool: list[EvalItem], k: int) -> list[EvalItem]:
 
 # -- hub access ------------------------------------------------------------------------------------
 
-def use_hf() -> bool:
-    return os.environ.get("USE_HF", "0").lower() in ("1", "true")
-
-
-def _hub_host() -> str:
-    if use_hf():
-        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    return os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn").split("://")[-1].split("/")[0]
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def bundled_samples_dir() -> Path:
     """Ten hand-written items per benchmark in the official formats, for trying `zhtune eval` offline."""
     return Path(__file__).parent / "samples"
 
 
-def offline_message(benchmark: str, why: str) -> str:
-    return (f"cannot load the {benchmark} benchmark from the hub ({why}). Point at local copies instead: "
-            f"--eval_data_dir DIR with DIR/arc, DIR/ceval, DIR/gsm8k, DIR/mmlu in their official formats "
-            f"(see zhtune/eval/README.md), or try the bundled samples: --eval_data_dir {bundled_samples_dir()}")
+def offline_advice() -> str:
+    return (f"point at local copies instead: --eval_data_dir DIR with DIR/arc, DIR/ceval, DIR/gsm8k, DIR/mmlu "
+            f"in their official formats (see zhtune/eval/README.md), or try the bundled samples: "
+            f"--eval_data_dir {bundled_samples_dir()}")
 
 
 def hub_rows(benchmark: "Benchmark", subset: str | None, split: str) -> list[dict]:
     """Rows of one subset and split, from ModelScope (default) or Hugging Face (USE_HF=1)."""
-    hub = "Hugging Face" if use_hf() else "ModelScope"
-    dataset_id = benchmark.hf_id if use_hf() else benchmark.ms_id
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and use_hf():
-        raise UserError(offline_message(benchmark.name, "HF_HUB_OFFLINE=1"))
-    if not _reachable(_hub_host()):
-        raise UserError(offline_message(benchmark.name, f"{hub} is not reachable"))
-    try:
-        if use_hf():
-            from datasets import load_dataset
-        else:
-            from modelscope.msdatasets import MsDataset
-    except ImportError:
-        pkg = "datasets" if use_hf() else "modelscope"
-        raise UserError(offline_message(benchmark.name, f"the package {pkg} is not installed: `pip install {pkg}`")) from None
-    try:
-        if use_hf():
-            data = load_dataset(dataset_id, subset, split=split)
-        else:
-            data = MsDataset.load(dataset_id, subset_name=subset or "default", split=split)
-        return [dict(row) for row in data]
-    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
-        raise UserError(offline_message(benchmark.name, f"{hub} {dataset_id} {subset or ''} {split}: "
-                                        f"{type(e).__name__}")) from None
+    dataset_id = benchmark.hf_id if hub.use_hf() else benchmark.ms_id
+    return hub.load_dataset_rows(dataset_id, subset, split, advice=offline_advice())
 
 
 # -- local files -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from zhtune.eval import report
 from zhtune.eval.base import Benchmark, EvalItem, pick_shots
 from zhtune.eval.plan import ModelPlan, dataset_names, describe_limit, make_benchmark, parse_limit, plan_models
 from zhtune.files import write_jsonl_atomic
+from zhtune.log import logger
 
 
 def eval_main(args) -> int:
@@ -68,7 +69,7 @@ def resolve(args) -> dict:
     limit = parse_limit(args.eval_limit)
     models = plan_models(args, dry_run=True)
     first = models[0]
-    return {"model_type": first.model_type, "template": first.template,
+    return {"model_type": first.model_type, "template": first.resolved.template,
             "models": [m.describe() for m in models],
             "eval_dataset": names,
             "data_source": {b.name: b.source(args.eval_data_dir) for b in benches},
@@ -80,7 +81,7 @@ def resolve(args) -> dict:
             "eval_output_dir": str(Path(args.eval_output_dir) / report.slug(args.name or first.label) / "<timestamp>")}
 
 
-def load_task(bench: Benchmark, args, limit: slice | None, log=print) -> Task:
+def load_task(bench: Benchmark, args, limit: slice | None) -> Task:
     everything = bench.load(args.eval_data_dir)
     positions = list(range(len(everything)))[limit] if limit else list(range(len(everything)))
     items = [everything[i] for i in positions]
@@ -91,15 +92,15 @@ def load_task(bench: Benchmark, args, limit: slice | None, log=print) -> Task:
         raise UserError(f"--eval_few_shot {args.eval_few_shot}: no {bench.name} few-shot split found. "
                         f"{bench.local_layout()}")
     source = bench.source(args.eval_data_dir)
-    log(f"[zhtune] eval data: {bench.name} {len(items)} items from {source}"
+    logger.info(f"eval data: {bench.name} {len(items)} items from {source}"
         + (f", {args.eval_few_shot}-shot from {len(pool)} examples" if pool else ""))
     return Task(bench, items, positions, pool, args.max_new_tokens or bench.max_new_tokens, source)
 
 
-def run_evaluation(args, *, log=print, load=None) -> dict:
+def run_evaluation(args, *, load=None) -> dict:
     """Score every model on every dataset; print the table; write the files. See the module docstring.
 
-    `load(spec, log=...) -> engine` defaults to zhtune.infer.engine.load_engine.
+    `load(resolved, args) -> Engine` defaults to zhtune.infer.engine.load_engine.
     """
     if load is None:
         from zhtune.infer.engine import load_engine as load
@@ -107,16 +108,16 @@ def run_evaluation(args, *, log=print, load=None) -> dict:
     limit = parse_limit(args.eval_limit)
     benches = [make_benchmark(n, args) for n in dataset_names(args.eval_dataset)]
     models = plan_models(args)
-    tasks = [load_task(b, args, limit, log) for b in benches]  # data problems show before a model loads
+    tasks = [load_task(b, args, limit) for b in benches]  # data problems show before a model loads
     out_dir = report.new_output_dir(args.eval_output_dir, args.name or models[0].label)
-    log(f"[zhtune] eval: {len(models)} model(s) x {len(tasks)} dataset(s); results in {out_dir}")
+    logger.info(f"eval: {len(models)} model(s) x {len(tasks)} dataset(s); results in {out_dir}")
     scores: dict[str, dict[str, float]] = {}
     results: list[dict] = []
     for model in models:
-        engine = load(model.spec, log=log)
+        engine = load(model.resolved, args)
         scores[model.label] = {}
         for task in tasks:
-            summary, rows = evaluate_task(engine, task, args, log=log, label=model.label)
+            summary, rows = evaluate_task(engine, task, args, label=model.label)
             path = report.item_file(out_dir, task.name, model.label, several_models=len(models) > 1)
             write_jsonl_atomic(path, rows)
             scores[model.label][task.name] = summary["accuracy"]
@@ -125,35 +126,33 @@ def run_evaluation(args, *, log=print, load=None) -> dict:
         del engine
         _free_memory()
     table = report.format_table(scores, [t.name for t in tasks])
-    log(table)
-    log(f"[zhtune] eval results written to {out_dir}")
+    print(table, flush=True)
+    logger.info(f"eval results written to {out_dir}")
     return {"scores": scores, "output_dir": str(out_dir), "table": table, "results": results}
 
 
-def evaluate_task(engine, task: Task, args, log=print, label: str = "") -> tuple[dict, list[dict]]:
+def evaluate_task(engine, task: Task, args, label: str = "") -> tuple[dict, list[dict]]:
     """Generate for every item (batched), score the replies: (summary, per-item rows)."""
-    from zhtune.infer.engine import GenerationSettings
+    from zhtune.infer.base import GenerationSettings
 
     bench, k = task.bench, args.eval_few_shot
     conversations = [bench.conversation(item, pick_shots(item, task.pool, k)) for item in task.items]
-    settings = GenerationSettings(max_new_tokens=task.max_new_tokens, do_sample=args.do_sample,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  repetition_penalty=args.repetition_penalty, seed=args.seed)
+    settings = GenerationSettings.from_args(args, max_new_tokens=task.max_new_tokens)
     batch = args.eval_batch_size
     # vllm schedules everything itself; for pt, chunks only serve progress lines (at most ~20 per dataset)
-    chunk = len(conversations) if _is_vllm(engine) else max(batch * 8, 64, -(-len(conversations) // 20))
+    chunk = len(conversations) if engine.schedules_itself else max(batch * 8, 64, -(-len(conversations) // 20))
     start, outputs = time.time(), []
     for i in range(0, len(conversations), chunk):
         outputs += engine.generate(conversations[i:i + chunk], settings, batch_size=batch)
         if len(conversations) > chunk:
-            log(f"[zhtune] eval {label} {task.name}: {len(outputs)}/{len(conversations)} "
+            logger.info(f"eval {label} {task.name}: {len(outputs)}/{len(conversations)} "
                 f"({time.time() - start:.0f}s)")
     seconds = time.time() - start
     rows = []
     for position, item, messages, output in zip(task.positions, task.items, conversations, outputs):
         scored = bench.score(item, output)
         row = {"index": position, "id": item.id, "subject": item.subject, "messages": messages,
-               "prompt": _render(engine, messages), "output": output, "extracted": scored.extracted,
+               "prompt": engine.render_prompt(messages), "output": output, "extracted": scored.extracted,
                "gold": item.gold, "correct": scored.correct, "no_answer": scored.no_answer}
         if item.choices:
             row["choices"] = dict(zip(item.letters, item.choices))
@@ -164,27 +163,14 @@ def evaluate_task(engine, task: Task, args, log=print, label: str = "") -> tuple
                "no_answer": no_answer, "eval_limit": describe_limit(parse_limit(args.eval_limit)),
                "few_shot": k, "max_new_tokens": task.max_new_tokens, "data_source": task.source,
                "seconds": round(seconds, 1)}
-    log(f"[zhtune] eval {label} {task.name}: {summary['accuracy']:.4f} ({correct}/{len(rows)} correct, "
+    logger.info(f"eval {label} {task.name}: {summary['accuracy']:.4f} ({correct}/{len(rows)} correct, "
         f"{no_answer} without an answer) in {seconds:.0f}s")
     return summary, rows
 
 
 def _model_fields(model: ModelPlan) -> dict:
-    return {"model": model.label, "model_type": model.model_type, "ckpt_dir": model.spec.ckpt_dir,
-            "model_id_or_path": model.spec.model_id_or_path}
-
-
-def _render(engine, messages: list[dict]) -> str | None:
-    """The exact text the model saw (system prompt and chat markers included)."""
-    template = getattr(engine, "template", None)
-    if template is None:
-        return None
-    with_system = getattr(engine, "with_system", None)
-    return template.render(with_system(messages) if with_system else messages, add_generation_prompt=True)
-
-
-def _is_vllm(engine) -> bool:
-    return "vllm" in type(engine).__name__.lower()
+    return {"model": model.label, "model_type": model.model_type, "ckpt_dir": model.resolved.ckpt_dir,
+            "model_location": model.resolved.location}
 
 
 def _free_memory() -> None:

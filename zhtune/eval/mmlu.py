@@ -10,8 +10,8 @@ context already ended with it, then the question was appended again); here it ap
 
 from pathlib import Path
 
-from zhtune.eval.base import (Benchmark, EvalItem, hub_rows, letter_item, options_text, read_csv, rows_to_items,
-                              use_hf)
+from zhtune.eval.base import Benchmark, EvalItem, hub_rows, letter_item, options_text, read_csv, rows_to_items
+from zhtune.hub import use_hf
 from zhtune.eval.extract import LETTERS
 
 SUBJECTS = (

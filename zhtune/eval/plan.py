@@ -19,6 +19,7 @@ from zhtune.eval.ceval import CEval
 from zhtune.eval.gsm8k import GSM8K
 from zhtune.eval.mmlu import MMLU
 from zhtune.eval.self_cognition import SelfCognition
+from zhtune.models.resolve import ResolvedModel, resolve_from_args, resolve_model
 
 BENCHMARKS = {"arc": ARC, "ceval": CEval, "gsm8k": GSM8K, "mmlu": MMLU, "self-cognition": SelfCognition}
 _ALIASES = {"arc_c": "arc", "arc-challenge": "arc", "ai2_arc": "arc", "c-eval": "ceval", "ceval-exam": "ceval",
@@ -78,48 +79,28 @@ def describe_limit(limit: slice | None) -> str:
 @dataclass
 class ModelPlan:
     label: str  # the row name in the table; unique within a run
-    spec: object  # zhtune.infer.engine.ModelSpec
-    model_type: str | None
-    template: str | None
-    ckpt_exists: bool | None = None  # None: not a checkpoint
+    resolved: ResolvedModel
+
+    @property
+    def model_type(self) -> str:
+        return self.resolved.model_type
 
     def describe(self) -> dict:
-        d = {"label": self.label, "model_type": self.model_type, "template": self.template,
-             "model_id_or_path": self.spec.model_id_or_path}
-        if self.spec.ckpt_dir:
-            d.update(ckpt_dir=self.spec.ckpt_dir, ckpt_exists=self.ckpt_exists, merge_lora=self.spec.merge_lora)
-        return d
+        return {"label": self.label, **self.resolved.describe()}
 
 
 def plan_models(args, dry_run: bool = False) -> list[ModelPlan]:
     """The models to score, in order. A missing --ckpt_dir is an error, except in a dry run, where
     its model type is read from its path (output/<model_type>/...) and it is reported as missing."""
-    from zhtune.checkpoint import read_sft_args, sft_args_or_guess
-    from zhtune.infer.engine import ModelSpec
-    from zhtune.models.loader import resolve_model
-
-    common = dict(merge_lora=args.merge_lora, infer_backend=args.infer_backend, dtype=args.dtype,
-                  use_flash_attn=args.use_flash_attn, template_type=args.template_type, system=args.system,
-                  model_revision=args.model_revision)
     plans = []
     ckpts = list(args.ckpt_dir or [])
     if args.model_type or args.model_id_or_path or not ckpts:
-        resolved = resolve_model(args.model_type, args.model_id_or_path, args.template_type)
-        spec = ModelSpec(model_type=args.model_type, model_id_or_path=args.model_id_or_path, **common)
-        plans.append(ModelPlan(resolved.model_type, spec, resolved.model_type, resolved.template))
+        resolved = resolve_model(args.model_type, args.model_id_or_path, template_type=args.template_type,
+                                 system=args.system, revision=args.model_revision)
+        plans.append(ModelPlan(resolved.label, resolved))
     for ckpt in ckpts:
-        exists = Path(ckpt).is_dir()
-        sft = sft_args_or_guess(ckpt) if dry_run else read_sft_args(ckpt)  # read_sft_args: UserError if missing
-        spec = ModelSpec(model_type=args.model_type, model_id_or_path=args.model_id_or_path, ckpt_dir=ckpt, **common)
-        model_type = args.model_type or sft.get("model_type")
-        model_path = args.model_id_or_path or sft.get("model_id_or_path")
-        if model_type or model_path:
-            template = args.template_type if args.template_type != "AUTO" else sft.get("template_type", "AUTO")
-            resolved = resolve_model(model_type, model_path, template)
-            model_type, template = resolved.model_type, resolved.template
-        else:  # dry run of a checkpoint not written yet, whose path names no model type
-            template = None
-        plans.append(ModelPlan(spec.display_name, spec, model_type, template, ckpt_exists=exists))
+        resolved = resolve_from_args(args, ckpt_dir=ckpt, dry_run=dry_run)
+        plans.append(ModelPlan(resolved.label, resolved))
     _unique_labels(plans)
     return plans
 

@@ -59,7 +59,7 @@ class SelfCognition(Benchmark):
 
 def score_identity(engine, model_name: list[str], model_author: list[str], settings=None, batch_size: int = 8) -> dict:
     """Ask the probe questions through an engine: {"score", "correct", "total", "by_tag", "items"}."""
-    from zhtune.infer.engine import GenerationSettings
+    from zhtune.infer.base import GenerationSettings
 
     bench = SelfCognition(model_name, model_author)
     items = bench.load()

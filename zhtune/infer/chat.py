@@ -7,14 +7,19 @@ go to stdout, so a session can be piped.
 
 import sys
 
-from zhtune.infer.engine import Engine, GenerationSettings
+from zhtune.errors import UserError
+from zhtune.infer.base import Engine, GenerationSettings
+from zhtune.log import logger
 
 SEPARATOR = "-" * 50
 HELP = ("commands: exit | quit, clear (forget the conversation), reset-system (the next line is the system "
         "prompt), multi-line (end input with #), single-line")
 
 
-def run_chat(engine: Engine, settings: GenerationSettings, stdin=None, stdout=None, verbose: bool = False) -> None:
+def run_chat(engine: Engine, settings: GenerationSettings, stdin=None, stdout=None, verbose: bool = False,
+             stream: bool = True) -> None:
+    """`stream`: print the reply as it is generated (else once, whole). A turn whose generation fails
+    says why and keeps the conversation as it was before that turn."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     interactive = stdin.isatty()
@@ -54,11 +59,20 @@ def run_chat(engine: Engine, settings: GenerationSettings, stdin=None, stdout=No
             continue
         messages = history + [{"role": "user", "content": query}]
         if verbose:
-            print(f"[prompt] {engine.template.render(engine.with_system(messages), True)!r}", file=sys.stderr, flush=True)
+            print(f"[prompt] {engine.render_prompt(messages)!r}", file=sys.stderr, flush=True)
         reply = ""
-        for piece in engine.stream(messages, settings):
-            reply += piece
-            print(piece, end="", file=stdout, flush=True)
+        try:
+            if stream:
+                for piece in engine.stream(messages, settings):
+                    reply += piece
+                    print(piece, end="", file=stdout, flush=True)
+            else:
+                reply = engine.generate([messages], settings, batch_size=1)[0]
+                print(reply, end="", file=stdout, flush=True)
+        except (UserError, RuntimeError, ValueError) as e:
+            logger.error(f"this turn failed ({type(e).__name__}: {e}); the conversation is kept as before it")
+            print(f"\n{SEPARATOR}", file=stdout, flush=True)
+            continue
         print(f"\n{SEPARATOR}", file=stdout, flush=True)
         history = messages + [{"role": "assistant", "content": reply.strip()}]
 

@@ -3,30 +3,27 @@
 import time
 from pathlib import Path
 
-from zhtune.checkpoint import sft_args_or_guess
 from zhtune.dry_run import print_dry_run
 from zhtune.files import write_jsonl_atomic
+from zhtune.infer.base import GenerationSettings
 from zhtune.infer.chat import run_chat
-from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
-from zhtune.models.loader import resolve_model
+from zhtune.infer.engine import load_engine
+from zhtune.log import logger
+from zhtune.models.resolve import resolve_from_args
 
 
 def infer_main(args) -> int:
-    spec = ModelSpec.from_args(args)
+    resolved = resolve_from_args(args)
     if args.dry_run:
-        sft = sft_args_or_guess(spec.ckpt_dir) if spec.ckpt_dir else {}
-        resolved = resolve_model(spec.model_type or sft.get("model_type"),
-                                 spec.model_id_or_path or sft.get("model_id_or_path"),
-                                 args.template_type if args.template_type != "AUTO" else sft.get("template_type", "AUTO"))
         print_dry_run("infer", args, {**resolved.describe(), "infer_backend": args.infer_backend,
-                                       "ckpt_dir": spec.ckpt_dir, "merge_lora": args.merge_lora,
+                                       "merge_lora": args.merge_lora,
                                        "mode": "batch" if (args.val_dataset or args.dataset) else "chat"})
         return 0
-    engine = load_engine(spec)
+    engine = load_engine(resolved, args)
     settings = GenerationSettings.from_args(args)
     if args.val_dataset or args.dataset:
         return batch_infer(engine, settings, args)
-    run_chat(engine, settings, verbose=args.verbose)
+    run_chat(engine, settings, verbose=args.verbose, stream=args.stream)
     return 0
 
 
@@ -51,13 +48,20 @@ def batch_infer(engine, settings, args) -> int:
         history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 1, 2)]
         prompts.append(conversation)
         records.append({"system": system, "query": turns[-1]["content"], "label": label, "history": history})
-    print(f"[zhtune] batch inference: {len(prompts)} rows, batch size {args.eval_batch_size}")
+    logger.info(f"batch inference: {len(prompts)} rows, batch size {args.eval_batch_size}")
     replies = engine.generate(prompts, settings, batch_size=args.eval_batch_size, progress=True)
     for record, reply in zip(records, replies):
         record["response"] = reply
-    base = Path(args.ckpt_dir) if args.ckpt_dir else Path(engine.model_dir)
-    out = base / "infer_result" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    write_jsonl_atomic(out, [{k: r[k] for k in ("system", "query", "response", "label", "history")} for r in records])
-    print(f"[zhtune] wrote {len(records)} rows to {out}")
+    rows_out = [{k: r[k] for k in ("system", "query", "response", "label", "history")} for r in records]
+    if not args.save_result:
+        for row in rows_out:
+            print(row["response"], flush=True)
+        return 0
+    if args.result_dir:
+        base = Path(args.result_dir)
+    else:
+        base = Path(args.ckpt_dir) / "infer_result" if args.ckpt_dir else Path("infer_result") / engine.model_type
+    out = base / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    write_jsonl_atomic(out, rows_out)
+    logger.info(f"wrote {len(records)} rows to {out}")
     return 0
-

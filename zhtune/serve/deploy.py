@@ -5,30 +5,27 @@ device can serve anyway. Streaming answers use server-sent events like OpenAI's 
 """
 
 import json
-import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from zhtune.dry_run import print_dry_run
 from zhtune.errors import UserError
-from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
+from zhtune.infer.base import GenerationSettings
+from zhtune.infer.engine import load_engine
+from zhtune.log import logger
+from zhtune.models.resolve import resolve_from_args
 
 
 def deploy_main(args) -> int:
-    spec = ModelSpec.from_args(args)
+    resolved = resolve_from_args(args)
     if args.dry_run:
-        from zhtune.checkpoint import sft_args_or_guess
-        from zhtune.models.loader import resolve_model
-        sft = sft_args_or_guess(spec.ckpt_dir) if spec.ckpt_dir else {}
-        resolved = resolve_model(spec.model_type or sft.get("model_type"),
-                                 spec.model_id_or_path or sft.get("model_id_or_path"), sft.get("template_type", args.template_type))
         print_dry_run("deploy", args, {**resolved.describe(), "url": f"http://{args.host}:{args.port}/v1"})
         return 0
-    engine = load_engine(spec)
+    engine = load_engine(resolved, args)
     server = make_server(engine, GenerationSettings.from_args(args), args.host, args.port,
                          args.served_model_name or engine.name)
-    print(f"[zhtune] serving {engine.name} at http://{args.host}:{server.server_port}/v1 (Ctrl-C stops)", flush=True)
+    logger.info(f"serving {engine.name} at http://{args.host}:{server.server_port}/v1 (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -39,8 +36,6 @@ def deploy_main(args) -> int:
 
 
 def make_server(engine, defaults: GenerationSettings, host: str, port: int, model_name: str) -> ThreadingHTTPServer:
-    lock = threading.Lock()
-
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt, *a):  # quiet
             pass
@@ -72,10 +67,9 @@ def make_server(engine, defaults: GenerationSettings, host: str, port: int, mode
             except (ValueError, KeyError, TypeError) as e:
                 return self._error(400, f"bad request body ({e}): send JSON with 'messages'")
             try:
-                with lock:
-                    if body.get("stream"):
-                        return self._stream(messages, settings)
-                    reply = engine.generate([messages], settings, batch_size=1)[0]
+                if body.get("stream"):
+                    return self._stream(messages, settings)
+                reply = engine.generate([messages], settings, batch_size=1)[0]
             except UserError as e:
                 return self._error(400, str(e))
             self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",

@@ -244,8 +244,10 @@ def _trains_self_cognition(args) -> bool:
 def _identity_probe(args, model, tokenizer, resolved, ckpt_dir: Path) -> None:
     """Ask the trained model the held-out identity questions; save and print the score."""
     from zhtune.eval.self_cognition import score_identity
-    from zhtune.infer.engine import PtEngine
-    engine = PtEngine.from_model(model, tokenizer, resolved, name=ckpt_dir.name, system=args.system)
+    from zhtune.infer.pt_engine import PtEngine
+    from zhtune.templates import get_template
+    engine = PtEngine(model, tokenizer, get_template(resolved.template, tokenizer), name=ckpt_dir.name,
+                      model_type=resolved.model_type, system=args.system)
     result = score_identity(engine, args.model_name, args.model_author)
     write_json_atomic(ckpt_dir.parent / "identity_probe.json", result)
     print(f"[zhtune] identity probe: {result['score']:.2%} of {result['total']} held-out questions name "

@@ -1,0 +1,35 @@
+"""zhtune's one logger. The CLI configures it once (`--log_level`); library code only calls
+`logger.info(...)` / `logger.warning(...)`. Lines go to stderr as `[zhtune] ...`, so piped output on
+stdout (replies, dry-run JSON) stays clean. Under torchrun only rank 0 logs below WARNING."""
+
+import logging
+import os
+import sys
+
+logger = logging.getLogger("zhtune")
+
+
+class _RankZero(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or int(os.environ.get("RANK", "0")) == 0
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "[zhtune] " + ("warning: " if record.levelno == logging.WARNING else
+                                "error: " if record.levelno >= logging.ERROR else "")
+        return prefix + record.getMessage()
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Idempotent: one stderr handler on the `zhtune` logger."""
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        if getattr(handler, "_zhtune", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._zhtune = True
+    handler.setFormatter(_Formatter())
+    handler.addFilter(_RankZero())
+    logger.addHandler(handler)
