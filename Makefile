@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test quickstart
+.PHONY: install test test-fast quickstart
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# the inner loop: everything but the slow, end-to-end and GPU tests
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not e2e and not gpu"
 
 quickstart: install
 	$(VENV)/bin/zhtune-quickstart

@@ -4,7 +4,7 @@
 # GGUF_FILE: the assembled gemma-3-270m-q4_k_m.gguf (see shared/gpu/STAGING.md);
 # DATA_DIR: arc/ ceval/ gsm8k/ mmlu/ in their original formats.
 set -euo pipefail
-export ZHTUNE_EMBEDDED_GGUF=$1 ZHTUNE_CACHE=/root/keep/zhtune-cache
+export ZHTUNE_EMBEDDED_GGUF=$1 ZHTUNE_CACHE=${ZHTUNE_CACHE:-$HOME/.cache/zhtune}
 data=$2; out=$3
 start=$(date +%s)
 python3 -c "from zhtune.models.embedded import embedded_model_dir; print(embedded_model_dir())"

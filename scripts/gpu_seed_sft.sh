@@ -7,7 +7,7 @@
 # the same chat-template tokens); the random model's vocab_size is raised to it (+2.4% embedding rows).
 set -euo pipefail
 carry=$1; out=$2; ngpu=${NGPU:-4}
-model=/tmp/gemma2-9b-random
+model=${MODEL_DIR:-${TMPDIR:-/tmp}/gemma2-9b-random}  # where the random model is built once
 if [ ! -f $model/config.json ]; then
 python3 - "$model" "$carry" <<'PY'
 import gzip, json, shutil, sys, time, torch

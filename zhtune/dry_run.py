@@ -3,9 +3,11 @@
 import dataclasses
 import json
 
+from zhtune.log import logger
+
 
 def print_dry_run(command: str, args, resolved: dict) -> None:
-    print(f"[zhtune] {command} --dry_run: nothing is loaded or downloaded")
+    logger.info(f"{command} --dry_run: nothing is loaded or downloaded")
     for key, value in dataclasses.asdict(args).items():
         print(f"  {key} = {value!r}")
     for key, value in resolved.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from zhtune.cli import main as zhtune
 from zhtune.files import write_json_atomic, write_text_atomic
+from zhtune.log import logger
 
 PROBES = ["你是谁？", "what's your name?", "你是谁研发的？"]
 MULTI_TURN = ["浙江的省会在哪？", "这有什么好吃的？"]
@@ -57,7 +58,7 @@ def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1)
-    print("[quickstart] 1/4 the base model answers the probes", flush=True)
+    logger.info("quickstart: 1/4 the base model answers the probes")
     engine_args = InferArguments(merge_lora=True, infer_backend="pt")
     base = load_engine(resolve_model("gemma3-270m"), engine_args)
     before = ask_probes(base, settings)
@@ -65,17 +66,17 @@ def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_
     write_json_atomic(out_dir / "identity_before.json", identity_before)
     del base
 
-    print("[quickstart] 2/4 fine-tuning (LoRA on embedding, all linear layers and lm_head; norms trained)", flush=True)
+    logger.info("quickstart: 2/4 fine-tuning (LoRA on embedding, all linear layers and lm_head; norms trained)")
     if zhtune(["sft", *SFT_RECIPE, "--output_dir", str(out_dir / "output"), *sft_extra]) != 0:
         raise SystemExit("[quickstart] zhtune sft failed")
     run_dir = sorted((out_dir / "output" / "gemma3-270m").glob("v*-*"))[-1]
     ckpt = sorted(run_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[-1]
     identity_after = json.loads((run_dir / "identity_probe.json").read_text(encoding="utf-8"))  # sft's own probe
 
-    print("[quickstart] 3/4 the merged checkpoint answers the probes", flush=True)
+    logger.info("quickstart: 3/4 the merged checkpoint answers the probes")
     after = ask_probes(load_engine(resolve_model(ckpt_dir=str(ckpt)), engine_args), settings)
 
-    print("[quickstart] 4/4 evaluation before and after", flush=True)
+    logger.info("quickstart: 4/4 evaluation before and after")
     from zhtune.args import EvalArguments
     eval_args = EvalArguments(model_type="gemma3-270m", ckpt_dir=[str(ckpt)], merge_lora=True,
                               eval_dataset=["arc", "ceval", "gsm8k", "mmlu"],
@@ -85,7 +86,7 @@ def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_
     evaluation = run_evaluation(eval_args)
     report = write_report(out_dir, run_dir, ckpt, before, after, evaluation, (identity_before, identity_after),
                           time.time() - started)
-    print(f"[quickstart] report: {report}", flush=True)
+    logger.info(f"quickstart: report: {report}")
     return report
 
 

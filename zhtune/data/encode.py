@@ -14,7 +14,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from zhtune.errors import UserError
+from zhtune.files import staged_file
+from zhtune.log import logger
 from zhtune.models.embedded import cache_root
 from zhtune.templates import IGNORE_INDEX, Encoded
 
@@ -49,20 +50,19 @@ class EncodedSet:
 
 
 def encode_rows(rows: list[dict], template, max_length: int | None, truncation_strategy: str = "delete",
-                num_proc: int = 2, cache_dir=None, log=None) -> EncodedSet:
+                num_proc: int = 2, cache_dir=None) -> EncodedSet:
     """Encode rows (or read them from the cache); rows over max_length are dropped or cut per the strategy."""
     if truncation_strategy not in STRATEGIES:
         raise UserError(f"--truncation_strategy '{truncation_strategy}' is not one of {', '.join(STRATEGIES)}.")
     max_length = max_length if max_length and max_length > 0 else None
-    log = log or print
     path = _cache_folder(cache_dir) / f"{cache_key(rows, template, max_length, truncation_strategy)}.npz"
     cached = _read_cache(path)
     if cached is None:
-        results = _encode_all([r["messages"] for r in rows], template, max_length, truncation_strategy, num_proc, log)
+        results = _encode_all([r["messages"] for r in rows], template, max_length, truncation_strategy, num_proc)
         items = [Encoded(*r) for r in results if not isinstance(r, str)]
         reasons = Counter(r for r in results if isinstance(r, str))
         encoded = EncodedSet(items, sum(reasons.values()), _stats(items, reasons))
-        _write_cache(path, encoded, log)
+        _write_cache(path, encoded)
     else:
         encoded = cached
     encoded.stats.update(from_cache=cached is not None, cache_file=str(path))
@@ -115,13 +115,13 @@ def _worker_chunk(messages_list):
     return _encode_chunk(messages_list, _worker["template"], _worker["max_length"], _worker["strategy"])
 
 
-def _encode_all(messages_list, template, max_length, strategy, num_proc, log) -> list:
+def _encode_all(messages_list, template, max_length, strategy, num_proc) -> list:
     num_proc = min(num_proc, os.cpu_count() or 1)
     if num_proc <= 1 or len(messages_list) < IN_PROCESS_BELOW:
         return _encode_chunk(messages_list, template, max_length, strategy)
     chunks = [messages_list[i:i + CHUNK_ROWS] for i in range(0, len(messages_list), CHUNK_ROWS)]
     processes = min(num_proc, len(chunks))
-    log(f"[zhtune] encoding {len(messages_list)} rows with {processes} processes (cached for re-runs)...")
+    logger.info(f"encoding {len(messages_list)} rows with {processes} processes (cached for re-runs)...")
     # spawn, not fork: the parent may already run torch and tokenizer threads, which fork can deadlock
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes, _init_worker, (template, max_length, strategy)) as pool:
@@ -157,7 +157,7 @@ def _read_cache(path: Path) -> EncodedSet | None:
     return EncodedSet(items, meta["dropped"], meta["stats"])
 
 
-def _write_cache(path: Path, encoded: EncodedSet, log) -> None:
+def _write_cache(path: Path, encoded: EncodedSet) -> None:
     offsets = np.zeros(len(encoded.items) + 1, dtype=np.int64)
     np.cumsum([len(e.input_ids) for e in encoded.items], out=offsets[1:])
 
@@ -165,14 +165,7 @@ def _write_cache(path: Path, encoded: EncodedSet, log) -> None:
         return np.fromiter((t for e in encoded.items for t in getattr(e, key)), dtype=np.int32, count=int(offsets[-1]))
     meta = json.dumps({"dropped": encoded.dropped, "stats": encoded.stats}, ensure_ascii=False)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, input_ids=flat("input_ids"), labels=flat("labels"), offsets=offsets, meta=np.array(meta))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with staged_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, input_ids=flat("input_ids"), labels=flat("labels"), offsets=offsets, meta=np.array(meta))
     except OSError as e:
-        log(f"[zhtune] warning: could not write the encoding cache {path} ({e.strerror or e}); continuing without it.")
+        logger.warning(f"could not write the encoding cache {path} ({e.strerror or e}); continuing without it.")

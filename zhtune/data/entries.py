@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from zhtune import hub
 from zhtune.data import loaders
 from zhtune.data.registry import DATASETS, DatasetInfo, get_dataset_info, unknown_dataset
 from zhtune.errors import UserError, closest
@@ -48,7 +49,7 @@ def parse_entry(text: str) -> Entry:
     raw = str(text).strip()
     if not raw:
         raise UserError("empty --dataset entry. Give a registered name, a hub id or a local file.")
-    use_hf = loaders.use_hf_by_default()
+    use_hf = hub.use_hf()
     if raw[:4].upper() in ("HF::", "MS::"):
         use_hf, raw = raw[:2].upper() == "HF", raw[4:]
     if _exists(raw):  # a local path may itself contain ':' or '#'

@@ -7,13 +7,13 @@ loaded, so a typo in the last entry fails at once.
 """
 
 import random
-import sys
 from dataclasses import dataclass, field
 
 from zhtune.data import loaders
 from zhtune.data.entries import Entry, parse_entry
 from zhtune.data.self_cognition import Identity, fill_placeholders
 from zhtune.errors import UserError
+from zhtune.log import logger
 
 
 @dataclass
@@ -23,7 +23,7 @@ class DatasetSplit:
     entries: list[dict] = field(default_factory=list)  # {"name", "subset", "requested", "train", "val"}
 
 
-def load_entry(entry: Entry, log=None) -> list[dict]:
+def load_entry(entry: Entry) -> list[dict]:
     if entry.source == "local":
         return loaders.load_local(entry.path)
     info = entry.info
@@ -34,11 +34,11 @@ def load_entry(entry: Entry, log=None) -> list[dict]:
     columns = info.columns if info else None
     rows = []
     for subset in entry.subsets:
-        rows += loaders.load_hub(hub_id, subset, split, entry.use_hf, columns, log=log or _warn)
+        rows += loaders.load_hub(hub_id, subset, split, entry.use_hf, columns)
     return rows
 
 
-def sample_rows(rows: list, n: int | None, rng: random.Random, label: str, log=None) -> list:
+def sample_rows(rows: list, n: int | None, rng: random.Random, label: str) -> list:
     """N rows: without replacement when N <= size; else the whole set repeated, the rest drawn at random."""
     if n is None:
         return list(rows)
@@ -46,7 +46,7 @@ def sample_rows(rows: list, n: int | None, rng: random.Random, label: str, log=N
     if n <= size:
         return [rows[i] for i in rng.sample(range(size), n)]
     repeats, rest = divmod(n, size)
-    (log or _warn)(f"[zhtune] warning: dataset {label}: {n} rows requested but it has {size}; "
+    logger.warning(f"dataset {label}: {n} rows requested but it has {size}; "
                    f"using every row {repeats} time(s) and {rest} more drawn at random.")
     return list(rows) * repeats + [rows[i] for i in rng.sample(range(size), rest)]
 
@@ -66,14 +66,14 @@ def split_val(rows: list, ratio: float, rng: random.Random) -> tuple[list, list]
 
 
 def load_datasets(entries: list[str], *, seed: int = 42, test_ratio: float = 0.01, val_entries=(),
-                  model_name=(), model_author=(), log=None) -> DatasetSplit:
+                  model_name=(), model_author=()) -> DatasetSplit:
     """Load, sample and concatenate every entry; split each for validation unless val_entries are given."""
     parsed, parsed_val, identity = _check(entries, val_entries, test_ratio, model_name, model_author)
     split = DatasetSplit([], [], [])
     for role, group in (("train", parsed), ("val", parsed_val)):
         for index, entry in enumerate(group):
             rng = random.Random(f"{seed}/{role}/{index}/{entry.text}")
-            rows = sample_rows(load_entry(entry, log), entry.requested, rng, entry.text, log)
+            rows = sample_rows(load_entry(entry), entry.requested, rng, entry.text)
             rows = fill_placeholders(rows, identity, entry.text)
             if role == "val":
                 train, val = [], rows
@@ -145,6 +145,3 @@ def _entry_report(entry: Entry, train, val) -> dict:
     return {"name": entry.name, "subset": entry.subset_list, "requested": entry.requested,
             "train": train, "val": val}
 
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)

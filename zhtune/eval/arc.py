@@ -35,10 +35,8 @@ class ARC(Benchmark):
     name = "arc"
     ms_id = "modelscope/ai2_arc"
     hf_id = "allenai/ai2_arc"
-
-    def local_layout(self) -> str:
-        return ("A local copy is one ARC-Challenge test file under arc/: ARC-Challenge-Test.jsonl (AI2), "
-                "test-*.parquet (Hugging Face) or arc_challenge.jsonl (llm-foundry); few-shot needs a *train* file.")
+    layout = ("A local copy is one ARC-Challenge test file under arc/: ARC-Challenge-Test.jsonl (AI2), "
+              "test-*.parquet (Hugging Face) or arc_challenge.jsonl (llm-foundry); few-shot needs a *train* file.")
 
     def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
         path = find_split_file(folder, "train" if few_shot else "test")

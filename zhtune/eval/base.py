@@ -10,7 +10,7 @@ generation, extraction, scoring) is the same code for all of them.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zhtune import hub
+from zhtune import files, hub
 from zhtune.errors import UserError
 from zhtune.eval.extract import LETTERS, extract_choice, extract_number, numbers_equal, to_number
 
@@ -91,9 +91,10 @@ class Benchmark:
     def load_hub(self, few_shot: bool) -> list[EvalItem]:
         raise NotImplementedError
 
+    layout = ""  # one sentence: which files a local copy has
+
     def local_layout(self) -> str:
-        """One sentence: which files a local copy has."""
-        return ""
+        return self.layout
 
     def source(self, data_dir: str | Path | None) -> str:
         if data_dir is not None:
@@ -153,34 +154,14 @@ def hub_rows(benchmark: "Benchmark", subset: str | None, split: str) -> list[dic
 
 # -- local files -----------------------------------------------------------------------------------
 
-def read_records(path: Path) -> list[dict]:
-    """Rows of a .jsonl, .json (a list) or .parquet file."""
-    import json
-    if path.suffix == ".parquet":
-        try:
-            import pandas as pd
-            return pd.read_parquet(path).to_dict("records")
-        except ImportError:
-            raise UserError(f"{path} is a parquet file: reading it needs `pip install pandas pyarrow`.") from None
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix == ".json":
-        data = json.loads(text)
-        return data if isinstance(data, list) else [data]
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not JSON ({e.msg}). Give the benchmark's original file.") from None
-    return rows
+def read_records(path: Path) -> list:
+    """Rows of a benchmark file (.jsonl, .json, .parquet, or .csv with a header), through zhtune.files."""
+    return [row for _, row in files.read_records(path)]
 
 
 def read_csv(path: Path, header: bool) -> list:
     """CSV rows: dicts when the file has a header, lists when it has none (MMLU)."""
-    import csv
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f)) if header else [row for row in csv.reader(f) if row]
+    return [row for _, row in files.read_records(path, csv_header=header)]
 
 
 def rows_to_items(rows: list, parse, where: str) -> list[EvalItem]:
@@ -192,3 +173,23 @@ def rows_to_items(rows: list, parse, where: str) -> list[EvalItem]:
         except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise UserError(f"{where}: row {i + 1} is not in a format zhtune reads ({type(e).__name__}: {e}).") from None
     return items
+
+
+class SubjectCsvBenchmark(Benchmark):
+    """A benchmark stored as one <subject>_<split>.csv per subject (C-Eval, MMLU)."""
+    csv_header = True
+
+    def parse_csv_row(self, row, subject: str, index: int) -> EvalItem:
+        raise NotImplementedError
+
+    def split_dir(self, folder: Path, split: str) -> Path:
+        return folder / split
+
+    def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
+        split = self.shot_split if few_shot else self.test_split
+        items = []
+        for path in sorted(self.split_dir(folder, split).glob(f"*_{split}.csv")):
+            subject = path.name[: -len(f"_{split}.csv")]
+            items += rows_to_items(read_csv(path, self.csv_header),
+                                   lambda r, i, s=subject: self.parse_csv_row(r, s, i), str(path))
+        return items

@@ -7,9 +7,9 @@ The prompt is C-Eval's own: "以下是中国关于{科目}考试的单项选择�
 Chinese name.
 """
 
-from pathlib import Path
 
-from zhtune.eval.base import Benchmark, EvalItem, hub_rows, letter_item, options_text, read_csv, rows_to_items
+from zhtune.eval.base import (EvalItem, hub_rows, letter_item, options_text, rows_to_items,
+                              SubjectCsvBenchmark)
 
 SUBJECTS_ZH = {
     "accountant": "注册会计师",
@@ -77,24 +77,17 @@ def parse_row(row: dict, subject: str, index: int) -> EvalItem:
                        str(row["answer"]).strip().upper(), subject)
 
 
-class CEval(Benchmark):
+class CEval(SubjectCsvBenchmark):
     name = "ceval"
     ms_id = "modelscope/ceval-exam"
     hf_id = "ceval/ceval-exam"
     test_split = "val"
     shot_split = "dev"
+    layout = ("A local copy has ceval/val/<subject>_val.csv (and ceval/dev/<subject>_dev.csv for few-shot), "
+              "CSV with the header id,question,A,B,C,D,answer.")
 
-    def local_layout(self) -> str:
-        return ("A local copy has ceval/val/<subject>_val.csv (and ceval/dev/<subject>_dev.csv for few-shot), "
-                "CSV with the header id,question,A,B,C,D,answer.")
-
-    def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
-        split = self.shot_split if few_shot else self.test_split
-        items = []
-        for path in sorted((folder / split).glob(f"*_{split}.csv")):
-            subject = path.name[: -len(f"_{split}.csv")]
-            items += rows_to_items(read_csv(path, header=True), lambda r, i, s=subject: parse_row(r, s, i), str(path))
-        return items
+    def parse_csv_row(self, row, subject: str, index: int) -> EvalItem:
+        return parse_row(row, subject, index)
 
     def load_hub(self, few_shot: bool) -> list[EvalItem]:
         split = self.shot_split if few_shot else self.test_split

@@ -31,8 +31,7 @@ class GSM8K(Benchmark):
     kind = "number"
     max_new_tokens = 512
 
-    def local_layout(self) -> str:
-        return "A local copy has gsm8k/test.jsonl (and gsm8k/train.jsonl for few-shot) with question/answer rows."
+    layout = "A local copy has gsm8k/test.jsonl (and gsm8k/train.jsonl for few-shot) with question/answer rows."
 
     def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
         path = folder / ("train.jsonl" if few_shot else "test.jsonl")

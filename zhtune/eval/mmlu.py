@@ -10,7 +10,8 @@ context already ended with it, then the question was appended again); here it ap
 
 from pathlib import Path
 
-from zhtune.eval.base import Benchmark, EvalItem, hub_rows, letter_item, options_text, read_csv, rows_to_items
+from zhtune.eval.base import (EvalItem, hub_rows, letter_item, options_text, rows_to_items,
+                              SubjectCsvBenchmark)
 from zhtune.hub import use_hf
 from zhtune.eval.extract import LETTERS
 
@@ -44,25 +45,21 @@ def parse_hub_row(row: dict, subject: str, index: int) -> EvalItem:
                        str(row["target"]).strip().upper(), subject)
 
 
-class MMLU(Benchmark):
+class MMLU(SubjectCsvBenchmark):
     name = "mmlu"
     ms_id = "modelscope/mmlu"
     hf_id = "cais/mmlu"
     shot_split = "dev"
+    layout = ("A local copy has mmlu/test/<subject>_test.csv (and mmlu/dev/<subject>_dev.csv for few-shot), "
+              "CSV without a header: question,A,B,C,D,answer.")
 
-    def local_layout(self) -> str:
-        return ("A local copy has mmlu/test/<subject>_test.csv (and mmlu/dev/<subject>_dev.csv for few-shot), "
-                "CSV without a header: question,A,B,C,D,answer.")
+    csv_header = False
 
-    def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
-        split = self.shot_split if few_shot else self.test_split
-        split_dir = next((d for d in (folder / split, folder / "data" / split) if d.is_dir()), folder / split)
-        items = []
-        for path in sorted(split_dir.glob(f"*_{split}.csv")):
-            subject = path.name[: -len(f"_{split}.csv")]
-            items += rows_to_items(read_csv(path, header=False), lambda r, i, s=subject: parse_csv_row(r, s, i),
-                                   str(path))
-        return items
+    def split_dir(self, folder: Path, split: str) -> Path:
+        return next((d for d in (folder / split, folder / "data" / split) if d.is_dir()), folder / split)
+
+    def parse_csv_row(self, row, subject: str, index: int) -> EvalItem:
+        return parse_csv_row(row, subject, index)
 
     def load_hub(self, few_shot: bool) -> list[EvalItem]:
         if use_hf():  # one config holds every subject

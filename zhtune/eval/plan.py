@@ -10,7 +10,6 @@ Models, in table order:
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from zhtune.errors import UserError, closest
 from zhtune.eval.arc import ARC

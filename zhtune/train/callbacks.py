@@ -2,11 +2,12 @@
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from zhtune.files import staged_file
 
 
 def memory_gib() -> float:
@@ -94,9 +95,8 @@ def plot_curves(run_dir: Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         out = images / f"{'train_' if key == 'loss' else ''}{key}.png"
-        tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp)
+        with staged_file(out) as tmp:
+            fig.savefig(tmp)
         plt.close(fig)
-        os.replace(tmp, out)
         written.append(out)
     return written

@@ -12,29 +12,35 @@ Switches (each measured in benchmarks/RESULTS.md): `packing` (--packing), `chunk
 and two levers on the model that `prepare_model` applies and `restore_model` undoes:
 `compile` (torch.compile of each decoder layer; GPU only) and `bf16_lora_inputs` (no fp32 copy of
 each LoRA input under bf16 autocast). `set_checkpointed_layers` checkpoints only as many decoder
-layers as memory needs (all of them fit Gemma-2-9B at 8192 tokens in 24 GiB).
+layers as memory needs.
 """
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from zhtune.log import logger
+from zhtune.models.architectures import ARCHITECTURES, Architecture, get_architecture
 
 from zhtune.train.loss import chunked_causal_lm_loss
 from zhtune.train.packing import FLEX_BLOCK, PackedCollator, PaddedCollator, pack_encoded
 
-# transformers architecture (config.model_type) -> what the fast path needs to know
-SUPPORTED = ("gemma2", "gemma3_text", "qwen2")
-LOG_PREFIX = "[zhtune] training path: "
+LOG_PREFIX = "training path: "
 
 
-def attn_implementation(model_config, device: str) -> str | None:
+def supported(architecture: str | None) -> bool:
+    arch = get_architecture(architecture)
+    return arch is not None and arch.fast_path
+
+
+def attn_implementation(arch: Architecture | None, device: str) -> str | None:
     """The attention the fast path wants at load time, or None to keep the loader's choice.
 
     On a GPU: flex_attention for every supported model (a fused kernel with document masks; for
     Gemma 2 also the attention softcap, which sdpa drops). On a CPU: None (eager, exact; flex_attention
     has no backward on CPU)."""
-    if not str(device).startswith("cuda") or getattr(model_config, "model_type", None) not in SUPPORTED:
+    if not str(device).startswith("cuda") or arch is None or not arch.fast_path:
         return None
     return "flex_attention"
 
@@ -46,16 +52,15 @@ class FastPath:
     pad_to_multiple_of: int | None = None  # None: --max_length when compiling (one shape), else 128
     compile: bool | None = None  # None: on a GPU
     bf16_lora_inputs: bool = True
-    log: object = field(default=print, repr=False)
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
     device: str = "cpu"  # set by decide()
 
     # -- choosing the path -----------------------------------------------------------------------
     @classmethod
-    def create(cls, model, device: str, args, log=print) -> "FastPath | None":
+    def create(cls, model, device: str, args) -> "FastPath | None":
         """The recipe's entry: a FastPath for this (already loaded, maybe PEFT-wrapped) model, or None
         for the exact plain path. Logs the one line."""
-        fast = cls(packing=getattr(args, "packing", None) is not False, log=log)
+        fast = cls(packing=getattr(args, "packing", None) is not False)
         enabled, _ = fast.decide(_base_model(model).config, device, args)
         return fast if enabled else None
 
@@ -64,7 +69,7 @@ class FastPath:
         enabled, reason = self._decide(model_config, str(device), args)
         self.softcap = getattr(model_config, "final_logit_softcapping", None)
         self.device = str(device)
-        self.log(LOG_PREFIX + (f"fast ({reason})" if enabled else f"exact plain path: {reason}"))
+        logger.info(LOG_PREFIX + (f"fast ({reason})" if enabled else f"exact plain path: {reason}"))
         return enabled, reason
 
     def _decide(self, config, device: str, args) -> tuple[bool, str]:
@@ -75,8 +80,9 @@ class FastPath:
             return False, "--fast_path false"
         if not device.startswith("cuda") and wanted is not True:
             return False, f"no GPU (device {device}); --fast_path true forces it"
-        if arch not in SUPPORTED:
-            return False, f"the fast path supports {', '.join(SUPPORTED)}, not {arch}"
+        if not supported(arch):
+            names = ", ".join(a.name for a in ARCHITECTURES.values() if a.fast_path)
+            return False, f"the fast path supports {names}, not {arch}"
         if _zero3(getattr(args, "deepspeed", None)):
             return False, "DeepSpeed ZeRO-3 partitions the lm_head the chunked loss calls"
         if self.packing and attn not in ("flex_attention", "eager", "sdpa", "flash_attention_2"):
@@ -102,7 +108,7 @@ class FastPath:
         pad_id = _pad_id(tokenizer)
         if self.packing:
             rows = pack_encoded(items, args.max_length, seed=getattr(args, "dataset_seed", 42))
-            self.log(f"[zhtune] packing: {len(items)} samples into {len(rows)} rows of at most "
+            logger.info(f"packing: {len(items)} samples into {len(rows)} rows of at most "
                      f"{args.max_length} tokens")
             multiple = self.pad_to_multiple_of
             if multiple is None:
@@ -115,9 +121,9 @@ class FastPath:
     def prepare_model(self, model) -> list[str]:
         """Apply the model levers before training; returns their names (for the log).
 
-        compile: each decoder layer through torch.compile (first step ~90 s on Gemma-2-9B, then
-        +34% tokens/s); on a GPU only. bf16_lora_inputs: PEFT's fp32 copy of every LoRA input is
-        skipped (+13% tokens/s); only while the model runs under bf16 autocast (Trainer with bf16=True),
+        compile: each decoder layer through torch.compile (a slow first step, then faster ones; see
+        benchmarks/RESULTS.md); on a GPU only. bf16_lora_inputs: PEFT's fp32 copy of every LoRA input is
+        skipped; only while the model runs under bf16 autocast (Trainer with bf16=True),
         so call `restore_model` before generating without autocast."""
         applied = []
         if self.bf16_lora_inputs and _is_bf16(model) and set_lora_input_casting(model, False):

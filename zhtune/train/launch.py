@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from zhtune.args import env_world
+from zhtune.log import logger
 
 RUN_DIR_ENV = "ZHTUNE_RUN_DIR"
 
@@ -44,6 +45,6 @@ def relaunch_with_torchrun(argv: list[str], run_dir: Path) -> int:
            f"--nproc_per_node={world['nproc_per_node']}", f"--nnodes={world['nnodes']}",
            f"--node_rank={world['node_rank']}", f"--master_addr={world['master_addr']}",
            f"--master_port={world['master_port']}", "-m", "zhtune.cli", "sft", *argv]
-    print(f"[zhtune] launching {world['nproc_per_node']} processes per node with torchrun", flush=True)
+    logger.info(f"launching {world['nproc_per_node']} processes per node with torchrun")
     env = {**os.environ, RUN_DIR_ENV: str(run_dir)}
     return subprocess.call(cmd, env=env)

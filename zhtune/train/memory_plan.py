@@ -1,15 +1,16 @@
 """Activation checkpointing only where memory needs it (a fast-path lever, GPU only).
 
-Checkpointing every decoder layer fits Gemma-2-9B at 8192 tokens in 24 GiB but runs each layer's
-forward twice. With memory to spare, every layer left un-checkpointed is recomputation saved
-(benchmarks/RESULTS.md: 42/42 layers checkpointed 7,226 tokens/s in 23.5 GiB, 12/42 9,029 in 70.6 GiB,
-0/42 9,999 in 89.4 GiB, one H200). The plan is measured, not guessed: the first optimizer step runs
+Checkpointing every decoder layer takes the least memory but runs each layer's forward twice. With
+memory to spare, every layer left un-checkpointed is recomputation saved (benchmarks/RESULTS.md has
+the measured trade-off). The plan is measured, not guessed: the first optimizer step runs
 with every layer checkpointed, the second with `probe` fewer, and from their peaks
 (torch.cuda.max_memory_allocated) as many layers are left out as fit in `fraction` of the GPU's
 memory. Under DDP every rank checkpoints as many layers as the rank with the least room needs.
 """
 
 from transformers import TrainerCallback
+
+from zhtune.log import logger
 
 from zhtune.train.fast_path import decoder_layers, set_checkpointed_layers
 
@@ -23,8 +24,8 @@ def plan_checkpointed_layers(n_layers: int, peak_all: float, peak_probe: float, 
 
 
 class CheckpointPlanner(TrainerCallback):
-    def __init__(self, model, fraction: float = 0.8, probe: int = 4, log=print, memory=None):
-        self.model, self.fraction, self.log = model, fraction, log
+    def __init__(self, model, fraction: float = 0.8, probe: int = 4, memory=None):
+        self.model, self.fraction = model, fraction
         self.n_layers = len(decoder_layers(model))
         self.probe = min(probe, self.n_layers)
         self.memory = memory or _CudaMemory()
@@ -50,7 +51,7 @@ class CheckpointPlanner(TrainerCallback):
         self.chosen = _max_over_ranks(keep)
         set_checkpointed_layers(self.model, self.chosen)
         gib = 2**30
-        self.log(f"[zhtune] fast path: {self.chosen} of {self.n_layers} decoder layers checkpointed from step "
+        logger.info(f"fast path: {self.chosen} of {self.n_layers} decoder layers checkpointed from step "
                  f"{state.global_step + 1} on (peak {self.peak_all / gib:.1f} GiB with all, "
                  f"+{(peak_probe - self.peak_all) / self.probe / gib:.2f} GiB per layer left out, "
                  f"budget {budget / gib:.0f} GiB = {self.fraction:.0%} of the GPU)")

@@ -21,7 +21,8 @@ import random
 
 import torch
 
-IGNORE_INDEX = -100
+from zhtune.templates.base import IGNORE_INDEX
+
 FLEX_BLOCK = 128
 
 

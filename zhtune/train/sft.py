@@ -15,13 +15,14 @@ from pathlib import Path
 from zhtune.dry_run import print_dry_run
 from zhtune.errors import UserError
 from zhtune.files import write_json_atomic
-from zhtune.models.loader import resolve_model
+from zhtune.log import logger
+from zhtune.models.resolve import resolve_from_args
 from zhtune.train import launch
 
 
 def sft_main(args) -> int:
     _check(args)
-    resolved = resolve_model(args.model_type, args.model_id_or_path, args.template_type)
+    resolved = resolve_from_args(args, ckpt_dir=None)
     if args.dry_run:
         return _dry_run(args, resolved)
     if args.resume_from_checkpoint:
@@ -49,10 +50,10 @@ def _check(args) -> None:
 
 def lora_plan(args, resolved, model=None) -> tuple[list[str], list[str]]:
     """LoRA targets and fully trained modules, from the model's modules or its architecture table."""
-    from zhtune.tuners.lora import modules_of, modules_of_architecture, resolve_modules_to_save, resolve_targets
+    from zhtune.tuners.lora import modules_of, resolve_modules_to_save, resolve_targets
     if args.sft_type != "lora":
         return [], []
-    modules = modules_of(model) if model is not None else modules_of_architecture(resolved.info.architecture)
+    modules = modules_of(model) if model is not None else resolved.arch.module_names()
     return (resolve_targets(args.lora_target_modules, modules, resolved.info),
             resolve_modules_to_save(args.lora_modules_to_save, modules, resolved.info))
 
@@ -82,26 +83,24 @@ def train(args, resolved, run_dir: Path) -> int:
     from zhtune.train.callbacks import plot_curves
 
     main = launch.is_main_process()
-    log = print if main else (lambda *a, **k: None)
     set_seed(args.seed)
     split = load_datasets(args.dataset, seed=args.dataset_seed, test_ratio=args.dataset_test_ratio,
                           val_entries=args.val_dataset, model_name=args.model_name, model_author=args.model_author)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(resolved, args.dtype, args.use_flash_attn, device=device,
-                                                revision=args.model_revision, log=log,
                                                 attn_implementation=_fast_path_attention(args, resolved, device))
     template = get_template(resolved.template, tokenizer)
     if args.system:
         split.train, split.val = _with_system(split.train, args.system), _with_system(split.val, args.system)
     train_set = encode_rows(split.train, template, args.max_length, args.truncation_strategy, args.preprocess_num_proc)
     val_set = encode_rows(split.val, template, args.max_length, args.truncation_strategy, args.preprocess_num_proc)
-    log(format_statistics(split, train_set, val_set))
+    logger.info(format_statistics(split, train_set, val_set))
     if not train_set.items:
         raise UserError("no training rows are left after encoding: raise --max_length or use "
                         "--truncation_strategy truncation_left.")
 
-    model = _wrap_model(args, resolved, model, log)
-    fast_path = _pick_training_path(args, model, device, log)
+    model = _wrap_model(args, resolved, model)
+    fast_path = _pick_training_path(args, model, device)
     sft_args = {**dataclasses.asdict(args), "model_type": resolved.model_type, "template_type": resolved.template,
                 "model_id_or_path": args.model_id_or_path, "run_dir": str(run_dir)}
     if main:
@@ -122,11 +121,11 @@ def train(args, resolved, run_dir: Path) -> int:
         if fast_path is not None:
             fast_path.restore_model(trainer.model)
         _identity_probe(args, trainer.model, tokenizer, resolved, run_dir / last)
-    print(f"[zhtune] best checkpoint: {best}, last checkpoint: {run_dir / last}", flush=True)
+    logger.info(f"best checkpoint: {best}, last checkpoint: {run_dir / last}")
     return 0
 
 
-def _wrap_model(args, resolved, model, log):
+def _wrap_model(args, resolved, model):
     if args.sft_type == "full":
         model.train()
         return model
@@ -138,11 +137,11 @@ def _wrap_model(args, resolved, model, log):
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(args, targets, to_save))
     # PEFT would also write the whole base embedding matrix beside the LoRA weights of an embedding
-    # target (a guard for resized vocabularies, which zhtune never does): 670 MB a checkpoint here.
+    # target (a guard for resized vocabularies, which zhtune never does): the whole vocabulary per checkpoint.
     model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"[zhtune] LoRA on {targets}; fully trained: {to_save or 'none'}; "
+    logger.info(f"LoRA on {targets}; fully trained: {to_save or 'none'}; "
         f"trainable {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters ({100 * trainable / total:.2f}%)")
     return model
 
@@ -151,83 +150,45 @@ def _fast_path_attention(args, resolved, device: str) -> str | None:
     """On a GPU the fast path runs on flex_attention (document masks, Gemma 2's softcap): load with it."""
     if args.fast_path is False:
         return None
-    from types import SimpleNamespace
-
     from zhtune.train.fast_path import attn_implementation
-    return attn_implementation(SimpleNamespace(model_type=resolved.info.architecture), device)
+    return attn_implementation(resolved.arch, device)
 
 
-def _pick_training_path(args, model, device, log):
+def _pick_training_path(args, model, device):
     """The GPU fast path where it is supported, else the exact plain path; one log line says which."""
     from zhtune.train.fast_path import FastPath
-    fast_path = FastPath.create(model, device, args, log=log)
+    fast_path = FastPath.create(model, device, args)
     if fast_path is not None:
         levers = fast_path.prepare_model(model)
         if levers:
-            log(f"[zhtune] fast path levers: {', '.join(levers)}")
+            logger.info(f"fast path levers: {', '.join(levers)}")
     return fast_path
 
 
 def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device):
     import torch
-    from transformers import TrainingArguments
-
-    from zhtune.train.callbacks import JsonlLogger
     from transformers import DataCollatorForSeq2Seq
-    from zhtune.templates import IGNORE_INDEX
-    from zhtune.train.trainer import ZhTrainer, argmax_logits, token_accuracy
 
-    world = launch.world_size()
+    from zhtune.templates import IGNORE_INDEX
+    from zhtune.train.callbacks import JsonlLogger
+    from zhtune.train.trainer import ZhTrainer, argmax_logits, token_accuracy, training_arguments
+
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     train_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_set.items]
     val_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in val_set.items]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if fast_path is not None:
         train_rows, collator = fast_path.prepare_data(train_set.items, args, tokenizer)
-    training_args = TrainingArguments(
-        output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
-        gradient_accumulation_steps=args.resolved_grad_accum(world), learning_rate=args.resolved_learning_rate(),
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_ratio,
-        lr_scheduler_type=args.lr_scheduler_type, num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
-        eval_strategy="steps" if val_rows else "no", eval_steps=args.eval_steps, save_strategy="steps",
-        save_steps=args.save_steps or args.eval_steps,
-        save_total_limit=None if args.save_total_limit < 0 else args.save_total_limit,
-        logging_steps=args.logging_steps, logging_first_step=True, gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, seed=args.seed, data_seed=args.seed, bf16=bf16,
-        report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
-        metric_for_best_model="loss" if val_rows else None, greater_is_better=False if val_rows else None,
-        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None, ddp_find_unused_parameters=False,
-        deepspeed=_deepspeed_config(args.deepspeed), use_cpu=not device.startswith("cuda"), save_only_model=False,
-    )
-    trainer = ZhTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=val_rows or None,
+    hf_args = training_arguments(args, run_dir, world=launch.world_size(), bf16=bf16, has_val=bool(val_rows),
+                                 on_gpu=device.startswith("cuda"))
+    trainer = ZhTrainer(model=model, args=hf_args, train_dataset=train_rows, eval_dataset=val_rows or None,
                         data_collator=collator, compute_metrics=token_accuracy,
                         preprocess_logits_for_metrics=argmax_logits, sft_args=sft_args, fast_path=fast_path)
     trainer.add_callback(JsonlLogger(run_dir, trainer))
     if fast_path is not None and args.gradient_checkpointing and device.startswith("cuda"):
         from zhtune.train.memory_plan import CheckpointPlanner
-        trainer.add_callback(CheckpointPlanner(model, log=print if launch.is_main_process() else (lambda *a: None)))
+        trainer.add_callback(CheckpointPlanner(model))
     return trainer
-
-
-def _deepspeed_config(value: str | None):
-    if not value:
-        return None
-    presets = {
-        "default-zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
-                          "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
-                          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"},
-        "default-zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                                                "stage3_gather_16bit_weights_on_model_save": True},
-                          "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
-                          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"},
-    }
-    if value in presets:
-        return presets[value]
-    if not Path(value).is_file():
-        raise UserError(f"--deepspeed {value}: give default-zero2, default-zero3 or a JSON config file.")
-    return value
 
 
 def _with_system(rows: list[dict], system: str) -> list[dict]:
@@ -250,5 +211,5 @@ def _identity_probe(args, model, tokenizer, resolved, ckpt_dir: Path) -> None:
                       model_type=resolved.model_type, system=args.system)
     result = score_identity(engine, args.model_name, args.model_author)
     write_json_atomic(ckpt_dir.parent / "identity_probe.json", result)
-    print(f"[zhtune] identity probe: {result['score']:.2%} of {result['total']} held-out questions name "
-          f"{'/'.join(args.model_name)} and {'/'.join(args.model_author)}", flush=True)
+    logger.info(f"identity probe: {result['score']:.2%} of {result['total']} held-out questions name "
+                f"{'/'.join(args.model_name)} and {'/'.join(args.model_author)}")

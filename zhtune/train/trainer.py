@@ -1,5 +1,12 @@
 """transformers' Trainer with what zhtune adds: atomic checkpoints that carry sft_args.json, the fast
-path's loss, a count of real tokens, and token accuracy at evaluation."""
+path's loss, a count of real tokens, and token accuracy at evaluation; and `training_arguments`, the
+one mapping from zhtune's (ms-swift's) sft flags to transformers' TrainingArguments.
+
+zhtune needs transformers >= 5.17 (pyproject). Three private pieces of transformers are used, all in
+`ZhTrainer`'s checkpoint section below: `Trainer._get_output_dir(trial)`, `Trainer._save_checkpoint(model,
+trial)` and `transformers.trainer_utils.rotate_checkpoints`. `PRIVATE_API` names them with the
+parameters relied on; tests/test_trainer.py fails loudly when a transformers release changes them.
+"""
 
 import os
 import shutil
@@ -8,11 +15,54 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from zhtune.errors import UserError
 from zhtune.files import write_json_atomic
 from zhtune.templates import IGNORE_INDEX
 from zhtune.train.packing import count_tokens
 
 STAGING = ".tmp-checkpoint"
+PRIVATE_API = {"Trainer._get_output_dir": ("self", "trial"), "Trainer._save_checkpoint": ("self", "model", "trial"),
+               "trainer_utils.rotate_checkpoints": ("output_dir", "save_total_limit", "best_model_checkpoint",
+                                                    "use_mtime")}
+
+
+def training_arguments(args, run_dir, *, world: int, bf16: bool, has_val: bool, on_gpu: bool):
+    """transformers TrainingArguments for `zhtune sft` arguments (ms-swift v2 names and defaults)."""
+    from transformers import TrainingArguments
+    return TrainingArguments(
+        output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
+        gradient_accumulation_steps=args.resolved_grad_accum(world), learning_rate=args.resolved_learning_rate(),
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a float below 1 is a share of the total steps
+        lr_scheduler_type=args.lr_scheduler_type, num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+        eval_strategy="steps" if has_val else "no", eval_steps=args.eval_steps, save_strategy="steps",
+        save_steps=args.save_steps or args.eval_steps,
+        save_total_limit=None if args.save_total_limit < 0 else args.save_total_limit,
+        logging_steps=args.logging_steps, logging_first_step=True, gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, seed=args.seed, data_seed=args.seed, bf16=bf16,
+        report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
+        metric_for_best_model="loss" if has_val else None, greater_is_better=False if has_val else None,
+        ddp_backend="gloo" if world > 1 and not on_gpu else None, ddp_find_unused_parameters=False,
+        deepspeed=deepspeed_config(args.deepspeed), use_cpu=not on_gpu, save_only_model=False,
+    )
+
+
+def deepspeed_config(value: str | None):
+    """--deepspeed default-zero2 | default-zero3 | FILE.json -> what TrainingArguments takes."""
+    if not value:
+        return None
+    stage = {"default-zero2": 2, "default-zero3": 3}.get(value)
+    if stage is not None:
+        zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+        if stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    if not Path(value).is_file():
+        raise UserError(f"--deepspeed {value}: give default-zero2, default-zero3 or a JSON config file.")
+    return value
 
 
 class ZhTrainer(Trainer):
@@ -78,14 +128,10 @@ class ZhTrainer(Trainer):
 
     def _rotate(self, run_dir: str) -> None:
         """Keep --save_total_limit checkpoints (the best and the latest always stay)."""
+        from transformers.trainer_utils import rotate_checkpoints
         best = self.state.best_model_checkpoint
         if best and STAGING in best:
             best = None
-        try:
-            from transformers.trainer_utils import rotate_checkpoints
-        except ImportError:  # older transformers keep it as a method
-            self.state.best_model_checkpoint = best
-            return self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=best, use_mtime=False)
 

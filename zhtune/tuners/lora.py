@@ -6,28 +6,13 @@ DEFAULT (the model type's registered default) and literal module names such as `
 
 Names are module-name suffixes (`q_proj`, `embed_tokens`, `lm_head`), the form PEFT matches. With a
 model at hand they come from its modules; for `--dry_run` (no weights, maybe no config) from the
-architecture table below, which the tests keep equal to what the real modules give.
+architecture's record (`Architecture.module_names()`), which the tests keep equal to the real modules.
 """
 
 from zhtune.errors import UserError
 from zhtune.models.registry import ModelInfo
 
 KEYWORDS = ("ALL", "EMBEDDING", "DEFAULT", "LN")
-
-_DECODER_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ARCHITECTURE_MODULES = {
-    "gemma2": {"linear": _DECODER_LINEAR, "embedding": ["embed_tokens"], "head": "lm_head",
-               "norm": ["input_layernorm", "norm", "post_attention_layernorm", "post_feedforward_layernorm",
-                        "pre_feedforward_layernorm"]},
-    "gemma3_text": {"linear": _DECODER_LINEAR, "embedding": ["embed_tokens"], "head": "lm_head",
-                    "norm": ["input_layernorm", "k_norm", "norm", "post_attention_layernorm",
-                             "post_feedforward_layernorm", "pre_feedforward_layernorm", "q_norm"]},
-    "qwen2": {"linear": _DECODER_LINEAR, "embedding": ["embed_tokens"], "head": "lm_head",
-              "norm": ["input_layernorm", "norm", "post_attention_layernorm"]},
-    "llama": {"linear": _DECODER_LINEAR, "embedding": ["embed_tokens"], "head": "lm_head",
-              "norm": ["input_layernorm", "norm", "post_attention_layernorm"]},
-}
-
 
 def modules_of(model) -> dict:
     """{'linear': [...], 'embedding': [...], 'norm': [...], 'head': name, 'all': {...}} from a real model."""
@@ -52,42 +37,27 @@ def modules_of(model) -> dict:
             "all": all_names}
 
 
-def modules_of_architecture(architecture: str) -> dict:
-    table = ARCHITECTURE_MODULES.get(architecture)
-    if table is None:
-        raise UserError(f"no module table for architecture '{architecture}'; load the model (drop --dry_run).")
-    names = set(table["linear"]) | set(table["embedding"]) | set(table["norm"]) | {table["head"]}
-    return {**table, "linear": sorted(table["linear"]), "all": names}
-
-
 def resolve_targets(keywords: list[str], modules: dict, info: ModelInfo) -> list[str]:
-    out: list[str] = []
-    for word in keywords:
-        if word == "ALL":
-            out += modules["linear"]
-        elif word == "EMBEDDING":
-            out += modules["embedding"]
-        elif word == "DEFAULT":
-            out += list(info.default_lora_targets)
-        elif word in modules["all"]:
-            out.append(word)
-        else:
-            raise UserError(f"--lora_target_modules: '{word}' is neither a keyword ({', '.join(KEYWORDS[:3])}) "
-                            f"nor a module of {info.model_type}.{_hint(word, modules)}")
-    return sorted(set(out), key=out.index)
+    """--lora_target_modules: ALL, EMBEDDING, DEFAULT or module names -> module names."""
+    return _expand("--lora_target_modules", keywords, modules, info, {
+        "ALL": modules["linear"], "EMBEDDING": modules["embedding"], "DEFAULT": list(info.arch.default_lora_targets)})
 
 
 def resolve_modules_to_save(keywords: list[str], modules: dict, info: ModelInfo) -> list[str]:
+    """--lora_modules_to_save: LN, EMBEDDING or module names -> module names."""
+    return _expand("--lora_modules_to_save", keywords, modules, info,
+                   {"LN": modules["norm"], "EMBEDDING": modules["embedding"]})
+
+
+def _expand(flag: str, keywords: list[str], modules: dict, info: ModelInfo, expansions: dict) -> list[str]:
     out: list[str] = []
     for word in keywords:
-        if word == "LN":
-            out += modules["norm"]
-        elif word == "EMBEDDING":
-            out += modules["embedding"]
+        if word in expansions:
+            out += expansions[word]
         elif word in modules["all"]:
             out.append(word)
         else:
-            raise UserError(f"--lora_modules_to_save: '{word}' is neither a keyword (LN, EMBEDDING) nor a module "
+            raise UserError(f"{flag}: '{word}' is neither a keyword ({', '.join(expansions)}) nor a module "
                             f"of {info.model_type}.{_hint(word, modules)}")
     return sorted(set(out), key=out.index)
 
