@@ -79,6 +79,7 @@ class CheckpointArguments:
                                                                  "help": "vllm: share of the GPU's memory it takes"})
     max_model_len: int | None = field(default=None, metadata=_at_least(1, "vllm: longest prompt + reply"))
     tensor_parallel_size: int = field(default=1, metadata=_at_least(1, "vllm: GPUs one model spans"))
+    enforce_eager: bool = field(default=False, metadata={"help": "vllm: no CUDA graphs (faster start, slower decode)"})
 
 
 @dataclass
@@ -119,6 +120,7 @@ class SftArguments(ModelArguments, DataArguments):
     fast_path: bool | None = field(default=None, metadata={"help": "GPU fast path (packing, chunked softcapped loss); "
                                                            "default: on where supported"})
     identity_probe: bool = field(default=True, metadata={"help": "after training with self-cognition, score the held-out identity probe"})
+    identity_probe_max_new_tokens: int = field(default=64, metadata=_at_least(1, "the probe's reply length cap"))
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:

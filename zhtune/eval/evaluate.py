@@ -76,7 +76,7 @@ def resolve(args) -> dict:
             "eval_limit": describe_limit(limit),
             "eval_few_shot": args.eval_few_shot,
             "max_new_tokens": {b.name: args.max_new_tokens or b.max_new_tokens for b in benches},
-            "eval_backend": args.eval_backend, "infer_backend": args.infer_backend,
+            "eval_backend": args.eval_backend, "infer_backend": args.infer_backend, "merge_lora": args.merge_lora,
             "eval_batch_size": args.eval_batch_size,
             "eval_output_dir": str(Path(args.eval_output_dir) / report.slug(args.name or first.label) / "<timestamp>")}
 

@@ -18,13 +18,14 @@ def slug(text: str) -> str:
 
 
 def new_output_dir(root: str | Path, name: str) -> Path:
-    """root/name/<timestamp>, a fresh folder (a suffix is added when two runs start in the same second)."""
+    """root/name/<timestamp>, a folder not there yet (a suffix is added when two runs start in the same
+    second). Nothing is created: the first result written creates it, so a run that fails before
+    scoring anything leaves no empty folder."""
     base = Path(root) / slug(name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out, n = base / stamp, 1
     while out.exists():
         out, n = base / f"{stamp}-{n}", n + 1
-    out.mkdir(parents=True)
     return out
 
 

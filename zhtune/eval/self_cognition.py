@@ -47,14 +47,16 @@ class SelfCognition(Benchmark):
         return Scored(" + ".join(found) if found else None, len(found) == 2)
 
 
-def score_identity(engine, model_name: list[str], model_author: list[str], settings=None, batch_size: int = 8) -> dict:
+def score_identity(engine, model_name: list[str], model_author: list[str], settings=None, batch_size: int = 8,
+                   progress: bool = False, max_new_tokens: int | None = None) -> dict:
     """Ask the probe questions through an engine: {"score", "correct", "total", "by_tag", "items"}."""
     from zhtune.infer.base import GenerationSettings
 
     bench = SelfCognition(model_name, model_author)
     items = bench.load()
-    settings = settings or GenerationSettings(max_new_tokens=bench.max_new_tokens, do_sample=False)
-    outputs = engine.generate([bench.conversation(it) for it in items], settings, batch_size=batch_size)
+    settings = settings or GenerationSettings(max_new_tokens=max_new_tokens or bench.max_new_tokens, do_sample=False)
+    outputs = engine.generate([bench.conversation(it) for it in items], settings, batch_size=batch_size,
+                              progress=progress)
     rows, by_tag = [], {}
     for item, output in zip(items, outputs):
         scored = bench.score(item, output)

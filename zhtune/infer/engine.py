@@ -61,15 +61,17 @@ def _load_vllm(resolved: ResolvedModel, args, common: dict):
     from vllm import LLM
 
     from zhtune.infer.vllm_engine import VllmEngine
+    from zhtune.infer.vllm_models import register
     from zhtune.models.loader import load_tokenizer, model_dir
     from zhtune.templates import get_template
 
+    register()  # Gemma 2 with an untied lm_head (a merged seed checkpoint)
     path = model_dir(resolved)
     logger.info(f"loading {resolved.model_type} from {path} with vllm (gpu_memory_utilization "
                 f"{args.gpu_memory_utilization}, tensor_parallel_size {args.tensor_parallel_size})")
     dtype = {"AUTO": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
     llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, seed=args.seed,
               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
     tokenizer = load_tokenizer(path)
     return VllmEngine(llm, tokenizer, get_template(resolved.template, tokenizer), **common)

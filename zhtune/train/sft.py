@@ -37,15 +37,28 @@ def sft_main(args) -> int:
 def _check(args) -> None:
     if not args.dataset:
         raise UserError("zhtune sft needs --dataset, e.g. --dataset self-cognition#500 my_data.jsonl.")
-    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
-        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder. "
-                        "Give a checkpoint-N folder of an earlier run.")
+    if args.resume_from_checkpoint:
+        _check_resume_checkpoint(Path(args.resume_from_checkpoint))
     if args.deepspeed:
         try:
             import deepspeed  # noqa: F401
         except ImportError:
             raise UserError("--deepspeed needs DeepSpeed: `pip install 'zhtune[deepspeed]'`, or drop --deepspeed "
                             "to train with DDP.") from None
+
+
+def _check_resume_checkpoint(ckpt: Path) -> None:
+    """A checkpoint to resume from is whole (its trainer state reads) before anything is written."""
+    import json
+    hint = "Give a checkpoint-N folder of an earlier run, written by `zhtune sft`."
+    if not ckpt.is_dir():
+        raise UserError(f"--resume_from_checkpoint {ckpt}: no such folder. {hint}")
+    state = ckpt / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))["global_step"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume_from_checkpoint {ckpt}: {state.name} is missing or damaged "
+                        f"({type(e).__name__}). {hint}") from e
 
 
 def lora_plan(args, resolved, model=None) -> tuple[list[str], list[str]]:
@@ -103,10 +116,9 @@ def train(args, resolved, run_dir: Path) -> int:
     fast_path = _pick_training_path(args, model, device)
     sft_args = {**dataclasses.asdict(args), "model_type": resolved.model_type, "template_type": resolved.template,
                 "model_id_or_path": args.model_id_or_path, "run_dir": str(run_dir)}
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "sft_args.json", sft_args)
     trainer = _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device)
+    if main and not args.resume_from_checkpoint:  # a resumed run keeps its folder's own sft_args.json
+        write_json_atomic(run_dir / "sft_args.json", sft_args)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     last = f"checkpoint-{trainer.state.global_step}"
     if not (run_dir / last).is_dir():
@@ -209,7 +221,10 @@ def _identity_probe(args, model, tokenizer, resolved, ckpt_dir: Path) -> None:
     from zhtune.templates import get_template
     engine = PtEngine(model, tokenizer, get_template(resolved.template, tokenizer), name=ckpt_dir.name,
                       model_type=resolved.model_type, system=args.system)
-    result = score_identity(engine, args.model_name, args.model_author)
+    logger.info(f"identity probe: asking the held-out identity questions (at most "
+                f"{args.identity_probe_max_new_tokens} new tokens each; --identity_probe false skips it)")
+    result = score_identity(engine, args.model_name, args.model_author, progress=True,
+                            max_new_tokens=args.identity_probe_max_new_tokens)
     write_json_atomic(ckpt_dir.parent / "identity_probe.json", result)
     logger.info(f"identity probe: {result['score']:.2%} of {result['total']} held-out questions name "
                 f"{'/'.join(args.model_name)} and {'/'.join(args.model_author)}")
