@@ -54,6 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from zhtune.log import setup_logging  # noqa: E402
 from zhtune.train.fast_path import (FastPath, compile_decoder_layers, set_checkpointed_layers,  # noqa: E402
                                     set_lora_input_casting)
 from zhtune.train.packing import IGNORE_INDEX, PackedCollator, PaddedCollator, pack_encoded  # noqa: E402
@@ -242,6 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time_budget_s", type=float, default=400.0, help="skip variants that would start later")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
+    setup_logging()
 
     world, rank, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), \
         int(os.environ.get("LOCAL_RANK", "0"))
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
     say(f"[bench] data: {len(docs)} samples, {tokens} tokens ({tokens / len(rows) / args.max_length:.1%} of "
         f"{len(rows)} rows of {args.max_length}), longest {max(doc_lengths)}, "
         f"{flops / tokens / 1e9:.1f} GFLOP/token (model FLOPs, training)")
-    fast = FastPath(chunk_size=args.chunk_size, log=say)
+    fast = FastPath(chunk_size=args.chunk_size)  # its one line goes to the zhtune logger (stderr)
 
     class _Args:
         fast_path, packing, deepspeed = (True if args.smoke else None), True, None

@@ -1,3 +1,6 @@
+"""Fixtures only; the helpers they use live in helpers.py and tiny_models.py."""
+
+import logging
 import sys
 from pathlib import Path
 
@@ -5,10 +8,37 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import write_chat_jsonl  # noqa: E402
+from tiny_models import gemma_tokenizer_dir, make_tiny_model_dir  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_zhtune_logger():
+    """`zhtune.cli.main` attaches a stderr handler bound to the sys.stderr of its test; drop it after
+    the test, so a later test never logs into a closed capture stream."""
+    logger = logging.getLogger("zhtune")
+    level, propagate = logger.level, logger.propagate
+    yield
+    for handler in [h for h in logger.handlers if getattr(h, "_zhtune", False)]:
+        logger.removeHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+@pytest.fixture
+def zhtune_log(caplog):
+    """caplog for the `zhtune` logger at INFO, also after setup_logging (which stops propagation).
+    `zhtune_log.messages` are the messages without the `[zhtune] ` prefix."""
+    logger = logging.getLogger("zhtune")
+    propagate = logger.propagate
+    logger.propagate = True
+    caplog.set_level(logging.INFO, logger="zhtune")
+    yield caplog
+    logger.propagate = propagate
+
 
 @pytest.fixture(scope="session")
 def gemma_tokenizer():
-    from tiny_models import gemma_tokenizer_dir
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(gemma_tokenizer_dir())
 
@@ -16,24 +46,8 @@ def gemma_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Folders of tiny random Gemma 2, Gemma 3 and Qwen2 models (real configs, shrunk)."""
-    from tiny_models import make_tiny_model_dir
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: make_tiny_model_dir(root, arch) for arch in ("gemma2", "gemma3_text", "qwen2")}
-
-
-def write_chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
-    """n short Chinese/English Q&A rows in the messages format."""
-    import json
-    import random
-    rng = random.Random(seed)
-    cities = [("浙江", "杭州"), ("江苏", "南京"), ("广东", "广州"), ("四川", "成都"), ("湖北", "武汉"), ("湖南", "长沙")]
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            province, city = rng.choice(cities)
-            row = {"messages": [{"role": "user", "content": f"{province}的省会在哪？({i})"},
-                                {"role": "assistant", "content": f"{province}的省会是{city}。"}]}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")

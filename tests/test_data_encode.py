@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from data_fixtures import CharTemplate
+from helpers import CharTemplate
 
 from zhtune.data import DatasetSplit, encode_rows, format_statistics
 from zhtune.data import encode as encode_module
@@ -87,16 +87,15 @@ def test_cache_is_reused_and_keyed_by_settings(gemma, tmp_path, monkeypatch):
     assert encode_rows(rows, gemma, 256).items == first.items
 
 
-def test_worker_processes_give_the_same_result(tmp_path, monkeypatch):
+def test_worker_processes_give_the_same_result(tmp_path, monkeypatch, zhtune_log):
     monkeypatch.setattr(encode_module, "IN_PROCESS_BELOW", 0)
     monkeypatch.setattr(encode_module, "CHUNK_ROWS", 7)
     rows = [conversation(i, turns=1 + i % 3) for i in range(40)]
-    said = []
-    parallel = encode_rows(rows, CharTemplate(), 60, num_proc=2, cache_dir=tmp_path / "a", log=said.append)
-    serial = encode_rows(rows, CharTemplate(), 60, num_proc=1, cache_dir=tmp_path / "b", log=said.append)
+    parallel = encode_rows(rows, CharTemplate(), 60, num_proc=2, cache_dir=tmp_path / "a")
+    serial = encode_rows(rows, CharTemplate(), 60, num_proc=1, cache_dir=tmp_path / "b")
     assert parallel.items == serial.items and parallel.dropped == serial.dropped > 0
     if (os.cpu_count() or 1) >= 2:
-        assert said == ["[zhtune] encoding 40 rows with 2 processes (cached for re-runs)..."]
+        assert zhtune_log.messages == ["encoding 40 rows with 2 processes (cached for re-runs)..."]
 
 
 def test_statistics_table(gemma, tmp_path):

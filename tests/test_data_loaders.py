@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from data_fixtures import expected_messages, row_in_format, write_rows
+from helpers import expected_messages, row_in_format, write_rows
 
 from zhtune.data.formats import FORMATS
 from zhtune.data.loaders import load_local

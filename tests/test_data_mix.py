@@ -1,19 +1,21 @@
 """`--dataset` entries: parsing, #N sampling, validation split, self-cognition, hubs (offline), the real file."""
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
 
 import pytest
-from data_fixtures import qa_rows, write_rows
+from helpers import qa_rows, write_rows
 
 from zhtune.data import describe_entries, load_datasets, load_identity_probe, plan_datasets
 from zhtune.data.registry import DATASETS, FILES_DIR
 from zhtune.errors import UserError
 
 NAMES = {"model_name": ["小黄", "Xiao Huang"], "model_author": ["魔搭", "ModelScope"]}
-REAL_ALPACA = Path("/work/shared/data/sft/alpaca_zh_demo.json")
+# ms-swift's alpaca_zh_demo.json (1000 rows), where a machine has it: ZHTUNE_ALPACA_ZH_DEMO=/path/to/file
+REAL_ALPACA = Path(os.environ.get("ZHTUNE_ALPACA_ZH_DEMO", "alpaca_zh_demo.json"))
 
 
 def one_line_error(match: str, call, *args, **kwargs) -> str:
@@ -74,9 +76,9 @@ def test_a_bad_entry_fails_before_anything_loads(qa_file, monkeypatch):
 # -- sampling and splitting ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [5, 20, 47])
-def test_sampling_below_equal_and_above_the_size(qa_file, n):
-    warnings = []
-    split = load_datasets([f"{qa_file}#{n}"], test_ratio=0, log=warnings.append)
+def test_sampling_below_equal_and_above_the_size(qa_file, n, zhtune_log):
+    split = load_datasets([f"{qa_file}#{n}"], test_ratio=0)
+    warnings = [r.getMessage() for r in zhtune_log.records if r.levelname == "WARNING"]
     queries = [r["messages"][0]["content"] for r in split.train]
     assert len(queries) == n and split.val == []
     if n <= 20:
@@ -118,7 +120,7 @@ def test_val_dataset_replaces_the_split(tmp_path, qa_file):
 def test_acceptance_self_cognition_500_and_a_local_file_7(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_rows(tmp_path / "my.jsonl", qa_rows(5))
-    split = load_datasets(["self-cognition#500", "my.jsonl#7"], log=lambda m: None, **NAMES)
+    split = load_datasets(["self-cognition#500", "my.jsonl#7"], **NAMES)
     assert len(split.train) + len(split.val) == 507
     sc, mine = split.entries
     assert sc == {"name": "self-cognition", "subset": None, "requested": 500, "train": 495, "val": 5}
@@ -211,29 +213,43 @@ def test_zh_instruct_is_shipped():
 
 # -- hubs ------------------------------------------------------------------------------------------
 
-def test_hub_without_modelscope_says_how_to_use_a_local_file(monkeypatch):
+@pytest.fixture
+def hub_up(monkeypatch):
+    """The hub's quick reachability check passes (the hub client itself is mocked or missing)."""
+    monkeypatch.setattr("zhtune.hub.reachable", lambda hf=None, timeout=3.0: True)
+
+
+def test_hub_without_modelscope_says_how_to_use_a_local_file(monkeypatch, hub_up):
     monkeypatch.delenv("USE_HF", raising=False)
     monkeypatch.setitem(sys.modules, "modelscope", None)  # import fails
-    message = one_line_error("needs the `modelscope` package", load_datasets, ["alpaca-zh#10"])
+    message = one_line_error("needs the package modelscope", load_datasets, ["alpaca-zh#10"])
     assert "--dataset /path/to/train.jsonl" in message
 
 
-def test_hub_offline_says_how_to_use_a_local_file(monkeypatch):
+def test_hub_offline_says_how_to_use_a_local_file(monkeypatch, hub_up):
     def offline(*args, **kwargs):
         raise ConnectionError("Failed to resolve 'www.modelscope.cn'\n(more lines)")
     monkeypatch.delenv("USE_HF", raising=False)
     monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(MsDataset=types.SimpleNamespace(load=offline)))
     message = one_line_error("could not load it from ModelScope (ConnectionError", load_datasets, ["swift-mix:firefly#5"])
-    assert "swift/swift-sft-mixture:firefly" in message and "If you are offline" in message
+    assert "swift/swift-sft-mixture:firefly" in message and "if you are offline" in message
 
 
-def test_hugging_face_without_datasets_package(monkeypatch):
+def test_hugging_face_without_datasets_package(monkeypatch, hub_up):
     monkeypatch.setenv("USE_HF", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setitem(sys.modules, "datasets", None)
-    one_line_error("needs the `datasets` package", load_datasets, ["alpaca-en"])
+    one_line_error("needs the package datasets", load_datasets, ["alpaca-en"])
 
 
-def test_hub_rows_go_through_column_renames_and_format_detection(monkeypatch):
+def test_hub_unreachable_is_one_line_in_seconds(monkeypatch):
+    monkeypatch.delenv("USE_HF", raising=False)
+    monkeypatch.setattr("zhtune.hub.reachable", lambda hf=None, timeout=3.0: False)
+    message = one_line_error("ModelScope is not reachable", load_datasets, ["alpaca-zh#10"])
+    assert "--dataset /path/to/train.jsonl" in message
+
+
+def test_hub_rows_go_through_column_renames_and_format_detection(monkeypatch, hub_up):
     calls = []
 
     def load(hub_id, subset_name, split):
@@ -246,16 +262,16 @@ def test_hub_rows_go_through_column_renames_and_format_detection(monkeypatch):
     assert len(split.train) == 4 and split.train[0]["messages"][0]["content"].startswith("问题")
 
 
-def test_bad_hub_rows_are_left_out_and_counted(monkeypatch):
+def test_bad_hub_rows_are_left_out_and_counted(monkeypatch, hub_up, zhtune_log):
     rows = [{"query": f"q{i}", "response": "" if i % 4 == 0 else f"r{i}"} for i in range(12)]
     monkeypatch.delenv("USE_HF", raising=False)
     monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(
         MsDataset=types.SimpleNamespace(load=lambda *a, **k: [{"text": "no format"}] + rows)))
-    said = []
-    split = load_datasets(["owner/set"], test_ratio=0, log=said.append)
+    split = load_datasets(["owner/set"], test_ratio=0)
     assert len(split.train) == 9
+    said = [r.getMessage() for r in zhtune_log.records if r.levelname == "WARNING"]
     assert len(said) == 1 and said[0].startswith(
-        "[zhtune] warning: dataset owner/set: left out 4 of 13 rows that cannot be trained on; "
+        "dataset owner/set: left out 4 of 13 rows that cannot be trained on; "
         "the first: ModelScope owner/set row 1: fits no known format (fields: text).")
 
 

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-@pytest.mark.e2e
+
 def test_quickstart_path_on_the_embedded_model(tmp_path):
     from zhtune.quickstart import run
     report = run(tmp_path, eval_limit=2, max_new_tokens=12,

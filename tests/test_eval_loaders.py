@@ -6,7 +6,7 @@ import json
 import pytest
 
 from zhtune.errors import UserError
-from zhtune.eval import base, bundled_samples_dir
+from zhtune.eval import bundled_samples_dir
 from zhtune.eval.arc import ARC
 from zhtune.eval.arc import parse_row as parse_arc
 from zhtune.eval.base import pick_shots
@@ -137,7 +137,7 @@ def test_gsm8k_jsonl_gold_and_few_shot_solution():
 def test_missing_local_folder_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no gsm8k/ folder"):
         GSM8K().load(tmp_path)
-    monkeypatch.setattr(base, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr("zhtune.hub.reachable", lambda hf=None, timeout=3.0: False)
     with pytest.raises(UserError, match="--eval_data_dir DIR") as e:
         ARC().load(None)
     assert "\n" not in str(e.value) and "ModelScope" in str(e.value)

@@ -1,8 +1,6 @@
 """`zhtune eval` end to end with a stand-in engine: batching, scoring, tables, files, dry runs."""
 
 import json
-import sys
-import types
 
 import pytest
 
@@ -18,7 +16,9 @@ SAMPLES = str(bundled_samples_dir())
 
 
 class FakeEngine:
-    """The engine interface (zhtune.infer.engine): answers from a table of gold answers."""
+    """The engine interface (zhtune.infer.base.Engine): answers from a table of gold answers."""
+
+    schedules_itself = False
 
     def __init__(self, name, answer):
         self.name, self.model_type, self.answer = name, "gemma3-270m", answer
@@ -28,7 +28,10 @@ class FakeEngine:
     def with_system(self, messages):
         return messages
 
-    def generate(self, conversations, settings, batch_size=8):
+    def render_prompt(self, messages):
+        return self.template.render(self.with_system(messages), add_generation_prompt=True)
+
+    def generate(self, conversations, settings, batch_size=8, progress=False):
         self.calls.append((len(conversations), settings.max_new_tokens, settings.do_sample, batch_size))
         return [self.answer(c[-1]["content"]) for c in conversations]
 
@@ -61,17 +64,15 @@ def always_b(prompt):
 
 
 def _loader(engines):
-    def load(spec, log=print):
-        engine = engines[spec.ckpt_dir]
-        return engine
+    def load(resolved, args):
+        return engines[resolved.ckpt_dir]
     return load
 
 
-def test_one_model_table_files_and_batching(tmp_path):
+def test_one_model_table_files_and_batching(tmp_path, capsys):
     engine = FakeEngine("gemma3-270m", always_b)
-    logs = []
     result = run_evaluation(_args(tmp_path, "--model_type", "gemma3-270m", "--eval_limit", "6", "--eval_batch_size", "4"),
-                            log=logs.append, load=_loader({None: engine}))
+                            load=_loader({None: engine}))
     scores = result["scores"]["gemma3-270m"]
     assert list(scores) == ["arc", "ceval", "gsm8k", "mmlu"]
     assert scores["gsm8k"] == 0.0
@@ -99,13 +100,13 @@ def test_one_model_table_files_and_batching(tmp_path):
     assert arc_rows[3]["gold"] == "B" and arc_rows[3]["correct"]  # the item labelled 1-4, answerKey "2"
     table = result["table"]
     assert table.splitlines()[0].split() == ["|", "Model", "|", "arc", "|", "ceval", "|", "gsm8k", "|", "mmlu", "|"]
-    assert f"{scores['arc']:.4f}" in table and table in logs
+    assert f"{scores['arc']:.4f}" in table and table in capsys.readouterr().out  # the table goes to stdout
 
 
 def test_limit_slice_and_max_new_tokens_override(tmp_path):
     engine = FakeEngine("gemma3-270m", perfect)
     result = run_evaluation(_args(tmp_path, "--eval_dataset", "gsm8k", "mmlu", "--eval_limit", "[7:10]",
-                                  "--max_new_tokens", "16"), log=lambda *_: None, load=_loader({None: engine}))
+                                  "--max_new_tokens", "16"), load=_loader({None: engine}))
     assert result["scores"] == {"gemma3-270m": {"gsm8k": 1.0, "mmlu": 1.0}}
     assert [c[:2] for c in engine.calls] == [(3, 16), (3, 16)]
     rows = [json.loads(line) for line in open(f"{result['output_dir']}/mmlu.jsonl")]
@@ -118,8 +119,7 @@ def test_before_after_two_models_side_by_side(tmp_path):
     (ckpt / "sft_args.json").write_text(json.dumps({"model_type": "gemma3-270m", "template_type": "gemma"}))
     engines = {None: FakeEngine("gemma3-270m", always_b), str(ckpt): FakeEngine("v0-1/checkpoint-10", perfect)}
     result = run_evaluation(_args(tmp_path, "--model_type", "gemma3-270m", "--ckpt_dir", str(ckpt),
-                                  "--eval_dataset", "arc", "gsm8k", "--eval_limit", "4", "--name", "before-after"),
-                            log=lambda *_: None, load=_loader(engines))
+                                  "--eval_dataset", "arc", "gsm8k", "--eval_limit", "4", "--name", "before-after"), load=_loader(engines))
     assert list(result["scores"]) == ["gemma3-270m", "v0-1/checkpoint-10"]
     assert result["scores"]["v0-1/checkpoint-10"] == {"arc": 1.0, "gsm8k": 1.0}
     base_arc = result["scores"]["gemma3-270m"]["arc"]
@@ -148,21 +148,15 @@ def test_format_table_changes():
 
 
 def test_self_cognition_probe(tmp_path, monkeypatch):
-    import importlib
     probe = [{"query": "你是谁？", "tag": "zh", "name": "小黄", "author": "魔搭"},
              {"query": "你是谁开发的？", "tag": "zh", "name": "小黄", "author": "魔搭"},
              {"query": "What is your name?", "tag": "en", "name": "Xiao Huang", "author": "ModelScope"}]
-    try:
-        data = importlib.import_module("zhtune.data")
-    except ImportError:
-        data = types.ModuleType("zhtune.data")
-        monkeypatch.setitem(sys.modules, "zhtune.data", data)
-    monkeypatch.setattr(data, "load_identity_probe", lambda name, author: probe, raising=False)
+    monkeypatch.setattr("zhtune.eval.self_cognition.load_identity_probe", lambda name, author: probe)
     replies = {"你是谁？": "我是小黄，由魔搭开发的人工智能助手。", "你是谁开发的？": "我是小黄。",
                "What is your name?": "I am xiao huang, an assistant made by modelscope."}
     engine = FakeEngine("gemma3-270m", lambda q: replies[q])
     result = run_evaluation(_args(tmp_path, "--eval_dataset", "self-cognition", "--model_name", "小黄", "Xiao Huang",
-                                  "--model_author", "魔搭", "ModelScope"), log=lambda *_: None, load=_loader({None: engine}))
+                                  "--model_author", "魔搭", "ModelScope"), load=_loader({None: engine}))
     assert result["scores"]["gemma3-270m"]["self-cognition"] == pytest.approx(2 / 3)
     rows = [json.loads(line) for line in open(f"{result['output_dir']}/self-cognition.jsonl")]
     assert [r["correct"] for r in rows] == [True, False, True] and rows[1]["extracted"] == "小黄"
@@ -175,29 +169,28 @@ def test_self_cognition_probe(tmp_path, monkeypatch):
 
 def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="needs --model_name and --model_author"):
-        run_evaluation(_args(tmp_path, "--eval_dataset", "self-cognition"), log=lambda *_: None)
+        run_evaluation(_args(tmp_path, "--eval_dataset", "self-cognition"))
     with pytest.raises(UserError, match="no such folder"):
-        run_evaluation(_args(tmp_path, "--ckpt_dir", str(tmp_path / "nope")), log=lambda *_: None)
+        run_evaluation(_args(tmp_path, "--ckpt_dir", str(tmp_path / "nope")))
     with pytest.raises(UserError, match="--eval_data_dir .*: no such folder"):
-        run_evaluation(parse_args(EvalArguments, ["--eval_data_dir", str(tmp_path / "none")]), log=lambda *_: None)
+        run_evaluation(parse_args(EvalArguments, ["--eval_data_dir", str(tmp_path / "none")]))
     with pytest.raises(UserError, match="--eval_few_shot 2: no arc few-shot split"):
         (tmp_path / "d" / "arc").mkdir(parents=True)
         (tmp_path / "d" / "arc" / "test.jsonl").write_text(
             '{"query": "Question: Q?", "choices": ["a", "b"], "gold": 0}\n')
         run_evaluation(parse_args(EvalArguments, ["--eval_data_dir", str(tmp_path / "d"), "--eval_dataset", "arc",
-                                                  "--eval_few_shot", "2"]), log=lambda *_: None)
+                                                  "--eval_few_shot", "2"]))
 
 
 def test_few_shot_turns_reach_the_engine(tmp_path):
     seen = []
 
     class Recorder(FakeEngine):
-        def generate(self, conversations, settings, batch_size=8):
+        def generate(self, conversations, settings, batch_size=8, progress=False):
             seen.extend(conversations)
             return super().generate(conversations, settings, batch_size)
 
-    run_evaluation(_args(tmp_path, "--eval_dataset", "ceval", "--eval_few_shot", "2", "--eval_limit", "2"),
-                   log=lambda *_: None, load=_loader({None: Recorder("m", always_b)}))
+    run_evaluation(_args(tmp_path, "--eval_dataset", "ceval", "--eval_few_shot", "2", "--eval_limit", "2"), load=_loader({None: Recorder("m", always_b)}))
     assert [m["role"] for m in seen[0]] == ["user", "assistant", "user", "assistant", "user"]
     assert seen[0][1]["content"] in "ABCD" and seen[0][0]["content"].startswith("以下是中国关于计算机网络考试")
 
@@ -217,7 +210,8 @@ def test_dry_run_seed_commands(capsys):
                           "--merge_lora", "true"])
     assert after["model_type"] == "gemma2-9b-instruct"
     (model,) = after["models"]
-    assert model["ckpt_exists"] is False and model["merge_lora"] is True and model["label"] == "vx-xxx/checkpoint-xxx"
+    assert model["ckpt_exists"] is False and model["label"] == "vx-xxx/checkpoint-xxx"
+    assert after["merge_lora"] is True and after["infer_backend"] == "vllm"
 
 
 def test_dry_run_before_after_and_limit(capsys):
@@ -235,7 +229,7 @@ def test_real_engine_on_the_bundled_samples(tmp_path):
     torch.set_num_threads(1)  # on a busy small CPU box, one thread is ~10x faster than contended threads
     try:
         result = run_evaluation(_args(tmp_path, "--model_type", "gemma3-270m", "--eval_limit", "2",
-                                      "--max_new_tokens", "4", "--infer_backend", "pt"), log=lambda *_: None)
+                                      "--max_new_tokens", "4", "--infer_backend", "pt"))
     finally:
         torch.set_num_threads(threads)
     scores = result["scores"]["gemma3-270m"]
@@ -248,4 +242,4 @@ def test_real_engine_on_the_bundled_samples(tmp_path):
 
 def test_limit_past_the_end(tmp_path):
     with pytest.raises(UserError, match=r"leaves no arc items \(it has 10\)"):
-        run_evaluation(_args(tmp_path, "--eval_dataset", "arc", "--eval_limit", "[50:60]"), log=lambda *_: None)
+        run_evaluation(_args(tmp_path, "--eval_dataset", "arc", "--eval_limit", "[50:60]"))

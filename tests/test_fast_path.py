@@ -3,6 +3,7 @@ and FastPath.compute_loss on tiny Gemma 2 / Gemma 3 / Qwen2 models (fp32, CPU)."
 
 import pytest
 import torch
+from tiny_models import tiny_config
 from torch import nn
 
 from zhtune.templates.base import Encoded
@@ -11,21 +12,12 @@ from zhtune.train.loss import chunked_causal_lm_loss, full_logits_loss
 from zhtune.train.packing import IGNORE_INDEX, PackedCollator, PaddedCollator, pack_encoded
 
 VOCAB = 300
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=1)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 
 
 def tiny_model(arch: str, attn: str = "eager", lora: bool = True, seed: int = 0, layers: int = 2):
-    from transformers import Gemma2Config, Gemma3TextConfig, Qwen2Config, AutoModelForCausalLM
-    if arch == "gemma2":  # Gemma-2-9B's settings, shrunk: both softcaps, sliding window shorter than a sample
-        cfg = Gemma2Config(**{**TINY, "num_hidden_layers": layers}, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
-                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True)
-    elif arch == "gemma3_text":
-        cfg = Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
-                               tie_word_embeddings=True)
-    else:
-        cfg = Qwen2Config(**TINY, tie_word_embeddings=False)
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(arch, VOCAB, layers=layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
     if not lora:
@@ -153,7 +145,7 @@ def test_fast_path_matches_per_sample_eager(arch):
         baseline += float(out.loss)
     ref = _grads(model)
 
-    fast = FastPath(chunk_size=16, log=lambda _: None)
+    fast = FastPath(chunk_size=16)
     rows, collator = fast.prepare_data(items, _Args())
     assert len(rows) == 2
     model.zero_grad()
@@ -179,7 +171,7 @@ def test_fast_path_with_gradient_checkpointing_and_mean_over_own_tokens():
     items = samples([20, 11])
     batch = PaddedCollator()([{"input_ids": e.input_ids, "labels": e.labels} for e in items])
     expected = float(model(**batch, use_cache=False).loss)  # mean over the batch's label tokens
-    fast = FastPath(log=lambda _: None)
+    fast = FastPath()
     rows, collator = fast.prepare_data(items, _Args())
     loss = fast.compute_loss(model, collator(rows))
     loss.backward()
@@ -223,20 +215,19 @@ def test_packing_never_mixes_documents(attn):
 
 # -- choosing the path -------------------------------------------------------------------------------
 
-def test_decide_logs_one_line_and_falls_back():
-    lines = []
+def test_decide_logs_one_line_and_falls_back(zhtune_log):
     model = tiny_model("gemma2", lora=False)
 
     class A:
         fast_path, packing, deepspeed = None, None, None
-    fast = FastPath(log=lines.append)
+    fast = FastPath()
     assert fast.decide(model.config, "cpu", A())[0] is False
-    assert lines == ["[zhtune] training path: exact plain path: no GPU (device cpu); --fast_path true forces it"]
+    assert zhtune_log.messages == ["training path: exact plain path: no GPU (device cpu); --fast_path true forces it"]
     model.config._attn_implementation = "flex_attention"
     assert fast.decide(model.config, "cuda", A()) == (
         True, "packing + flex_attention with softcap + chunked softcapped loss")
-    assert lines[-1] == ("[zhtune] training path: fast (packing + flex_attention with softcap + "
-                         "chunked softcapped loss)")
+    assert zhtune_log.messages[-1] == ("training path: fast (packing + flex_attention with softcap + "
+                                       "chunked softcapped loss)")
     model.config._attn_implementation = "sdpa"
     assert fast.decide(model.config, "cuda", A())[0] is False  # sdpa would drop Gemma 2's attention softcap
     A.fast_path = False
@@ -248,13 +239,13 @@ def test_decide_logs_one_line_and_falls_back():
     llama = type("Cfg", (), {"model_type": "llama", "_attn_implementation": "sdpa"})()
     enabled, reason = fast.decide(llama, "cuda", A())
     assert not enabled and "llama" in reason
-    assert len(lines) == 6
+    assert len(zhtune_log.messages) == 6
 
 
 def test_prepare_model_and_data_levers():
     from peft.tuners.tuners_utils import BaseTunerLayer
     model = tiny_model("gemma2").to(torch.bfloat16)
-    fast = FastPath(log=lambda _: None)
+    fast = FastPath()
     fast.decide(model.get_base_model().config, "cpu", _Args())
     assert fast.prepare_model(model) == ["bf16 LoRA inputs"]  # no torch.compile on a CPU by default
     lora_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
@@ -271,7 +262,7 @@ def test_prepare_model_and_data_levers():
         _Args.max_length = 64
 
 
-def test_checkpoint_planner_leaves_out_what_memory_allows():
+def test_checkpoint_planner_leaves_out_what_memory_allows(zhtune_log):
     from zhtune.train.memory_plan import CheckpointPlanner, plan_checkpointed_layers
     gib = 2**30
     # Gemma-2-9B on one H200 (RESULTS.md): 23.5 GiB with all 42 checkpointed, +1.57 GiB per layer left out
@@ -296,20 +287,21 @@ def test_checkpoint_planner_leaves_out_what_memory_allows():
     from zhtune.train.fast_path import decoder_layers
     model = tiny_model("gemma2", layers=4)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lines, memory = [], Memory()
-    planner = CheckpointPlanner(model, probe=2, log=lines.append, memory=memory)
+    memory = Memory()
+    planner = CheckpointPlanner(model, probe=2, memory=memory)
     state = type("State", (), {"global_step": 1})()
     planner.on_step_begin(None, state, None)
     planner.on_step_end(None, state, None)  # step 1: measured with all 4, then 2 fewer
-    assert sum(layer.gradient_checkpointing for layer in decoder_layers(model)) == 2 and not lines
+    assert sum(layer.gradient_checkpointing for layer in decoder_layers(model)) == 2 and not zhtune_log.messages
     state.global_step = 2
     planner.on_step_begin(None, state, None)
     assert memory.resets == 1
     planner.on_step_end(None, state, None)
     assert sum(layer.gradient_checkpointing for layer in decoder_layers(model)) == 2
+    lines = zhtune_log.messages
     assert len(lines) == 1 and "2 of 4 decoder layers checkpointed from step 3" in lines[0]
     planner.on_step_end(None, state, None)  # later steps change nothing
-    assert len(lines) == 1
+    assert len(zhtune_log.messages) == 1
 
 
 def test_token_counts_leave_out_padding():

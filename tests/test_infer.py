@@ -32,6 +32,7 @@ def read_until(fd, marker: str, timeout: float = 120) -> str:
     raise AssertionError(f"did not see {marker!r}; got: {out.decode('utf-8', 'replace')[-2000:]}")
 
 
+@pytest.mark.slow
 def test_terminal_session_keeps_history_until_clear():
     """Through a pseudo-terminal with the embedded model: two turns, the second's prompt holds the first."""
     pid, fd = pty.fork()
@@ -64,10 +65,11 @@ def test_terminal_session_keeps_history_until_clear():
             pass
 
 
+@pytest.mark.slow
 def test_merged_checkpoint_equals_base_plus_adapter(trained_run):
     """The merged folder loads with plain transformers and gives the logits of base + adapter."""
     from peft import PeftModel
-    from zhtune.tuners.export import merged_dir_for
+    from zhtune.tuners.merge import merged_dir_for
     ckpt = trained_run["run_dir"] / "checkpoint-6"
     assert main(["export", "--ckpt_dir", str(ckpt), "--merge_lora", "true"]) == 0
     merged_dir = merged_dir_for(ckpt)
@@ -86,6 +88,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(trained_run):
     assert not torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
 
 
+@pytest.mark.slow
 def test_piped_question_through_merged_checkpoint(trained_run):
     ckpt = trained_run["run_dir"] / "checkpoint-6"
     result = subprocess.run([sys.executable, "-m", "zhtune", "infer", "--ckpt_dir", str(ckpt), "--merge_lora", "true",
@@ -96,8 +99,9 @@ def test_piped_question_through_merged_checkpoint(trained_run):
     assert "merged" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_batch_inference_writes_one_row_per_sample(trained_run, tmp_path):
-    from conftest import write_chat_jsonl
+    from helpers import write_chat_jsonl
     data = write_chat_jsonl(tmp_path / "q.jsonl", 20, seed=3)
     ckpt = trained_run["run_dir"] / "checkpoint-3"
     assert main(["infer", "--ckpt_dir", str(ckpt), "--val_dataset", str(data), "--max_new_tokens", "4",
@@ -120,3 +124,23 @@ def test_missing_checkpoint_and_vllm_are_clear_errors(tmp_path, capsys):
         pass
     assert main(["infer", "--model_type", "gemma3-270m", "--infer_backend", "vllm"]) == 2
     assert "needs vllm" in capsys.readouterr().err
+
+
+def test_result_dir_save_result_and_stream_flags(tiny_models, tmp_path, capsys, monkeypatch):
+    """--result_dir chooses where batch results go; --save_result false prints the replies instead;
+    --stream false prints each chat reply whole."""
+    import io
+    from helpers import write_chat_jsonl
+    data = write_chat_jsonl(tmp_path / "q.jsonl", 3, seed=5)
+    common = ["--model_id_or_path", str(tiny_models["gemma2"]), "--max_new_tokens", "3", "--do_sample", "false",
+              "--infer_backend", "pt"]
+    assert main(["infer", *common, "--val_dataset", str(data), "--result_dir", str(tmp_path / "res")]) == 0
+    (written,) = list((tmp_path / "res").glob("*.jsonl"))
+    assert len(written.read_text().splitlines()) == 3
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["infer", *common, "--val_dataset", str(data), "--save_result", "false"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 3 and not (tmp_path / "infer_result").exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO("浙江的省会在哪？\n"))
+    assert main(["infer", *common, "--stream", "false"]) == 0
+    assert "-" * 50 in capsys.readouterr().out

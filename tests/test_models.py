@@ -5,7 +5,9 @@ import time
 import pytest
 
 from zhtune.errors import UserError
-from zhtune.models.loader import download_from_hub, pick_attention, resolve_model
+from zhtune.hub import download_model
+from zhtune.models.loader import pick_attention
+from zhtune.models.resolve import resolve_model
 from zhtune.models.registry import MODELS, find_by_hub_id, get_model_info
 
 REQUIRED = ["gemma2-2b", "gemma2-2b-instruct", "gemma2-9b", "gemma2-9b-instruct", "gemma2-27b", "gemma2-27b-instruct",
@@ -44,6 +46,17 @@ def test_use_hf_switches_hub(monkeypatch):
     assert resolve_model("gemma2-9b-instruct", None).location == "LLM-Research/gemma-2-9b-it"
 
 
+@pytest.mark.parametrize("value,hf", [("1", True), ("true", True), ("YES", True), ("On", True), ("0", False),
+                                      ("false", False), ("no", False), ("", False)])
+def test_use_hf_means_the_same_for_models_datasets_and_benchmarks(monkeypatch, value, hf):
+    from zhtune.data.entries import parse_entry
+    from zhtune.eval.arc import ARC
+    monkeypatch.setenv("USE_HF", value)
+    assert (resolve_model("gemma2-9b-instruct", None).location == "google/gemma-2-9b-it") is hf
+    assert parse_entry("alpaca-zh").use_hf is hf
+    assert ARC().source(None).startswith("HF::" if hf else "MS::")
+
+
 def test_no_hub_is_one_clear_error(monkeypatch):
     import builtins
     real_import = builtins.__import__
@@ -52,26 +65,31 @@ def test_no_hub_is_one_clear_error(monkeypatch):
         if name == "modelscope":
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
+    monkeypatch.delenv("USE_HF", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_modelscope)
-    with pytest.raises(UserError, match="pass its folder with --model_id_or_path"):
-        download_from_hub("LLM-Research/gemma-2-9b-it")
+    with pytest.raises(UserError, match="pass its folder: --model_id_or_path") as e:
+        download_model("LLM-Research/gemma-2-9b-it")
+    assert "\n" not in str(e.value) and isinstance(e.value.__cause__, ImportError)  # the cause is kept
 
 
 def test_gemma2_never_gets_sdpa():
-    gemma2, qwen = get_model_info("gemma2-9b-instruct"), get_model_info("qwen2.5-7b-instruct")
+    gemma2, qwen = get_model_info("gemma2-9b-instruct").arch, get_model_info("qwen2.5-7b-instruct").arch
     assert pick_attention(gemma2, True, "cuda:0") == "flex_attention"
     assert pick_attention(gemma2, None, "cuda:0") == "eager"
     assert pick_attention(gemma2, True, "cpu") == "eager"
     assert pick_attention(qwen, None, "cpu") == "sdpa"
 
 
+@pytest.mark.slow
 def test_embedded_model_loads_fast_and_generates():
     """Second and later loads come from the converted cache folder, in seconds."""
-    from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
+    from zhtune.args import InferArguments, parse_args
+    from zhtune.infer.base import GenerationSettings
+    from zhtune.infer.engine import load_engine
     from zhtune.models.embedded import embedded_model_dir
     embedded_model_dir()  # converts on first use
     start = time.time()
-    engine = load_engine(ModelSpec(model_type="gemma3-270m"), log=lambda *a: None)
+    engine = load_engine(resolve_model("gemma3-270m"), parse_args(InferArguments, ["--infer_backend", "pt"]))
     assert time.time() - start < 30
     replies = engine.generate([[{"role": "user", "content": "浙江的省会是哪里？"}],
                                [{"role": "user", "content": "What is 2 + 2?"}]],
@@ -81,3 +99,31 @@ def test_embedded_model_loads_fast_and_generates():
     single = engine.generate([[{"role": "user", "content": "What is 2 + 2?"}]],
                              GenerationSettings(max_new_tokens=8, do_sample=False), batch_size=1)
     assert single[0] == replies[1]
+
+
+def test_precedence_flag_then_checkpoint_then_registry(tiny_models, tmp_path):
+    """One rule for every command: a flag given > the checkpoint's sft_args.json > the registry."""
+    import json
+    lora = tmp_path / "output" / "gemma2-9b-instruct" / "v0-1" / "checkpoint-4"
+    lora.mkdir(parents=True)
+    (lora / "adapter_config.json").write_text("{}")
+    (lora / "sft_args.json").write_text(json.dumps({"model_type": "gemma2-9b-instruct", "template_type": "chatml",
+                                                    "model_id_or_path": str(tiny_models["gemma2"]), "system": "S"}))
+    from_ckpt = resolve_model(ckpt_dir=str(lora))
+    assert (from_ckpt.model_type, from_ckpt.template, from_ckpt.system) == ("gemma2-9b-instruct", "chatml", "S")
+    assert from_ckpt.adapter_dir == str(lora) and from_ckpt.location == str(tiny_models["gemma2"])
+    assert from_ckpt.label == "v0-1/checkpoint-4" and from_ckpt.describe()["lora"] is True
+    flagged = resolve_model(ckpt_dir=str(lora), template_type="gemma", system="T")
+    assert (flagged.template, flagged.system) == ("gemma", "T")
+    assert resolve_model("gemma2-9b-instruct").template == "gemma"  # the registry's, without a checkpoint
+
+    full = tmp_path / "full" / "checkpoint-2"  # full fine-tuning: the checkpoint is the model folder
+    full.mkdir(parents=True)
+    (full / "sft_args.json").write_text(json.dumps({"model_type": "gemma2-9b-instruct"}))
+    resolved = resolve_model(ckpt_dir=str(full))
+    assert resolved.adapter_dir is None and (resolved.source, resolved.location) == ("local", str(full))
+
+    planned = resolve_model(ckpt_dir="output/qwen2.5-7b-instruct/v9-x/checkpoint-1", dry_run=True)
+    assert planned.model_type == "qwen2.5-7b-instruct" and planned.ckpt_exists is False
+    with pytest.raises(UserError, match="no such folder"):
+        resolve_model(ckpt_dir=str(tmp_path / "nope"))

@@ -11,20 +11,24 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="vllm needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="vllm needs a CUDA GPU")]
 
 QUESTIONS = ["浙江的省会在哪？", "What is the capital of France?", "1+1="]
 
 
 def test_vllm_greedy_matches_pt_greedy():
-    from zhtune.infer.engine import GenerationSettings, ModelSpec, load_engine
+    from zhtune.args import InferArguments, parse_args
+    from zhtune.infer.base import GenerationSettings
+    from zhtune.infer.engine import load_engine
+    from zhtune.models.resolve import resolve_model
     settings = GenerationSettings(max_new_tokens=16, do_sample=False)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    pt = load_engine(ModelSpec(model_type="gemma3-270m", infer_backend="pt", dtype="bf16"))
+    resolved = resolve_model("gemma3-270m")
+    pt = load_engine(resolved, parse_args(InferArguments, ["--infer_backend", "pt", "--dtype", "bf16"]))
     expected = pt.generate(conversations, settings, batch_size=len(conversations))
     del pt
     torch.cuda.empty_cache()
-    engine = load_engine(ModelSpec(model_type="gemma3-270m", infer_backend="vllm", dtype="bf16"))
+    engine = load_engine(resolved, parse_args(InferArguments, ["--infer_backend", "vllm", "--dtype", "bf16"]))
     got = engine.generate(conversations, settings, batch_size=len(conversations))
     assert len(got) == len(QUESTIONS) and all(got)
     # bf16 kernels differ between the two; the first words of each greedy answer must agree

@@ -1,7 +1,8 @@
 """Tiny random models built from the real configs of Gemma 2, Gemma 3 and Qwen2, saved as model folders.
 
 They use the real Gemma tokenizer (from the embedded model), so every template and data path runs on
-real token ids; only the layer sizes are shrunk.
+real token ids; only the layer sizes are shrunk. `tiny_config` is the one definition of these configs
+(the fast-path tests build models from it in memory, with a small vocabulary).
 """
 
 import shutil
@@ -18,17 +19,19 @@ def gemma_tokenizer_dir() -> Path:
     return embedded_model_dir()
 
 
-def tiny_config(architecture: str, vocab_size: int):
+def tiny_config(architecture: str, vocab_size: int, layers: int = 2):
+    """Gemma 2 (both softcaps, a sliding window shorter than most test samples), Gemma 3 text or Qwen2."""
     from transformers import Gemma2Config, Gemma3TextConfig, Qwen2Config
+    tiny = {**TINY, "num_hidden_layers": layers}
     if architecture == "gemma2":  # Gemma-2-9B's own settings, shrunk
-        return Gemma2Config(vocab_size=vocab_size, **TINY, sliding_window=8, query_pre_attn_scalar=16,
+        return Gemma2Config(vocab_size=vocab_size, **tiny, sliding_window=8, query_pre_attn_scalar=16,
                             attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True,
                             pad_token_id=0, bos_token_id=2, eos_token_id=1)
     if architecture == "gemma3_text":
-        return Gemma3TextConfig(vocab_size=vocab_size, **TINY, sliding_window=8, query_pre_attn_scalar=16,
+        return Gemma3TextConfig(vocab_size=vocab_size, **tiny, sliding_window=8, query_pre_attn_scalar=16,
                                 tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
     if architecture == "qwen2":
-        return Qwen2Config(vocab_size=vocab_size, **{k: v for k, v in TINY.items() if k != "head_dim"},
+        return Qwen2Config(vocab_size=vocab_size, **{k: v for k, v in tiny.items() if k != "head_dim"},
                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=1)
     raise ValueError(architecture)
 

@@ -1,6 +1,8 @@
-"""Small data files in every format, written by the tests themselves, and a stand-in template."""
+"""Helpers shared by the tests (conftest.py only holds fixtures): small data files in every format,
+written by the tests themselves, a chat dataset, and a stand-in template."""
 
 import json
+import random
 from pathlib import Path
 
 from zhtune.templates import IGNORE_INDEX, Encoded
@@ -86,3 +88,16 @@ class CharTokenizer:
 
     def __len__(self):
         return 1000
+
+
+def write_chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
+    """n short Chinese Q&A rows in the messages format."""
+    rng = random.Random(seed)
+    cities = [("浙江", "杭州"), ("江苏", "南京"), ("广东", "广州"), ("四川", "成都"), ("湖北", "武汉"), ("湖南", "长沙")]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            province, city = rng.choice(cities)
+            row = {"messages": [{"role": "user", "content": f"{province}的省会在哪？({i})"},
+                                {"role": "assistant", "content": f"{province}的省会是{city}。"}]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,113 @@
+"""`training_arguments`: zhtune's (ms-swift v2's) sft flags -> transformers' TrainingArguments; and the
+private transformers API the trainer relies on (`PRIVATE_API`) still exists with the same parameters."""
+
+import importlib
+import inspect
+import json
+
+import pytest
+import transformers
+
+from zhtune.args import SftArguments, parse_args
+from zhtune.errors import UserError
+from zhtune.train.trainer import PRIVATE_API, deepspeed_config, training_arguments
+
+
+def _sft(*argv) -> SftArguments:
+    return parse_args(SftArguments, list(argv))
+
+
+def _kwargs(monkeypatch, args, **where) -> dict:
+    """The values training_arguments gives TrainingArguments, without its __post_init__ (whose device
+    setup would start a process group for world > 1); an unknown parameter name still fails."""
+    from transformers.training_args import TrainingArguments
+    with monkeypatch.context() as m:
+        m.setattr(TrainingArguments, "__post_init__", lambda self: None)
+        hf = training_arguments(args, "run", **{"world": 1, "bf16": False, "has_val": True, "on_gpu": False,
+                                                **where})
+    return vars(hf)
+
+
+def test_ms_swift_names_map_onto_training_arguments(tmp_path):
+    args = _sft("--batch_size", "2", "--warmup_ratio", "0.1", "--learning_rate", "5e-5", "--adam_beta2", "0.95",
+                "--eval_steps", "7", "--logging_steps", "3", "--lr_scheduler_type", "linear", "--max_steps", "200")
+    hf = training_arguments(args, tmp_path, world=1, bf16=False, has_val=True, on_gpu=False)
+    assert hf.output_dir == str(tmp_path) and hf.per_device_train_batch_size == 2
+    assert hf.per_device_eval_batch_size == 2  # --eval_batch_size defaults to --batch_size
+    # --warmup_ratio is a share of the steps: transformers 5 reads a float below 1 in warmup_steps so
+    assert hf.get_warmup_steps(200) == 20
+    assert hf.learning_rate == 5e-5 and hf.adam_beta2 == 0.95 and hf.max_steps == 200
+    assert str(hf.lr_scheduler_type.value) == "linear"
+    assert hf.eval_steps == 7 and hf.save_steps == 7  # --save_steps defaults to --eval_steps
+    assert hf.logging_steps == 3 and hf.seed == args.seed
+    assert hf.save_total_limit == 2 and hf.metric_for_best_model == "loss" and hf.greater_is_better is False
+    assert hf.use_cpu and hf.ddp_backend is None and hf.deepspeed is None
+
+
+def test_save_total_limit_minus_one_keeps_everything(tmp_path):
+    hf = training_arguments(_sft("--save_total_limit", "-1"), tmp_path, world=1, bf16=False, has_val=False,
+                            on_gpu=False)
+    assert hf.save_total_limit is None
+    assert str(hf.eval_strategy.value) == "no" and hf.metric_for_best_model is None
+
+
+def test_gradient_accumulation_default_is_16_over_batch_and_world(monkeypatch):
+    assert _kwargs(monkeypatch, _sft())["gradient_accumulation_steps"] == 16
+    assert _kwargs(monkeypatch, _sft("--batch_size", "2"), world=4)["gradient_accumulation_steps"] == 2
+    assert _kwargs(monkeypatch, _sft("--batch_size", "3"), world=2)["gradient_accumulation_steps"] == 3  # ceil
+    assert _kwargs(monkeypatch, _sft("--batch_size", "32"))["gradient_accumulation_steps"] == 1
+    assert _kwargs(monkeypatch, _sft("--gradient_accumulation_steps", "5"), world=8)["gradient_accumulation_steps"] == 5
+
+
+def test_gloo_only_when_distributed_on_a_cpu(monkeypatch):
+    assert _kwargs(monkeypatch, _sft(), world=2, on_gpu=False)["ddp_backend"] == "gloo"
+    assert _kwargs(monkeypatch, _sft(), world=2, on_gpu=True)["ddp_backend"] is None
+    assert _kwargs(monkeypatch, _sft(), world=1, on_gpu=False)["ddp_backend"] is None
+    on_gpu = _kwargs(monkeypatch, _sft(), world=1, on_gpu=True, bf16=True)
+    assert on_gpu["use_cpu"] is False and on_gpu["bf16"] is True
+
+
+def test_deepspeed_presets_and_files(monkeypatch, tmp_path):
+    zero2, zero3 = deepspeed_config("default-zero2"), deepspeed_config("default-zero3")
+    assert zero2["zero_optimization"]["stage"] == 2 and zero3["zero_optimization"]["stage"] == 3
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "stage3_gather_16bit_weights_on_model_save" not in zero2["zero_optimization"]
+    for preset in (zero2, zero3):  # the Trainer fills these in from TrainingArguments
+        assert preset["train_micro_batch_size_per_gpu"] == preset["gradient_accumulation_steps"] == "auto"
+        assert preset["bf16"] == {"enabled": "auto"}
+    assert deepspeed_config(None) is None and deepspeed_config("") is None
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert deepspeed_config(str(own)) == str(own)
+    with pytest.raises(UserError, match="default-zero2, default-zero3 or a JSON config file"):
+        deepspeed_config("default-zero4")
+    assert _kwargs(monkeypatch, _sft("--deepspeed", "default-zero3"))["deepspeed"] == zero3
+
+
+def _resolve_private(name: str):
+    """'Trainer._save_checkpoint' -> transformers.Trainer._save_checkpoint; 'trainer_utils.x' -> the
+    function x of the module transformers.trainer_utils."""
+    owner, attr = name.rsplit(".", 1)
+    try:
+        container = importlib.import_module(f"transformers.{owner}")
+    except ImportError:
+        container = getattr(transformers, owner)
+    return getattr(container, attr)
+
+
+@pytest.mark.parametrize("name", sorted(PRIVATE_API))
+def test_private_transformers_api_is_still_there(name):
+    expected = list(PRIVATE_API[name])
+    where = f"transformers {transformers.__version__}"
+    try:
+        target = _resolve_private(name)
+    except AttributeError:
+        pytest.fail(f"{where} has no {name}: zhtune.train.trainer's checkpoint section relies on it "
+                    "(see PRIVATE_API); adapt ZhTrainer or pin transformers.")
+    params = inspect.signature(target).parameters
+    got = list(params)[:len(expected)]
+    assert got == expected, (f"{where}: {name} takes ({', '.join(params)}), zhtune calls it as "
+                             f"({', '.join(expected)}); adapt ZhTrainer or pin transformers.")
+    required_extra = [p for p in list(params)[len(expected):] if params[p].default is inspect.Parameter.empty
+                      and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    assert not required_extra, f"{where}: {name} now also requires {required_extra}, which zhtune does not pass."
