@@ -35,14 +35,15 @@ def data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_local(path: Path, columns: dict | None = None) -> list[dict]:
+def load_local(path: Path, columns: dict | None = None, replies_optional: bool = False) -> list[dict]:
     rows = []
     for file in data_files(path):
         suffix = file.suffix.lower()
         if file.stat().st_size == 0:
             raise UserError(f"{file}: is empty. Give a dataset with at least one conversation.")
         records = _read_jsonl(file) if suffix == ".jsonl" else _read_table(file, suffix)
-        rows += convert_rows(records, str(file), unit="line" if suffix == ".jsonl" else "row", columns=columns)
+        rows += convert_rows(records, str(file), unit="line" if suffix == ".jsonl" else "row", columns=columns,
+                             replies_optional=replies_optional)
     return rows
 
 
@@ -104,7 +105,8 @@ def _open_text(file: Path):
 
 # -- hubs ------------------------------------------------------------------------------------------
 
-def load_hub(hub_id: str, subset: str, split: str, use_hf: bool, columns: dict | None = None, log=print) -> list[dict]:
+def load_hub(hub_id: str, subset: str, split: str, use_hf: bool, columns: dict | None = None, log=print,
+             replies_optional: bool = False) -> list[dict]:
     """One subset of a hub dataset, through modelscope's MsDataset or Hugging Face `datasets`.
 
     Rows that fit no format or have an empty reply are left out and counted in a warning: unlike a
@@ -133,7 +135,7 @@ def load_hub(hub_id: str, subset: str, split: str, use_hf: bool, columns: dict |
         raise UserError(f"dataset {label}: could not load it from {hub} ({type(e).__name__}: {_one_line(e)}). "
                         f"If you are offline, {_LOCAL_HINT}") from None
     skipped = []
-    rows = convert_rows(records, f"{hub} {label}", columns=columns, skipped=skipped)
+    rows = convert_rows(records, f"{hub} {label}", columns=columns, skipped=skipped, replies_optional=replies_optional)
     if skipped:
         log(f"[zhtune] warning: dataset {label}: left out {len(skipped)} of {len(records)} rows that cannot be "
             f"trained on; the first: {skipped[0]}")

@@ -27,6 +27,8 @@ SCHEDULER_ATTENTION = ("eager", "sdpa")
 
 def scheduler_unsupported(model) -> str | None:
     """Why the batching scheduler cannot run this model (None: it can)."""
+    if model.training:  # dropout, and gradient checkpointing drops the cache argument
+        return "the model is in training mode"
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     attn = getattr(config, "_attn_implementation", None) or "eager"
     if attn not in SCHEDULER_ATTENTION:
