@@ -42,7 +42,7 @@ def scheduler_unsupported(model) -> str | None:
 
 
 class PtEngine(Engine):
-    """`max_batch_size`: the scheduler's slots (requests decoded together; default 32 on CUDA, 8 on the
+    """`max_batch_size`: the scheduler's slots (requests decoded together; default 32 on CUDA, 16 on the
     CPU; a `complete` call with a larger batch_size raises it). `compile`: None (default: on CUDA),
     False, or a torch.compile mode."""
 
@@ -66,7 +66,7 @@ class PtEngine(Engine):
         with self._scheduler_lock:
             if self._scheduler is None:
                 on_gpu = self.device.type == "cuda"
-                self._scheduler = Scheduler(self.model, max_slots=self.max_batch_size or (32 if on_gpu else 8),
+                self._scheduler = Scheduler(self.model, max_slots=self.max_batch_size or (32 if on_gpu else 16),
                                             max_len=self.max_model_len, compile=self.compile)
                 self._scheduler.stop_ids = frozenset(self.stop_ids)
             return self._scheduler
