@@ -13,9 +13,10 @@ from zhtune.infer.base import GenerationSettings
 from zhtune.infer.pt_engine import PtEngine
 
 GREEDY = dict(do_sample=False, temperature=0.0)
+STOP = [1, 106]  # the gemma template's stop ids (<eos>, <end_of_turn>), as the engines use them
 
 
-def hf_tokens(model, prompt, max_new_tokens, stop_ids=None, **kwargs):
+def hf_tokens(model, prompt, max_new_tokens, stop_ids=STOP, **kwargs):
     """transformers' generate, batch 1, dynamic cache: the reference."""
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -288,6 +289,7 @@ def test_gpu_compiled_greedy_matches_generate_first_64_tokens():
     engine = PtEngine(model.eval(), tokenizer, get_template(resolved.template, tokenizer), name="g", model_type="g")
     engine.stop_ids = []  # 64 tokens each, whatever they are
     engine.scheduler.stop_ids = frozenset()
+    model.generation_config.eos_token_id = None
     engine.warm_up(rows=(1, 8), slots=8, length=512)
     settings = GenerationSettings(max_new_tokens=64, **GREEDY)
     prompts = [engine.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]

@@ -63,6 +63,7 @@ class Request:
     position: int = 0  # where the next token's key is written
     admitted_at: float | None = None
     first_token_at: float | None = None
+    finished_at: float | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self):
@@ -199,9 +200,8 @@ class Scheduler:
             compile = os.environ.get("ZHTUNE_PT_COMPILE", "reduce-overhead" if on_gpu else "0")
         self.compile_mode = None if compile in (False, "0", "", "none", "off") else (
             "reduce-overhead" if compile is True else str(compile))
-        if cache_budget_bytes is None and on_gpu:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            cache_budget_bytes = int(free * 0.6)
+        if cache_budget_bytes is None:  # the KV cache takes at most this much (fewer slots when replies are long)
+            cache_budget_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.6) if on_gpu else 2 << 30
         self.cache_budget = cache_budget_bytes
         self.layer_types = sorted(set(getattr(c, "layer_types", None) or ["full_attention"]))
         self.sliding_window = getattr(c, "sliding_window", None)
@@ -241,9 +241,10 @@ class Scheduler:
         with self.cond:
             self.max_slots = max(self.max_slots, n)
 
-    def warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None) -> float:
-        """Size the cache and compile the decode step now (when compiling), logged. Seconds spent."""
-        return self.run_exclusive(lambda: self._warm_up(rows, slots, length))
+    def warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None, all_lengths: bool = False) -> float:
+        """Size the cache and compile the decode step now (when compiling), logged. Seconds spent.
+        `all_lengths`: also record every key-length bucket up to the cache length (benchmarks)."""
+        return self.run_exclusive(lambda: self._warm_up(rows, slots, length, all_lengths))
 
     # -- the loop, scheduler thread -------------------------------------------------------------
     def _start(self):
@@ -319,7 +320,10 @@ class Scheduler:
         length = _round_up(self._need(request), self.granularity)
         if self.max_len:
             length = min(length, _round_up(self.max_len, self.granularity))
-        if self.cache.ensure(max(slot + 1, self.cache.slots), length):
+        slots = self.max_slots
+        if self.cache_budget:
+            slots = min(slots, max(1, self.cache_budget // (max(length, self.cache.length) * self.cache.bytes_per_token)))
+        if self.cache.ensure(max(slot + 1, slots), length):
             logger.info(f"generation cache: {self.cache.slots} slots x {self.cache.length} tokens "
                         f"({self.cache.slots * self.cache.length * self.cache.bytes_per_token / 2**30:.2f} GiB)")
         request.slot, request.admitted_at = slot, time.perf_counter()
@@ -379,6 +383,7 @@ class Scheduler:
         if request.slot is not None and self.active.get(request.slot) is request:
             del self.active[request.slot]
         request.finish_reason, request.error = reason, error
+        request.finished_at = time.perf_counter()
         if request.stream:
             request.tokens.put(error if error is not None else END)
         request.done.set()
@@ -452,7 +457,7 @@ class Scheduler:
                         f"in {seconds:.1f}s")
         return out
 
-    def _warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None):
+    def _warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None, all_lengths: bool = False):
         """Size the cache (slots x length) and, when compiling, build the decode step and run it once
         per rows bucket on idle slots, logged. Seconds spent."""
         start = time.perf_counter()
@@ -466,7 +471,9 @@ class Scheduler:
             self._decode = self._checked(self._compile())
             for n in sorted({1, 2} | set(rows)):
                 n = min(n, self.cache.slots)
-                for kv_len in sorted({self.granularity, min(2 * self.granularity, self.cache.length)}):
+                kv_lens = range(self.granularity, self.cache.length + 1, self.granularity) if all_lengths else \
+                    sorted({self.granularity, min(2 * self.granularity, self.cache.length)})
+                for kv_len in kv_lens:
                     ids = torch.zeros((n, 1), dtype=torch.long, device=self.device)
                     pos = torch.zeros((n, 1), dtype=torch.long, device=self.device)
                     for _ in range(3):  # CUDA graph trees record on a later call than the first
