@@ -122,12 +122,12 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny, prompts, monkeypatch):
 
 def test_embedded_model_greedy_matches_generate(embedded):
     """The real Gemma 3 270M: chat prompts, all at once, against plain generate one by one; streaming too."""
-    settings = GenerationSettings(max_new_tokens=16, **GREEDY)
-    prompts = [embedded.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS[:5]]
+    settings = GenerationSettings(max_new_tokens=12, **GREEDY)
+    prompts = [embedded.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
     fast = embedded.complete(prompts, settings, batch_size=8)
     plain = embedded._hf_complete(prompts, settings, batch_size=1)
     assert fast == plain
-    assert any(c.finish_reason == "stop" for c in fast) or all(c.completion_tokens == 16 for c in fast)
+    assert any(c.finish_reason == "stop" for c in fast) or all(c.completion_tokens == 12 for c in fast)
     deltas = list(embedded.stream_ids(prompts[0], settings))
     assert "".join(d.text for d in deltas).strip() == fast[0].text
     assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == (fast[0].finish_reason,
@@ -135,9 +135,9 @@ def test_embedded_model_greedy_matches_generate(embedded):
 
 
 def test_concurrent_requests_batch_together_and_beat_serial(embedded):
-    """12 requests of 8 new tokens from 12 threads: decoded together, each exactly as alone, sooner than one
+    """10 requests of 8 new tokens from 10 threads: decoded together, each exactly as alone, sooner than one
     by one (benchmarks: 20 x 16 tokens on 2 CPU cores, see GPU_RUN.md)."""
-    n = 12
+    n = 10
     settings = GenerationSettings(max_new_tokens=8, **GREEDY)
     prompts = [embedded.encode_prompt([{"role": "user", "content": f"{QUESTIONS[i % 8]} ({i})"}]) for i in range(n)]
     embedded.complete(prompts[:1], settings)  # warm

@@ -506,10 +506,14 @@ class Scheduler:
         torch._dynamo.maybe_mark_dynamic(kv_index, 0)
 
     def _checked(self, compiled):
+        graphs = bool(self.compile_mode) and "reduce-overhead" in self.compile_mode and self.device.type == "cuda"
+
         def decode(ids, pos, kv_index):
             self._mark_dynamic(ids, pos, kv_index)
+            if graphs:  # each call is a new step: the previous call's output buffers may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             out = compiled(ids, pos, kv_index)
-            return out.clone() if self.compile_mode and "reduce-overhead" in self.compile_mode else out
+            return out.clone() if graphs else out
         return decode
 
 
