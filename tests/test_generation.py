@@ -359,3 +359,16 @@ def test_infer_speed_benchmark_tiny(tmp_path):
                 "hf_generate_batched_tokens_per_s", "batched_speedup_vs_hf", "bs1_bandwidth_limit_tokens_per_s"):
         assert key in r, key
     assert r["greedy_match"]["identical"] == r["greedy_match"]["prompts"]
+
+
+def test_lora_adapter_model_matches_generate(tiny_models, gemma_tokenizer, prompts):
+    """A PeftModel (base + LoRA, as `infer --ckpt_dir` loads it) through the scheduler: same greedy tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], dtype=torch.float32, attn_implementation="eager")
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    engine = make_engine(model, gemma_tokenizer)
+    assert engine.batching
+    settings = GenerationSettings(max_new_tokens=16, **GREEDY)
+    assert engine.complete(prompts[:3], settings) == engine._hf_complete(prompts[:3], settings, batch_size=1)
