@@ -202,30 +202,28 @@ class _Whole:
 async def collect(request: Request, pieces, ticket: Ticket) -> _Whole | None:
     """A whole reply; None when the client disconnected first (its generation is then stopped)."""
     result: list = []
+    failed: list[GenerationFailed] = []
 
     async def run(scope: anyio.CancelScope):
         text = ""
-        async for piece in pieces:
-            text += piece.text
-            if piece.finish_reason is not None:
-                result.append(_Whole(text, piece))
+        try:
+            async for piece in pieces:
+                text += piece.text
+                if piece.finish_reason is not None:
+                    result.append(_Whole(text, piece))
+        except GenerationFailed as e:
+            failed.append(e)
         scope.cancel()
 
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(run, group.cancel_scope)
             group.start_soon(_until_disconnect, request.receive, group.cancel_scope)
-    except GenerationFailed as e:
-        raise APIError(500, f"generation failed: {e}", type="server_error", code="generation_failed") from None
-    except BaseExceptionGroup as eg:  # anyio wraps a task's exception
-        failed = [e for e in eg.exceptions if isinstance(e, GenerationFailed)]
-        if failed:
-            raise APIError(500, f"generation failed: {failed[0]}", type="server_error",
-                           code="generation_failed") from None
-        raise
     finally:
         ticket.abandon()
         await pieces.aclose()
+    if failed:
+        raise APIError(500, f"generation failed: {failed[0]}", type="server_error", code="generation_failed")
     return result[0] if result else None
 
 

@@ -46,10 +46,18 @@ def param_name(loc: tuple) -> str:
     return out
 
 
+def _is_type_tag(part) -> bool:
+    """pydantic puts the union member tried into an error's loc ('str', 'list[...]', 'TextPart')."""
+    if isinstance(part, int):
+        return False
+    return (part in ("str", "int", "float", "bool", "list", "dict", "none") or part[:1].isupper()
+            or any(c in part for c in "[-"))
+
+
 def validation_error(e: ValidationError) -> APIError:
     """The first problem of a pydantic error as a 400 naming the field."""
     err = e.errors()[0]
-    param = param_name(tuple(p for p in err["loc"] if not str(p).startswith("function-")))
+    param = param_name(tuple(p for p in err["loc"] if not _is_type_tag(p)))
     if err["type"] == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unrecognized_argument")
