@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -68,7 +67,7 @@ class Server:
                "--max_concurrency", str(max_concurrency), "--max_queue_size", str(max_queue_size),
                "--max_new_tokens", str(args.max_tokens), *args.deploy_args]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.log = open(log, "w")
+        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + args.start_timeout

@@ -26,10 +26,25 @@ from zhtune.errors import UserError
 from zhtune.infer.base import Engine, GenerationSettings
 from zhtune.log import logger
 from zhtune.serve.generation import GenerationFailed, Piece, Scheduler, Ticket
-from zhtune.serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                   ChatCompletionRequest, ChatCompletionResponse, CompletionChoice, CompletionRequest,
-                                   CompletionResponse, DeltaMessage, ModelCard, ModelList, Usage, new_id, now,
-                                   validation_error)
+from zhtune.serve.protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    Usage,
+    new_id,
+    now,
+    validation_error,
+)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -326,4 +341,4 @@ class EventStream(Response):
                 await self.events.aclose()
 
 
-__all__ = ["create_app", "EventStream", "MAX_BODY_BYTES"]
+__all__ = ["MAX_BODY_BYTES", "EventStream", "create_app"]

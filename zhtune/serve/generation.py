@@ -14,9 +14,9 @@ is handed to the request as `GenerationFailed`; the slot is freed all the same.
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from zhtune.infer.base import Engine, GenerationSettings
 from zhtune.log import logger
