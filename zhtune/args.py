@@ -151,6 +151,8 @@ class EvalArguments(ModelArguments, CheckpointArguments, GenerationArguments, Da
     eval_limit: str | None = field(default=None, metadata={"help": "N, or '[a:b]' for a slice of every set"})
     eval_batch_size: int = field(default=8, metadata=_at_least(1))
     eval_few_shot: int = field(default=0, metadata=_at_least(0))
+    eval_prompt: str = field(default="zhtune", metadata=_choices("zhtune", "seed"))
+    eval_mode: str = field(default="generate", metadata=_choices("generate", "loglik"))
     eval_data_dir: str | None = field(default=None, metadata={"help": "local copies of the benchmark files"})
     eval_output_dir: str = "eval_outputs"
     name: str | None = None
