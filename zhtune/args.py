@@ -151,6 +151,8 @@ class EvalArguments(ModelArguments, CheckpointArguments, GenerationArguments, Da
     eval_limit: str | None = field(default=None, metadata={"help": "N, or '[a:b]' for a slice of every set"})
     eval_batch_size: int = field(default=8, metadata=_at_least(1))
     eval_few_shot: int = field(default=0, metadata=_at_least(0))
+    eval_prompt: str = field(default="zhtune", metadata=_choices("zhtune", "seed"))
+    eval_mode: str = field(default="generate", metadata=_choices("generate", "loglik"))
     eval_data_dir: str | None = field(default=None, metadata={"help": "local copies of the benchmark files"})
     eval_output_dir: str = "eval_outputs"
     name: str | None = None
@@ -170,6 +172,12 @@ class DeployArguments(InferArguments):
     host: str = "127.0.0.1"
     port: int = field(default=8000, metadata=_between(1, 65535))
     served_model_name: str | None = None
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer <key>' on /v1/* "
+                                                        "(set it when --host is not loopback)"})
+    max_concurrency: int = field(default=32, metadata=_at_least(1, "requests handed to the engine at once (it "
+                                                                    "batches them; vllm's max_num_seqs); 1: one at a time"))
+    max_queue_size: int = field(default=256, metadata=_at_least(0, "requests waiting beyond --max_concurrency; "
+                                                                    "more get 503"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ A file's format is detected from its first row and every row is read in that for
 Each becomes {"messages": [...]} (plus "tag" when the row has one). A row that does not fit, or that
 has an empty reply, is a UserError naming the source, the row and the fields found: training on a
 silently dropped or empty reply teaches the model to say nothing.
+
+For inference (`replies_optional=True`, `zhtune infer --val_dataset`) the last reply may be missing or
+empty, as in ms-swift: a query alone, or a conversation ending on a user turn, is a prompt.
 """
 
 import json
@@ -42,7 +45,8 @@ def detect_format(row: dict) -> str | None:
 
 
 def convert_rows(records: Iterable[tuple[int, object]], source: str, unit: str = "row",
-                 columns: dict | None = None, skipped: list | None = None) -> list[dict]:
+                 columns: dict | None = None, skipped: list | None = None,
+                 replies_optional: bool = False) -> list[dict]:
     """(number, raw record) pairs -> conversation rows; `unit` names the number ('row' or 'line').
 
     A bad row raises, unless `skipped` is a list: then its one-line reason is appended there and
@@ -62,7 +66,7 @@ def convert_rows(records: Iterable[tuple[int, object]], source: str, unit: str =
                     raise UserError(f"{source} {unit} {number}: fits no known format "
                                     f"(fields: {_fields(record)}). {FORMAT_HINT}")
             try:
-                rows.append(to_row(record, fmt))
+                rows.append(to_row(record, fmt, replies_optional))
             except RowError as e:
                 raise UserError(f"{source} {unit} {number}: {e} (format {fmt}, detected from {unit} {first}; "
                                 f"fields: {_fields(record)}). Fix or remove the row.") from None
@@ -76,11 +80,18 @@ def convert_rows(records: Iterable[tuple[int, object]], source: str, unit: str =
     return rows
 
 
-def to_row(record: dict, fmt: str) -> dict:
+def to_row(record: dict, fmt: str, replies_optional: bool = False) -> dict:
+    """`replies_optional` (inference): the last reply may be missing or empty; the row is then a prompt."""
+    if replies_optional and fmt in ("alpaca", "query/response"):
+        key = "output" if fmt == "alpaca" else "response"
+        record = {**record, key: record.get(key)}  # missing -> None -> "" -> left out below
     messages = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
                 "query/response": _from_query_response}[fmt](record)
+    if replies_optional and messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+        messages = messages[:-1]
     try:
-        check_messages(messages, for_generation=False)
+        check_messages(messages, for_generation=replies_optional and bool(messages)
+                       and messages[-1]["role"] == "user")
     except UserError as e:
         raise RowError(str(e).rstrip(".")) from None
     for m in messages:

@@ -32,25 +32,28 @@ def data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_local(path: Path, columns: dict | None = None) -> list[dict]:
+def load_local(path: Path, columns: dict | None = None, replies_optional: bool = False) -> list[dict]:
     rows = []
     for file in data_files(path):
         if file.stat().st_size == 0:
             raise UserError(f"{file}: is empty. Give a dataset with at least one conversation.")
         unit = "line" if file.suffix.lower() == ".jsonl" else "row"
-        rows += convert_rows(read_records(file), str(file), unit=unit, columns=columns)
+        rows += convert_rows(read_records(file), str(file), unit=unit, columns=columns,
+                             replies_optional=replies_optional)
     return rows
 
 
 # -- hubs ------------------------------------------------------------------------------------------
 
-def load_hub(hub_id: str, subset: str, split: str, use_hf: bool, columns: dict | None = None) -> list[dict]:
+def load_hub(hub_id: str, subset: str, split: str, use_hf: bool, columns: dict | None = None,
+             replies_optional: bool = False) -> list[dict]:
     """One subset of a hub dataset. Rows that fit no format or have an empty reply are left out and
     counted in a warning: unlike a local file, the user cannot fix them."""
     label = f"{hub_id}:{subset}" if subset != "default" else hub_id
     records = list(enumerate(hub.load_dataset_rows(hub_id, subset, split, hf=use_hf, advice=_OFFLINE_ADVICE), 1))
     skipped = []
-    rows = convert_rows(records, f"{hub.hub_name(use_hf)} {label}", columns=columns, skipped=skipped)
+    rows = convert_rows(records, f"{hub.hub_name(use_hf)} {label}", columns=columns, skipped=skipped,
+                        replies_optional=replies_optional)
     if skipped:
         logger.warning(f"dataset {label}: left out {len(skipped)} of {len(records)} rows that cannot be "
                        f"trained on; the first: {skipped[0]}")

@@ -23,18 +23,18 @@ class DatasetSplit:
     entries: list[dict] = field(default_factory=list)  # {"name", "subset", "requested", "train", "val"}
 
 
-def load_entry(entry: Entry) -> list[dict]:
+def load_entry(entry: Entry, replies_optional: bool = False) -> list[dict]:
     if entry.source == "local":
-        return loaders.load_local(entry.path)
+        return loaders.load_local(entry.path, replies_optional=replies_optional)
     info = entry.info
     if info is not None and info.shipped_file:
-        return loaders.load_local(info.shipped_path())
+        return loaders.load_local(info.shipped_path(), replies_optional=replies_optional)
     hub_id = entry.name if info is None else (info.hf_id if entry.use_hf else info.ms_id)
     split = info.split if info else "train"
     columns = info.columns if info else None
     rows = []
     for subset in entry.subsets:
-        rows += loaders.load_hub(hub_id, subset, split, entry.use_hf, columns)
+        rows += loaders.load_hub(hub_id, subset, split, entry.use_hf, columns, replies_optional=replies_optional)
     return rows
 
 
@@ -66,14 +66,15 @@ def split_val(rows: list, ratio: float, rng: random.Random) -> tuple[list, list]
 
 
 def load_datasets(entries: list[str], *, seed: int = 42, test_ratio: float = 0.01, val_entries=(),
-                  model_name=(), model_author=()) -> DatasetSplit:
-    """Load, sample and concatenate every entry; split each for validation unless val_entries are given."""
+                  model_name=(), model_author=(), replies_optional: bool = False) -> DatasetSplit:
+    """Load, sample and concatenate every entry; split each for validation unless val_entries are given.
+    `replies_optional`: for inference, rows may end on a user turn (see formats.to_row)."""
     parsed, parsed_val, identity = _check(entries, val_entries, test_ratio, model_name, model_author)
     split = DatasetSplit([], [], [])
     for role, group in (("train", parsed), ("val", parsed_val)):
         for index, entry in enumerate(group):
             rng = random.Random(f"{seed}/{role}/{index}/{entry.text}")
-            rows = sample_rows(load_entry(entry), entry.requested, rng, entry.text)
+            rows = sample_rows(load_entry(entry, replies_optional), entry.requested, rng, entry.text)
             rows = fill_placeholders(rows, identity, entry.text)
             if role == "val":
                 train, val = [], rows

@@ -38,11 +38,13 @@ class ARC(Benchmark):
     layout = ("A local copy is one ARC-Challenge test file under arc/: ARC-Challenge-Test.jsonl (AI2), "
               "test-*.parquet (Hugging Face) or arc_challenge.jsonl (llm-foundry); few-shot needs a *train* file.")
 
-    def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
+    def data_files(self, folder: Path, few_shot: bool = False) -> list[Path]:
         path = find_split_file(folder, "train" if few_shot else "test")
-        if path is None:
-            return []
-        return rows_to_items(read_records(path), parse_row, str(path))
+        return [] if path is None else [path]
+
+    def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
+        return [item for path in self.data_files(folder, few_shot)
+                for item in rows_to_items(read_records(path), parse_row, str(path))]
 
     def load_hub(self, few_shot: bool) -> list[EvalItem]:
         split = self.shot_split if few_shot else self.test_split

@@ -44,6 +44,11 @@ def options_text(item: EvalItem) -> str:
     return "\n".join(f"{letter}. {text}" for letter, text in zip(item.letters, item.choices))
 
 
+def raw(item: EvalItem, key: str):
+    """The question or the choices exactly as the file had them (before .strip()), for the seed prompts."""
+    return item.meta.get("raw", {}).get(key, item.question if key == "question" else item.choices)
+
+
 def letter_item(id_: str, question: str, choices: list[str], labels: list[str], answer_key: str,
                 subject: str | None = None) -> EvalItem:
     """An item whose options carry their own labels ("A".."E", or ARC's "1".."4").
@@ -57,7 +62,11 @@ def letter_item(id_: str, question: str, choices: list[str], labels: list[str], 
         raise ValueError(f"answer key {key!r} is not one of the labels {labels}")
     gold = LETTERS[labels.index(key)]
     meta = {"labels": labels} if labels != list(LETTERS[:len(labels)]) else {}
-    return EvalItem(id_, question.strip(), gold, [str(c).strip() for c in choices], subject, meta=meta)
+    choices = [str(c) for c in choices]
+    item = EvalItem(id_, question.strip(), gold, [c.strip() for c in choices], subject, meta=meta)
+    if item.question != question or item.choices != choices:
+        item.meta["raw"] = {"question": question, "choices": choices}
+    return item
 
 
 class Benchmark:
@@ -86,6 +95,10 @@ class Benchmark:
         return items
 
     def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
+        raise NotImplementedError
+
+    def data_files(self, folder: Path, few_shot: bool = False) -> list[Path]:
+        """The files of a local copy that `load_local` reads (for --dry_run)."""
         raise NotImplementedError
 
     def load_hub(self, few_shot: bool) -> list[EvalItem]:
@@ -117,11 +130,15 @@ class Benchmark:
                       {"role": "assistant", "content": self.shot_answer(shot)}]
         return turns + [{"role": "user", "content": self.user_prompt(item)}]
 
-    def score(self, item: EvalItem, output: str) -> Scored:
+    def score(self, item: EvalItem, output: str, prompt: str | None = None, labels: str | None = None) -> Scored:
+        """`prompt`: the user turn the model saw (its echo is not an answer); `labels`: the option
+        labels it showed (default A, B, C, ...). The extracted answer is the letter by position."""
         if self.kind == "number":
-            value = extract_number(output)
+            value = extract_number(output, prompt)
             return Scored(value, numbers_equal(value, to_number(item.gold)))
-        letter = extract_choice(output, item.letters)
+        labels = labels or item.letters
+        label = extract_choice(output, labels, prompt)
+        letter = None if label is None else LETTERS[labels.index(label)]
         return Scored(letter, letter == item.gold)
 
 
@@ -185,10 +202,14 @@ class SubjectCsvBenchmark(Benchmark):
     def split_dir(self, folder: Path, split: str) -> Path:
         return folder / split
 
+    def data_files(self, folder: Path, few_shot: bool = False) -> list[Path]:
+        split = self.shot_split if few_shot else self.test_split
+        return sorted(self.split_dir(folder, split).glob(f"*_{split}.csv"))
+
     def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
         split = self.shot_split if few_shot else self.test_split
         items = []
-        for path in sorted(self.split_dir(folder, split).glob(f"*_{split}.csv")):
+        for path in self.data_files(folder, few_shot):
             subject = path.name[: -len(f"_{split}.csv")]
             items += rows_to_items(read_csv(path, self.csv_header),
                                    lambda r, i, s=subject: self.parse_csv_row(r, s, i), str(path))

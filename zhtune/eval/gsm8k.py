@@ -21,7 +21,10 @@ def parse_row(row: dict, index: int) -> EvalItem:
     if gold is None:
         raise ValueError(f"'{solution.rsplit('####', 1)[1].strip()}' after #### is not a number")
     readable = re.sub(r"<<[^>]*>>", "", solution).strip()  # drop the calculator annotations
-    return EvalItem(f"gsm8k-{index}", row["question"].strip(), gold, solution=readable)
+    item = EvalItem(f"gsm8k-{index}", row["question"].strip(), gold, solution=readable)
+    if item.question != row["question"]:
+        item.meta["raw"] = {"question": row["question"]}
+    return item
 
 
 class GSM8K(Benchmark):
@@ -33,11 +36,13 @@ class GSM8K(Benchmark):
 
     layout = "A local copy has gsm8k/test.jsonl (and gsm8k/train.jsonl for few-shot) with question/answer rows."
 
-    def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
+    def data_files(self, folder: Path, few_shot: bool = False) -> list[Path]:
         path = folder / ("train.jsonl" if few_shot else "test.jsonl")
-        if not path.is_file():
-            return []
-        return rows_to_items(read_records(path), parse_row, str(path))
+        return [path] if path.is_file() else []
+
+    def load_local(self, folder: Path, few_shot: bool) -> list[EvalItem]:
+        return [item for path in self.data_files(folder, few_shot)
+                for item in rows_to_items(read_records(path), parse_row, str(path))]
 
     def load_hub(self, few_shot: bool) -> list[EvalItem]:
         split = self.shot_split if few_shot else self.test_split

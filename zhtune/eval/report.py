@@ -7,6 +7,7 @@
 Every file is written to a temporary name in its folder and renamed when complete.
 """
 
+import math
 import re
 import time
 from pathlib import Path
@@ -28,6 +29,19 @@ def new_output_dir(root: str | Path, name: str) -> Path:
         out, n = base / f"{stamp}-{n}", n + 1
     return out
 
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy of correct/total (z = 1.96): (low, high).
+
+    Unlike the normal approximation it stays inside [0, 1] and is meaningful at 0/n and n/n, which
+    small evaluations hit. (0, 1) when total is 0."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    center = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def item_file(out_dir: Path, dataset: str, model_label: str, several_models: bool) -> Path:

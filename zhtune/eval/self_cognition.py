@@ -41,7 +41,7 @@ class SelfCognition(Benchmark):
     def user_prompt(self, item: EvalItem) -> str:
         return item.question
 
-    def score(self, item: EvalItem, output: str) -> Scored:
+    def score(self, item: EvalItem, output: str, prompt: str | None = None, labels: str | None = None) -> Scored:
         text = (output or "").casefold()
         found = [term for term in (item.meta["name"], item.meta["author"]) if term.casefold() in text]
         return Scored(" + ".join(found) if found else None, len(found) == 2)

@@ -28,11 +28,14 @@ def infer_main(args) -> int:
 
 
 def batch_infer(engine, settings, args) -> int:
+    """Rows may end on a user turn (no reference reply); a reference, where present, is kept as `label`.
+    Generation is batched by the engine (continuous batching on pt), with a progress bar of items and
+    tokens/s."""
     from zhtune.data import load_datasets
 
     if args.val_dataset:
         split = load_datasets(args.val_dataset, seed=args.dataset_seed, test_ratio=0.0,
-                              model_name=args.model_name, model_author=args.model_author)
+                              model_name=args.model_name, model_author=args.model_author, replies_optional=True)
         rows = split.train + split.val
     else:
         split = load_datasets(args.dataset, seed=args.dataset_seed, test_ratio=args.dataset_test_ratio,
@@ -48,7 +51,9 @@ def batch_infer(engine, settings, args) -> int:
         history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 1, 2)]
         prompts.append(conversation)
         records.append({"system": system, "query": turns[-1]["content"], "label": label, "history": history})
-    logger.info(f"batch inference: {len(prompts)} rows, batch size {args.eval_batch_size}")
+    with_label = sum(r["label"] is not None for r in records)
+    logger.info(f"batch inference: {len(prompts)} rows ({with_label} with a reference reply), "
+                f"batch size {args.eval_batch_size}")
     replies = engine.generate(prompts, settings, batch_size=args.eval_batch_size, progress=True)
     for record, reply in zip(records, replies):
         record["response"] = reply

@@ -1,13 +1,17 @@
-"""`zhtune deploy`: an OpenAI-compatible HTTP server (/v1/models, /v1/chat/completions) on one engine.
+"""`zhtune deploy`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) on one engine.
 
-Plain `http.server` from the standard library: one request at a time, which is what one engine on one
-device can serve anyway. Streaming answers use server-sent events like OpenAI's API.
+    zhtune deploy --model_type gemma3-270m --port 8000 [--served_model_name NAME] [--api_key KEY]
+                  [--max_concurrency 32] [--max_queue_size 256]
+
+Endpoints: GET /v1/models, POST /v1/chat/completions (stream or not), POST /v1/completions,
+GET /health (no key needed). The listening socket is bound before the model loads, so a port in
+use, out of range or not allowed is one error line at once. `--max_concurrency` requests are handed
+to the engine at once (it batches them), `--max_queue_size` more wait; beyond that: 503.
 """
 
-import json
-import time
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import errno
+import ipaddress
+import socket
 
 from zhtune.dry_run import print_dry_run
 from zhtune.errors import UserError
@@ -22,83 +26,65 @@ def deploy_main(args) -> int:
     if args.dry_run:
         print_dry_run("deploy", args, {**resolved.describe(), "url": f"http://{args.host}:{args.port}/v1"})
         return 0
-    engine = load_engine(resolved, args)
-    server = make_server(engine, GenerationSettings.from_args(args), args.host, args.port,
-                         args.served_model_name or engine.name)
-    logger.info(f"serving {engine.name} at http://{args.host}:{server.server_port}/v1 (Ctrl-C stops)")
+    sock = bind_socket(args.host, args.port)  # before the model loads: a bad port fails at once
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        if args.api_key is None and not is_loopback(args.host):
+            logger.warning(f"serving on {args.host} without --api_key: anyone who reaches this port can use it")
+        engine = load_engine(resolved, args)
+        serve(engine, GenerationSettings.from_args(args, seed=None), sock, args)
     finally:
-        server.server_close()
+        sock.close()
     return 0
 
 
-def make_server(engine, defaults: GenerationSettings, host: str, port: int, model_name: str) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, fmt, *a):  # quiet
-            pass
+def serve(engine, defaults: GenerationSettings, sock: socket.socket, args) -> None:
+    import uvicorn
 
-        def _json(self, status: int, body: dict):
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    from zhtune.serve.app import create_app
 
-        def _error(self, status: int, message: str):
-            self._json(status, {"error": {"message": message, "type": "invalid_request_error"}})
-
-        def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "zhtune"}]})
-            else:
-                self._error(404, f"no route {self.path}; try /v1/models or POST /v1/chat/completions")
-
-        def do_POST(self):
-            if self.path.rstrip("/") != "/v1/chat/completions":
-                return self._error(404, f"no route {self.path}; POST /v1/chat/completions")
-            try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                messages = body["messages"]
-                settings = _settings(defaults, body)
-            except (ValueError, KeyError, TypeError) as e:
-                return self._error(400, f"bad request body ({e}): send JSON with 'messages'")
-            try:
-                if body.get("stream"):
-                    return self._stream(messages, settings)
-                reply = engine.generate([messages], settings, batch_size=1)[0]
-            except UserError as e:
-                return self._error(400, str(e))
-            self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                             "created": int(time.time()), "model": model_name,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                          "finish_reason": "stop"}]})
-
-        def _stream(self, messages, settings):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.end_headers()
-            cid = f"chatcmpl-{uuid.uuid4().hex}"
-            for piece in engine.stream(messages, settings):
-                chunk = {"id": cid, "object": "chat.completion.chunk", "model": model_name,
-                         "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode("utf-8"))
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
-
-    return ThreadingHTTPServer((host, port), Handler)
+    name = args.served_model_name or engine.name
+    app = create_app(engine, defaults, model_name=name, max_concurrency=args.max_concurrency,
+                     max_queue_size=args.max_queue_size, api_key=args.api_key)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    logger.info(f"serving {name} at http://{shown}:{port}/v1 (max_concurrency {args.max_concurrency}, "
+                f"max_queue_size {args.max_queue_size}{', api key required' if args.api_key else ''}; Ctrl-C stops)")
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="on",
+                            backlog=2048, timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
-def _settings(defaults: GenerationSettings, body: dict) -> GenerationSettings:
-    values = dict(defaults.__dict__)
-    if "max_tokens" in body:
-        values["max_new_tokens"] = int(body["max_tokens"])
-    for key in ("temperature", "top_p", "seed"):
-        if key in body:
-            values[key] = body[key]
-    if values.get("temperature") == 0:
-        values["do_sample"] = False
-    return GenerationSettings(**values)
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port, or a UserError that says what to change."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is out of range: give 1..65535.")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host!r} is not an address of this machine ({e}); e.g. 127.0.0.1 or 0.0.0.0.") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse a TIME_WAIT port
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use: stop what listens there or pick "
+                            "another --port.") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"no permission to listen on {host}:{port} (ports below 1024 need root): pick "
+                            "another --port.") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"--host {host} is not an address of this machine: e.g. 127.0.0.1 or 0.0.0.0.") from None
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}.") from None
+    sock.set_inheritable(True)
+    return sock

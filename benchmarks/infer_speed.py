@@ -1,0 +1,310 @@
+"""Generation speed of the pt backend (zhtune/infer/batching.py) against transformers' `generate`, on
+Gemma-2-9B with random weights, bf16, one GPU, exact softcap (eager attention), in one run.
+
+    python benchmarks/infer_speed.py --quick    # < 8 minutes on an H200, warm-up included
+    python benchmarks/infer_speed.py            # the full workloads
+    python benchmarks/infer_speed.py --tiny     # a tiny Gemma 2 on the CPU, seconds (the test suite runs it)
+
+Workloads
+  (a) interactive: a 256-token prompt, 256 new tokens, batch 1. Decode tokens/s (after the first token)
+      and time to first token (submit -> first token: prefill + one token choice). The same with HF
+      `generate` (dynamic cache) for reference.
+  (b) eval-like: prompts of mixed lengths (log-uniform 64..1024 tokens, random ids), greedy, each reply
+      ending at its drawn length: max_new_tokens per request = the length of a real answer (the
+      assistant tokens of the 1000 alpaca_zh_demo rows, benchmarks/alpaca_zh_lengths.json), capped at
+      256; end-of-turn is ignored so that every engine makes exactly the same tokens. Total new
+      tokens/s = sum of the drawn lengths / wall time. The scheduler gets all prompts at once
+      (--batch_size slots); the baseline is HF `generate` with its dynamic cache at the same batch size,
+      prompts in batches by length (as the old pt engine did), each batch running to its longest
+      drawn reply (what static batching costs). The speedup compares both on the same prompts
+      (--hf_prompts of them, the first ones of the same draw).
+  Exactness: 8 fixed prompts, greedy, the first 64 tokens of the scheduler (compiled, batch 1) against
+      HF `generate` batch 1.
+  Limit: batch-1 decoding reads every weight once per token: 4.8 TB/s / bytes of weights.
+
+Results: --out (default benchmarks/results/<date>-infer-speed[-quick|-tiny].json), written after every
+phase so that a run cut short still leaves its numbers. Keys: date, device, bs1_decode_tokens_per_s,
+bs1_ttft_s, batched_tokens_per_s, hf_generate_batched_tokens_per_s, batched_speedup_vs_hf,
+bs1_bandwidth_limit_tokens_per_s, weight_bytes, greedy_match, and the details of each phase.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from zhtune.infer.batching import Request, Scheduler  # noqa: E402
+
+GEMMA2_9B = dict(  # google/gemma-2-9b config.json (the published values)
+    vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=256, max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
+    sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+TINY = dict(GEMMA2_9B, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
+HBM_BYTES_PER_S = 4.8e12  # H200
+
+PROFILES = {  # prompts, hf_prompts, bs1 new tokens, hf bs1 new tokens, match prompts x tokens, prompt range
+    "full": dict(prompts=1000, hf_prompts=256, bs1_new=256, hf_bs1_new=128, match=(8, 64), lo=64, hi=1024, cap=256),
+    "quick": dict(prompts=320, hf_prompts=96, bs1_new=256, hf_bs1_new=64, match=(8, 64), lo=64, hi=1024, cap=256),
+    "tiny": dict(prompts=40, hf_prompts=16, bs1_new=32, hf_bs1_new=32, match=(8, 24), lo=4, hi=48, cap=24),
+}
+
+
+def say(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+def build_model(tiny: bool):
+    from transformers import AutoModelForCausalLM, Gemma2Config
+    device = "cpu" if tiny else "cuda"
+    config = Gemma2Config(**(TINY if tiny else GEMMA2_9B))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if tiny else torch.bfloat16,
+                                                 attn_implementation="eager")
+    model.generation_config.eos_token_id = None  # replies end at their drawn length, in every engine
+    return model.eval(), device
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:  # the tied lm_head counts once
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def draw_workload(n: int, vocab: int, lo: int, hi: int, cap: int, seed: int = 0):
+    rng = random.Random(seed)
+    answers = [trained for _, trained in json.loads(LENGTHS.read_text())["samples"] if trained > 0]
+    prompts, replies = [], []
+    for _ in range(n):
+        length = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+        prompts.append([rng.randrange(3, vocab) for _ in range(length)])
+        replies.append(max(1, min(cap, rng.choice(answers))))
+    return prompts, replies
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- the scheduler ---------------------------------------------------------------------------------------
+
+def run_scheduler(scheduler: Scheduler, prompts, replies, label: str, every: float = 10.0):
+    finished = []
+    start = time.perf_counter()
+    requests = [Request(p, n, on_done=finished.append) for p, n in zip(prompts, replies)]
+    for r in requests:
+        scheduler.submit(r)
+    last = start
+    while len(finished) < len(requests):
+        time.sleep(0.05)
+        if time.perf_counter() - last >= every:
+            last = time.perf_counter()
+            done_tokens = sum(len(r.generated) for r in requests)
+            say(f"{label}: {len(finished)}/{len(requests)} prompts, {done_tokens} new tokens, "
+                f"{done_tokens / (last - start):.0f} tokens/s")
+    seconds = time.perf_counter() - start
+    for r in requests:
+        if r.error is not None:
+            raise r.error
+    tokens = sum(len(r.generated) for r in requests)
+    assert tokens == sum(replies), (tokens, sum(replies))
+    return {"prompts": len(prompts), "new_tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def bs1_scheduler(scheduler, prompt, new_tokens):
+    r = scheduler.submit(Request(list(prompt), new_tokens))
+    r.result()
+    decode_s = r.finished_at - r.first_token_at
+    return {"prompt_tokens": len(prompt), "new_tokens": len(r.generated),
+            "ttft_s": round(r.first_token_at - r.submitted_at, 4),
+            "decode_tokens_per_s": round((len(r.generated) - 1) / decode_s, 1)}, r.generated
+
+
+# -- transformers' generate ---------------------------------------------------------------------------
+
+def hf_generate(model, device, batch, max_new_tokens):
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_k=None, top_p=None, eos_token_id=None,
+                             pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def bs1_hf(model, device, prompt, new_tokens):
+    hf_generate(model, device, [prompt[:8]], 2)  # warm
+    sync(device)
+    start = time.perf_counter()
+    hf_generate(model, device, [prompt], 1)
+    sync(device)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    hf_generate(model, device, [prompt], new_tokens)
+    sync(device)
+    total = time.perf_counter() - start
+    return {"new_tokens": new_tokens, "ttft_s": round(ttft, 4),
+            "decode_tokens_per_s": round((new_tokens - 1) / max(total - ttft, 1e-9), 1)}
+
+
+def run_hf_batched(model, device, prompts, replies, batch_size, every: float = 10.0):
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    start = last = time.perf_counter()
+    useful = generated = 0
+    for k, batch in enumerate(batches, 1):
+        longest = max(replies[i] for i in batch)
+        hf_generate(model, device, [prompts[i] for i in batch], longest)
+        useful += sum(replies[i] for i in batch)
+        generated += longest * len(batch)
+        if time.perf_counter() - last >= every or k == len(batches):
+            last = time.perf_counter()
+            say(f"hf generate: batch {k}/{len(batches)}, {useful} new tokens, {useful / (last - start):.0f} tokens/s")
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"prompts": len(prompts), "new_tokens": useful, "tokens_computed": generated,
+            "seconds": round(seconds, 2), "tokens_per_s": round(useful / seconds, 1)}
+
+
+# -- main -----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny Gemma 2 on the CPU (seconds)")
+    ap.add_argument("--quick", action="store_true", help="smaller workloads: < 8 minutes on an H200")
+    ap.add_argument("--batch_size", type=int, default=None, help="scheduler slots = HF batch size (default 32; tiny 8)")
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--hf_prompts", type=int, default=None, help="prompts for the HF baseline and the speedup")
+    ap.add_argument("--compile", default=None, help="torch.compile mode of the decode step (default: reduce-overhead "
+                    "on CUDA, none on the CPU); 0 for none")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["bs1", "match", "batched", "hf"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    profile = PROFILES["tiny" if args.tiny else "quick" if args.quick else "full"]
+    n_prompts = args.prompts or profile["prompts"]
+    n_hf = min(args.hf_prompts or profile["hf_prompts"], n_prompts)
+    batch_size = args.batch_size or (8 if args.tiny else 32)
+    if not args.tiny and not torch.cuda.is_available():
+        say("no CUDA GPU: use --tiny on the CPU")
+        return 2
+    t0 = time.perf_counter()
+    suffix = "-tiny" if args.tiny else "-quick" if args.quick else ""
+    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
+                                           f"{time.strftime('%Y-%m-%d')}-infer-speed{suffix}.json")
+    model, device = build_model(args.tiny)
+    wbytes = weight_bytes(model)
+    import transformers
+    results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "model": "tiny Gemma 2 (random)" if args.tiny else "Gemma-2-9B config, random weights, bf16, eager "
+               "attention with softcap", "profile": "tiny" if args.tiny else "quick" if args.quick else "full",
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+               "batch_size": batch_size, "weight_bytes": wbytes,
+               "bs1_bandwidth_limit_tokens_per_s": round(HBM_BYTES_PER_S / wbytes, 1),
+               "bs1_decode_tokens_per_s": None, "bs1_ttft_s": None, "batched_tokens_per_s": None,
+               "hf_generate_batched_tokens_per_s": None, "batched_speedup_vs_hf": None}
+
+    def save():
+        results["seconds_total"] = round(time.perf_counter() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+
+    say(f"{results['device']}: {results['model']}, {wbytes / 1e9:.2f} GB of weights -> batch-1 limit "
+        f"{results['bs1_bandwidth_limit_tokens_per_s']} tokens/s at 4.8 TB/s; built in {time.perf_counter() - t0:.0f}s")
+    prompts, replies = draw_workload(n_prompts, model.config.vocab_size, profile["lo"], profile["hi"], profile["cap"])
+    say(f"workload (b): {n_prompts} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens "
+        f"(mean {sum(map(len, prompts)) / n_prompts:.0f}), replies of {min(replies)}..{max(replies)} tokens "
+        f"(mean {sum(replies) / n_prompts:.0f}); HF baseline on the first {n_hf}")
+    length = profile["hi"] + profile["cap"]
+    scheduler = Scheduler(model, max_slots=batch_size, max_len=model.config.max_position_embeddings,
+                          compile=args.compile)
+    results["compile"] = scheduler.compile_mode
+    say(f"warm-up: cache {batch_size} slots x {length} tokens, compiling the decode step "
+        f"({scheduler.compile_mode or 'no compilation'}) for every rows x keys bucket")
+    rows = sorted({min(1 << k, batch_size) for k in range(batch_size.bit_length() + 1)})
+    results["warm_up_s"] = round(scheduler.warm_up(rows=rows, slots=batch_size, length=length, all_lengths=True), 1)
+    results["compiled"] = scheduler._compiled is not None and scheduler._decode is not scheduler._forward_decode
+    say(f"warm-up done in {results['warm_up_s']}s (compiled: {results['compiled']})")
+    save()
+
+    # (a) batch 1
+    rng = random.Random(1)
+    vocab = model.config.vocab_size
+    bs1_prompt = [rng.randrange(3, vocab) for _ in range(profile["hi"] // 4)]
+    if "bs1" not in args.skip:
+        bs1_scheduler(scheduler, bs1_prompt, 8)  # warm the exact shapes
+        a, _ = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])
+        results["bs1"] = a
+        results["bs1_decode_tokens_per_s"], results["bs1_ttft_s"] = a["decode_tokens_per_s"], a["ttft_s"]
+        results["bs1_share_of_limit"] = round(a["decode_tokens_per_s"] / results["bs1_bandwidth_limit_tokens_per_s"], 3)
+        say(f"(a) batch 1, prompt {len(bs1_prompt)} + {a['new_tokens']} new: {a['decode_tokens_per_s']} tokens/s "
+            f"({results['bs1_share_of_limit']:.0%} of the limit), TTFT {a['ttft_s'] * 1000:.0f} ms")
+        if "hf" not in args.skip:
+            h = bs1_hf(model, device, bs1_prompt, profile["hf_bs1_new"])
+            results["hf_generate_bs1"] = h
+            results["hf_generate_bs1_decode_tokens_per_s"] = h["decode_tokens_per_s"]
+            say(f"(a) HF generate batch 1: {h['decode_tokens_per_s']} tokens/s, TTFT {h['ttft_s'] * 1000:.0f} ms")
+        save()
+
+    # exactness: first tokens of 8 fixed prompts, scheduler batch 1 vs HF generate batch 1
+    if "match" not in args.skip:
+        n_match, n_tokens = profile["match"]
+        match_prompts = [[rng.randrange(3, vocab) for _ in range(16 + 24 * i)] for i in range(n_match)]
+        identical, first_diff = 0, []
+        for p in match_prompts:
+            _, ours = bs1_scheduler(scheduler, p, n_tokens)
+            ref = hf_generate(model, device, [p], n_tokens)[0]
+            same = ours == ref
+            identical += same
+            first_diff.append(None if same else next(i for i, (x, y) in enumerate(zip(ours, ref)) if x != y))
+        results["greedy_match"] = {"prompts": n_match, "tokens": n_tokens, "identical": identical,
+                                   "first_difference": first_diff}
+        say(f"greedy match vs HF generate: {identical}/{n_match} prompts identical over {n_tokens} tokens "
+            f"(first differences: {first_diff})")
+        save()
+
+    # (b) batched
+    if "batched" not in args.skip:
+        b = run_scheduler(scheduler, prompts, replies, "(b) scheduler")
+        results["batched"] = b
+        results["batched_tokens_per_s"] = b["tokens_per_s"]
+        say(f"(b) scheduler, {n_prompts} prompts: {b['tokens_per_s']} new tokens/s ({b['seconds']}s)")
+        save()
+    if "hf" not in args.skip:
+        sub = run_scheduler(scheduler, prompts[:n_hf], replies[:n_hf], "(b) scheduler, HF's prompts")
+        results["batched_same_prompts_as_hf"] = sub
+        say(f"(b) scheduler on the {n_hf} prompts of the baseline: {sub['tokens_per_s']} new tokens/s")
+        hf = run_hf_batched(model, device, prompts[:n_hf], replies[:n_hf], batch_size)
+        results["hf_generate_batched"] = hf
+        results["hf_generate_batched_tokens_per_s"] = hf["tokens_per_s"]
+        results["batched_speedup_vs_hf"] = round(sub["tokens_per_s"] / hf["tokens_per_s"], 2)
+        say(f"(b) HF generate batch {batch_size}, {n_hf} prompts: {hf['tokens_per_s']} new tokens/s "
+            f"({hf['tokens_computed']} computed for {hf['new_tokens']} wanted); speedup "
+            f"{results['batched_speedup_vs_hf']}x")
+    results["scheduler_stats"] = dict(scheduler.stats)
+    save()
+    say("summary")
+    for key in ("device", "bs1_decode_tokens_per_s", "bs1_ttft_s", "bs1_bandwidth_limit_tokens_per_s",
+                "batched_tokens_per_s", "hf_generate_batched_tokens_per_s", "batched_speedup_vs_hf", "greedy_match"):
+        say(f"  {key}: {results.get(key)}")
+    say(f"wrote {out} ({results['seconds_total']}s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

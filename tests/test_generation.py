@@ -1,0 +1,374 @@
+"""The pt backend's continuous-batching scheduler (zhtune/infer/batching.py): greedy tokens identical to
+transformers' `generate`, per-request settings, finish reasons and counts, many threads at once,
+cancellation, failures that stay in their own request; and `--val_dataset` rows without a reply."""
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from zhtune.infer.base import GenerationSettings
+from zhtune.infer.pt_engine import PtEngine
+
+GREEDY = dict(do_sample=False, temperature=0.0)
+STOP = [1, 106]  # the gemma template's stop ids (<eos>, <end_of_turn>), as the engines use them
+
+
+def hf_tokens(model, prompt, max_new_tokens, stop_ids=STOP, **kwargs):
+    """transformers' generate, batch 1, dynamic cache: the reference."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_k=None, top_p=None,
+                             eos_token_id=stop_ids, pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def make_engine(model, tokenizer, **kwargs):
+    from zhtune.templates import get_template
+    return PtEngine(model, tokenizer, get_template("gemma", tokenizer), name="test", model_type="test", **kwargs)
+
+
+def tokens_of(engine, prompt, settings, seed=None):
+    return engine.scheduler.submit(engine._request(prompt, settings, seed)).result(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models, gemma_tokenizer):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    assert model.config.attn_logit_softcapping and model.config.sliding_window == 8
+    return model, gemma_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny):
+    return make_engine(*tiny)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 5000, (n,), generator=g).tolist() for n in (5, 23, 1, 40, 11, 17, 9, 31)]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from zhtune.models.loader import load_model_and_tokenizer
+    from zhtune.models.resolve import resolve_model
+    from zhtune.templates import get_template
+    resolved = resolve_model("gemma3-270m")
+    model, tokenizer = load_model_and_tokenizer(resolved, "fp32", device="cpu")
+    return PtEngine(model.eval(), tokenizer, get_template(resolved.template, tokenizer), name="gemma3-270m",
+                    model_type="gemma3-270m")
+
+
+QUESTIONS = ["浙江的省会在哪？", "What is 17 + 25?", "用一句话介绍你自己。", "Name three primary colors.",
+             "写一首关于秋天的短诗。", "Why is the sky blue?", "把“你好”翻译成英文。", "List the planets of the solar system."]
+
+
+# -- exactness ---------------------------------------------------------------------------------------
+
+def test_tiny_gemma2_greedy_matches_generate_batched_mixed_lengths(tiny, tiny_engine, prompts):
+    """Softcap + sliding window 8 with prompts up to 40 tokens, all decoded together, each its own length."""
+    model, _ = tiny
+    settings = GenerationSettings(max_new_tokens=24, **GREEDY)
+    requests = [tiny_engine.scheduler.submit(tiny_engine._request(p, GenerationSettings(max_new_tokens=12 + 2 * i,
+                                                                                        **GREEDY), None))
+                for i, p in enumerate(prompts)]
+    for i, (p, r) in enumerate(zip(prompts, requests)):
+        assert r.result(timeout=60) == hf_tokens(model, p, 12 + 2 * i), f"prompt {i} ({len(p)} tokens)"
+    assert tiny_engine.scheduler.stats["decode_tokens"] > tiny_engine.scheduler.stats["decode_steps"]  # batched
+    # the same through complete(): texts, counts and finish reasons as the plain generate path
+    fast = tiny_engine.complete(prompts, settings, batch_size=4)
+    plain = tiny_engine._hf_complete(prompts, settings, batch_size=1)
+    assert fast == plain
+
+
+def test_tiny_gemma2_batch_of_one(tiny, prompts):
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer, max_batch_size=1)
+    settings = GenerationSettings(max_new_tokens=20, **GREEDY)
+    for p in prompts[3:5]:
+        assert tokens_of(engine, p, settings) == hf_tokens(model, p, 20)
+    assert engine.scheduler.cache.slots == 1
+
+
+def test_repetition_penalty_and_top_k_1_match_generate(tiny, tiny_engine, prompts):
+    model, _ = tiny
+    p = prompts[1]
+    assert tokens_of(tiny_engine, p, GenerationSettings(max_new_tokens=16, repetition_penalty=1.3, **GREEDY)) == \
+        hf_tokens(model, p, 16, repetition_penalty=1.3)
+    sampled_top1 = GenerationSettings(max_new_tokens=16, do_sample=True, temperature=0.7, top_k=1, top_p=0.9)
+    assert tokens_of(tiny_engine, p, sampled_top1, seed=3) == hf_tokens(model, p, 16)
+
+
+def test_compiled_decode_step_gives_the_same_tokens(tiny, prompts, monkeypatch):
+    """torch.compile of the decode step (aot_eager here: traces like inductor, no C++ build), dynamic
+    rows and key lengths: no recompilation per prompt length, same greedy tokens."""
+    monkeypatch.setenv("ZHTUNE_PT_COMPILE_BACKEND", "aot_eager")
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer, compile="default", max_batch_size=4)
+    assert engine.warm_up(rows=(4,), slots=4, length=96) > 0
+    assert engine.scheduler._compiled is not None
+    settings = GenerationSettings(max_new_tokens=20, **GREEDY)
+    requests = [engine.scheduler.submit(engine._request(p, settings, None)) for p in prompts[:6]]
+    for p, r in zip(prompts, requests):
+        assert r.result(timeout=60) == hf_tokens(model, p, 20)
+    assert engine.scheduler._decode is not engine.scheduler._forward_decode  # still compiled, no fallback
+
+
+def test_embedded_model_greedy_matches_generate(embedded):
+    """The real Gemma 3 270M: chat prompts, all at once, against plain generate one by one; streaming too."""
+    settings = GenerationSettings(max_new_tokens=12, **GREEDY)
+    prompts = [embedded.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
+    fast = embedded.complete(prompts, settings, batch_size=8)
+    plain = embedded._hf_complete(prompts, settings, batch_size=1)
+    assert fast == plain
+    assert any(c.finish_reason == "stop" for c in fast) or all(c.completion_tokens == 12 for c in fast)
+    deltas = list(embedded.stream_ids(prompts[0], settings))
+    assert "".join(d.text for d in deltas).strip() == fast[0].text
+    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == (fast[0].finish_reason,
+                                                                        fast[0].completion_tokens)
+
+
+def test_concurrent_requests_batch_together_and_beat_serial(embedded):
+    """10 requests of 8 new tokens from 10 threads: decoded together, each exactly as alone, sooner than one
+    by one (benchmarks: 20 x 16 tokens on 2 CPU cores, see GPU_RUN.md)."""
+    n = 10
+    settings = GenerationSettings(max_new_tokens=8, **GREEDY)
+    prompts = [embedded.encode_prompt([{"role": "user", "content": f"{QUESTIONS[i % 8]} ({i})"}]) for i in range(n)]
+    embedded.complete(prompts[:1], settings)  # warm
+    start = time.perf_counter()
+    serial = [embedded._hf_complete([p], settings, batch_size=1)[0] for p in prompts]
+    serial_s = time.perf_counter() - start
+    results, errors = [None] * n, []
+
+    def ask(i):
+        try:
+            results[i] = embedded.complete([prompts[i]], settings, batch_size=1)[0]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    steps_before = dict(embedded.scheduler.stats)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    batched_s = time.perf_counter() - start
+    assert not errors and results == serial
+    stats = embedded.scheduler.stats
+    steps = stats["decode_steps"] - steps_before["decode_steps"]
+    tokens = stats["decode_tokens"] - steps_before["decode_tokens"]
+    print(f"{n} x 8 tokens: serial generate {serial_s:.2f}s, concurrent {batched_s:.2f}s "
+          f"({serial_s / batched_s:.1f}x); {tokens / steps:.1f} requests per decode step")
+    assert tokens / steps > 4
+    assert batched_s < serial_s
+
+
+# -- per-request settings and finish reasons ---------------------------------------------------------
+
+def test_per_request_max_new_tokens_and_stop(tiny, prompts):
+    model, tokenizer = tiny
+    p = prompts[3]
+    reference = hf_tokens(model, p, 12)
+    stop = reference[5]
+    first = reference.index(stop)
+    engine = make_engine(model, tokenizer)
+    engine.stop_ids = [stop]
+    engine.scheduler.stop_ids = frozenset([stop])
+    plain = engine._hf_complete([p, p], GenerationSettings(max_new_tokens=12, **GREEDY))
+    fast = engine.complete([p, p, prompts[0]], GenerationSettings(max_new_tokens=12, **GREEDY))
+    assert fast[:2] == plain
+    assert fast[0].finish_reason == "stop" and fast[0].completion_tokens == first + 1
+    short = engine.complete([p], GenerationSettings(max_new_tokens=first, **GREEDY))[0]
+    assert (short.finish_reason, short.completion_tokens) == ("length", first)
+    one = engine.complete([p], GenerationSettings(max_new_tokens=1, **GREEDY))[0]
+    assert (one.finish_reason, one.completion_tokens) == ("length", 1) or first == 0
+
+
+def test_mixed_settings_from_threads(tiny, tiny_engine, prompts):
+    """Greedy and sampled requests with their own max_new_tokens and seeds, interleaved: each as asked."""
+    model, _ = tiny
+    out = {}
+
+    def run(i):
+        if i % 2:
+            s = GenerationSettings(max_new_tokens=5 + i, do_sample=True, temperature=0.9, top_k=50, top_p=0.9, seed=i)
+        else:
+            s = GenerationSettings(max_new_tokens=5 + i, **GREEDY)
+        out[i] = tokens_of(tiny_engine, prompts[i % 8], s, seed=s.seed)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in range(12):
+        assert len(out[i]) == 5 + i
+        if i % 2 == 0:
+            assert out[i] == hf_tokens(model, prompts[i % 8], 5 + i)
+    again = tokens_of(tiny_engine, prompts[1], GenerationSettings(max_new_tokens=6, do_sample=True, temperature=0.9,
+                                                                   top_k=50, top_p=0.9), seed=1)
+    assert again == out[1]  # same seed, same prompt: same sample, whatever else was in the batch
+
+
+# -- cancellation and failures -------------------------------------------------------------------------
+
+def wait_idle(scheduler, timeout=20):
+    deadline = time.time() + timeout
+    while (scheduler.active or scheduler.pending) and time.time() < deadline:
+        time.sleep(0.01)
+    return not (scheduler.active or scheduler.pending)
+
+
+def test_a_stream_closed_early_frees_its_slot(tiny, prompts):
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer, max_batch_size=2)
+    settings = GenerationSettings(max_new_tokens=2000, **GREEDY)
+    stream = engine.stream_ids(prompts[0], settings)
+    got = 0
+    for delta in stream:
+        got += 1
+        if got == 3:
+            break
+    stream.close()
+    assert wait_idle(engine.scheduler)
+    assert engine.scheduler.stats["decode_tokens"] < 400
+    # a complete() interrupted mid-way (an error in one prompt) cancels the rest too
+    assert engine.complete([prompts[1]], GenerationSettings(max_new_tokens=3, **GREEDY))[0].completion_tokens == 3
+
+
+def test_a_failing_request_raises_in_its_caller_and_does_not_wedge(tiny, prompts):
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer)
+    settings = GenerationSettings(max_new_tokens=30, **GREEDY)
+    good = engine.scheduler.submit(engine._request(prompts[2], settings, None))
+    with pytest.raises((IndexError, RuntimeError)):
+        engine.complete([[10**9]], settings)  # a token id outside the vocabulary
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.complete([[]], settings)
+    assert good.result(timeout=60) == hf_tokens(model, prompts[2], 30)
+    # a decode step that fails: the requests in it fail, the next ones are served
+    original = engine.scheduler._run_decode
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return original(*args)
+
+    engine.scheduler._run_decode = flaky
+    with pytest.raises(RuntimeError, match="injected"):
+        list(engine.stream_ids(prompts[4], settings))
+    assert engine.complete([prompts[4]], GenerationSettings(max_new_tokens=8, **GREEDY))[0].completion_tokens == 8
+    assert wait_idle(engine.scheduler)
+
+
+def test_beam_search_still_goes_through_generate(tiny, tiny_engine, prompts):
+    model, _ = tiny
+    settings = GenerationSettings(max_new_tokens=6, num_beams=2, **GREEDY)
+    out = tiny_engine.complete([prompts[0]], settings)[0]
+    assert out.completion_tokens == 6 and out.finish_reason == "length"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_greedy_matches_generate_first_64_tokens():
+    """The embedded model in bf16 on the GPU, compiled decode step (CUDA graphs): 8 prompts, 64 tokens."""
+    from zhtune.models.loader import load_model_and_tokenizer
+    from zhtune.models.resolve import resolve_model
+    from zhtune.templates import get_template
+    resolved = resolve_model("gemma3-270m")
+    model, tokenizer = load_model_and_tokenizer(resolved, "bf16", device="cuda")
+    engine = PtEngine(model.eval(), tokenizer, get_template(resolved.template, tokenizer), name="g", model_type="g")
+    engine.stop_ids = []  # 64 tokens each, whatever they are
+    engine.scheduler.stop_ids = frozenset()
+    model.generation_config.eos_token_id = None
+    engine.warm_up(rows=(1, 8), slots=8, length=512)
+    settings = GenerationSettings(max_new_tokens=64, **GREEDY)
+    prompts = [engine.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+    for p in prompts:  # batch of one (interactive), then all eight together
+        with torch.no_grad():
+            ref = model.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=64, do_sample=False,
+                                 temperature=None, top_k=None, top_p=None, eos_token_id=None)[0, len(p):].tolist()
+        assert tokens_of(engine, p, settings) == ref
+    requests = [engine.scheduler.submit(engine._request(p, settings, None)) for p in prompts]
+    results = [r.result(timeout=300) for r in requests]
+    assert all(len(r) == 64 for r in results)
+
+
+# -- --val_dataset rows without a reply --------------------------------------------------------------
+
+def test_rows_without_a_reply_are_prompts_for_inference_only():
+    from zhtune.data.formats import RowError, to_row
+    assert to_row({"query": "q"}, "query/response", replies_optional=True)["messages"] == \
+        [{"role": "user", "content": "q"}]
+    assert to_row({"instruction": "i", "input": "x"}, "alpaca", replies_optional=True)["messages"] == \
+        [{"role": "user", "content": "i\nx"}]
+    ending_on_user = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                   {"role": "user", "content": "c"}]}
+    assert len(to_row(ending_on_user, "messages", replies_optional=True)["messages"]) == 3
+    assert to_row({"query": "q", "response": ""}, "query/response", replies_optional=True)["messages"] == \
+        [{"role": "user", "content": "q"}]
+    for record, fmt in ((ending_on_user, "messages"), ({"query": "q"}, "query/response"),
+                        ({"instruction": "i"}, "alpaca")):
+        with pytest.raises(RowError):
+            to_row(record, fmt)  # training still needs the reply
+
+
+def test_infer_val_dataset_with_and_without_replies(tiny_models, tmp_path):
+    from zhtune.cli import main
+    rows = [{"query": "浙江的省会在哪？"},
+            {"query": "江苏的省会在哪？", "response": "南京。"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                          {"role": "user", "content": "再见"}]}]
+    files = []
+    for i, group in enumerate((rows[:2], rows[2:])):  # a file's format comes from its first row
+        path = tmp_path / f"q{i}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in group), encoding="utf-8")
+        files.append(str(path))
+    out = tmp_path / "out"
+    assert main(["infer", "--model_id_or_path", str(tiny_models["gemma2"]),
+                 "--val_dataset", *files, "--max_new_tokens", "3", "--do_sample", "false", "--infer_backend", "pt",
+                 "--result_dir", str(out)]) == 0
+    written = [json.loads(line) for f in out.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert [r["label"] for r in written] == [None, "南京。", None]
+    assert written[2]["history"] == [["hi", "hello"]] and written[2]["query"] == "再见"
+    assert all(isinstance(r["response"], str) for r in written)
+
+
+# -- the benchmark, tiny on the CPU ------------------------------------------------------------------
+
+def test_infer_speed_benchmark_tiny(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    bench_path = Path(__file__).resolve().parent.parent / "benchmarks" / "infer_speed.py"
+    spec = importlib.util.spec_from_file_location("infer_speed", bench_path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--tiny", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for key in ("date", "device", "bs1_decode_tokens_per_s", "batched_tokens_per_s",
+                "hf_generate_batched_tokens_per_s", "batched_speedup_vs_hf", "bs1_bandwidth_limit_tokens_per_s"):
+        assert key in r, key
+    assert r["greedy_match"]["identical"] == r["greedy_match"]["prompts"]
+
+
+def test_lora_adapter_model_matches_generate(tiny_models, gemma_tokenizer, prompts):
+    """A PeftModel (base + LoRA, as `infer --ckpt_dir` loads it) through the scheduler: same greedy tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], dtype=torch.float32, attn_implementation="eager")
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    engine = make_engine(model, gemma_tokenizer)
+    assert engine.batching
+    settings = GenerationSettings(max_new_tokens=16, **GREEDY)
+    assert engine.complete(prompts[:3], settings) == engine._hf_complete(prompts[:3], settings, batch_size=1)

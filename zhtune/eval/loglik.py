@@ -1,0 +1,112 @@
+"""`--eval_mode loglik`: multiple choice scored by log-likelihood, without generating anything.
+
+For every item the prompt is the same chat-rendered text as in generate mode (`--eval_prompt` decides
+it), with the assistant turn opened (`engine.encode_prompt`). Then, as lm-evaluation-harness does:
+  - acc: each option LABEL ("A", "B", ...; the labels the prompt showed) is scored by the model's
+    log-probability of it as the first thing the assistant says; the highest one is the answer.
+  - acc_norm: each option TEXT is scored by the sum of its tokens' log-probabilities as the
+    assistant's reply, divided by its length in UTF-8 bytes; the highest one is the answer. (The
+    harness puts the text after "Answer: " with a leading space; here the assistant turn starts with
+    it, so there is no space.)
+A base model is judged on what it prefers, not on whether it follows a chat format, so the numbers mean
+something even where generate mode reads "no answer".
+
+Sequences (prompt + option text) are left-padded and batched (`--eval_batch_size` sequences per forward
+pass); only the last positions' logits are computed (`logits_to_keep`), so the 262k-word vocabulary of
+Gemma 3 costs little. The label scores come from the same forward pass (the position right after the
+prompt) when every label is one token, which it is for "A".."E" in the tokenizers zhtune ships.
+Runs on the pt backend only: `engine.model` and `engine.tokenizer` are used directly.
+"""
+
+import time
+from dataclasses import dataclass
+
+from zhtune.log import logger
+
+
+@dataclass
+class Request:
+    item: int  # index of the item
+    prompt: list[int]
+    continuation: list[int]
+    option: int | None = None  # the option whose text this is (None: a multi-token label)
+    label: int | None = None  # the option whose label this is, for multi-token labels
+
+
+@dataclass
+class ItemScores:
+    label_logprobs: list[float]  # per option: log P(label | prompt)
+    text_logprobs: list[float]  # per option: log P(text | prompt), summed over its tokens
+    text_bytes: list[int]
+
+    @property
+    def pred(self) -> int:
+        return max(range(len(self.label_logprobs)), key=lambda i: self.label_logprobs[i])
+
+    @property
+    def norm_scores(self) -> list[float]:
+        return [lp / max(n, 1) for lp, n in zip(self.text_logprobs, self.text_bytes)]
+
+    @property
+    def pred_norm(self) -> int:
+        scores = self.norm_scores
+        return max(range(len(scores)), key=lambda i: scores[i])
+
+
+def score_choices(engine, conversations: list[list[dict]], options: list[list[str]], labels: list[str],
+                  batch_size: int = 8, label: str = "") -> list[ItemScores]:
+    """Log-likelihood scores of every item's options. `options[i]`: the option texts of item i,
+    `labels[i]`: the labels its prompt showed ("ABCD")."""
+    tok = engine.tokenizer
+    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    requests, label_tokens = [], []
+    for i, (messages, texts, shown) in enumerate(zip(conversations, options, labels)):
+        prompt = engine.encode_prompt(messages)
+        ids = [encode(x) for x in shown]
+        label_tokens.append([x[0] if len(x) == 1 else None for x in ids])
+        requests += [Request(i, prompt, encode(text), option=j) for j, text in enumerate(texts)]
+        requests += [Request(i, prompt, x, label=j) for j, x in enumerate(ids) if len(x) != 1]
+    results = [ItemScores([0.0] * len(t), [0.0] * len(t), [len(x.encode("utf-8")) for x in t]) for t in options]
+    order = sorted(range(len(requests)), key=lambda r: -(len(requests[r].prompt) + len(requests[r].continuation)))
+    start, done, step = time.time(), 0, max(1, len(order) // 10)
+    for b in range(0, len(order), batch_size):
+        batch = [requests[r] for r in order[b:b + batch_size]]
+        for req, (total, after_prompt) in zip(batch, _forward(engine, batch)):
+            scores = results[req.item]
+            if req.label is not None:
+                scores.label_logprobs[req.label] = total
+                continue
+            scores.text_logprobs[req.option] = total
+            if req.option == 0:
+                for j, token in enumerate(label_tokens[req.item]):
+                    if token is not None:
+                        scores.label_logprobs[j] = float(after_prompt[token])
+        done += len(batch)
+        if done // step != (done - len(batch)) // step or done == len(order):
+            logger.info(f"loglik {label}: {done}/{len(order)} sequences ({time.time() - start:.0f}s)")
+    return results
+
+
+def _forward(engine, batch: list[Request]):
+    """(sum of the continuation's log-probs, log-probs of the next token after the prompt) per request."""
+    import torch
+
+    seqs = [r.prompt + r.continuation for r in batch]
+    width, keep = max(map(len, seqs)), max(len(r.continuation) for r in batch) + 1
+    pad = engine.tokenizer.pad_token_id or 0
+    device = next(engine.model.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with engine.lock, torch.no_grad():
+        logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              logits_to_keep=keep, use_cache=False).logits
+    logprobs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)  # position j predicts token width-keep+j+1
+    out = []
+    for row, r in zip(logprobs, batch):
+        n = len(r.continuation)
+        first = keep - n - 1  # the position right after the prompt
+        targets = torch.tensor(r.continuation, device=device, dtype=torch.long)
+        total = row[first:first + n].gather(-1, targets[:, None]).sum().item() if n else 0.0
+        out.append((total, row[first]))
+    return out

@@ -1,0 +1,524 @@
+"""Continuous batching for the `pt` backend: one background thread steps every active request together
+over a slotted static KV cache, so a short reply frees its slot for the next prompt at once.
+
+Why not transformers' own continuous batching (generation/continuous_batching, transformers 5.x): its
+paged eager attention (integrations/eager_paged.py) drops the `softcap` argument, paged sdpa raises on
+it, and its decode fast path is switched off for sliding-window models (continuous_api.py: "Disable the
+decode path if the model has sliding window attention"). Gemma 2 needs both, exactly. Here the model's
+own attention function runs (eager with softcap for Gemma 2), over a cache we index ourselves:
+
+- `SlotCache`: per layer, K and V buffers of [slots, kv_heads, length, head_dim]. Row r of the batch is
+  slot r; each row writes its new keys at its own positions and attends to positions <= its own
+  (and > position - sliding_window on sliding layers), through a 4-D additive mask per layer type, the
+  same 0 / finfo.min mask transformers builds. Stale entries beyond a row's position are masked out.
+- Prefill: one request at a time, eager, into its slot (logits of the last prompt token only).
+- Decode: every active slot in one forward of [rows, 1] tokens. Rows are bucketed to a power of two
+  (slots are handed out lowest first) and attended keys to a multiple of `granularity`, so the compiled
+  step sees few shapes and never one per prompt length. On CUDA the step is torch.compile'd
+  (mode reduce-overhead: CUDA graphs) with the batch and key-length dimensions marked dynamic; the
+  one-time warm-up is logged.
+- Token choice per request: greedy argmax on float32 logits (as `generate`), or repetition penalty,
+  temperature, top-k, top-p and multinomial with the request's own seeded generator.
+
+Thread safety: `submit` may be called from any thread; the model only ever runs on the scheduler
+thread. A request that fails (at admission or prefill) raises in its own caller; a failing decode step
+fails the requests that were in it and the loop goes on. A cancelled request frees its slot at the
+next step.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from zhtune.log import logger
+
+END = object()  # put on a stream's queue once the request is finished
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stream: bool = False
+    on_done: object = None  # callable(request), called on the scheduler thread when finished or failed
+    # -- state, written by the scheduler thread -----------------------------------------------------
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    error: BaseException | None = None
+    slot: int | None = None
+    position: int = 0  # where the next token's key is written
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.tokens: queue.Queue = queue.Queue()  # streams: lists of new ids, then END or an exception
+        self.done = threading.Event()
+        self.cancelled = threading.Event()
+        self.generator = None
+
+    def cancel(self):
+        self.cancelled.set()
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        self.done.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.generated
+
+
+# -- the cache -------------------------------------------------------------------------------------
+
+class SlotCache:
+    """K/V buffers [slots, kv_heads, length, head_dim] per layer, grown (with their contents) on demand."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype, device):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.slots = self.length = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def ensure(self, slots: int, length: int) -> bool:
+        """At least `slots` x `length`; True when the buffers were (re)allocated."""
+        if slots <= self.slots and length <= self.length:
+            return False
+        slots, length = max(slots, self.slots), max(length, self.length)
+        shape = (slots, self.kv_heads, length, self.head_dim)
+        keys, values = [], []
+        for i in range(self.num_layers):
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.slots:
+                k[:self.slots, :, :self.length] = self.keys[i]
+                v[:self.slots, :, :self.length] = self.values[i]
+            keys.append(k)
+            values.append(v)
+        self.keys, self.values = keys, values
+        self.slots, self.length = slots, length
+        if self.device.type == "cuda":
+            for t in keys + values:
+                torch._dynamo.mark_static_address(t)
+        return True
+
+
+class CacheView:
+    """What the model's attention layers see for one forward: rows r0..r0+n of the cache, each row
+    writing its new keys at `positions` and reading the first `kv_len` positions."""
+
+    is_compileable = True
+
+    def __init__(self, cache: SlotCache, r0: int, positions: torch.Tensor, kv_len):
+        self.cache, self.r0, self.positions, self.kv_len = cache, r0, positions, kv_len
+        n = positions.shape[0]
+        self.rows = (torch.arange(n, device=positions.device) + r0)[:, None].expand_as(positions)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys[self.rows, :, self.positions] = key_states.transpose(1, 2).to(keys.dtype)
+        values[self.rows, :, self.positions] = value_states.transpose(1, 2).to(values.dtype)
+        n = self.positions.shape[0]
+        return keys[self.r0:self.r0 + n, :, :self.kv_len], values[self.r0:self.r0 + n, :, :self.kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # only asked when no position_ids are given
+        raise RuntimeError("CacheView needs explicit position_ids")
+
+
+# -- token choice ----------------------------------------------------------------------------------
+
+def choose_token(logits: torch.Tensor, request: Request) -> torch.Tensor:
+    """One row of float32 logits [vocab] -> the next token id (0-d tensor), as `generate` would pick it:
+    repetition penalty, then (sampling) temperature, top-k, top-p, multinomial."""
+    if request.repetition_penalty != 1.0:
+        seen = torch.tensor(request.prompt + request.generated, device=logits.device)
+        score = logits.gather(0, seen)
+        score = torch.where(score < 0, score * request.repetition_penalty, score / request.repetition_penalty)
+        logits = logits.scatter(0, seen, score)
+    if request.greedy:
+        return logits.argmax()
+    logits = logits / request.temperature
+    if request.top_k > 0:
+        kth = torch.topk(logits, min(request.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if request.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative <= (1 - request.top_p)
+        remove[-1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(remove.scatter(0, order, remove), -float("inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=request.generator)[0]
+
+
+# -- the scheduler ---------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+class Scheduler:
+    """Continuous batching over a `SlotCache` for one model. See the module docstring."""
+
+    def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None, granularity: int | None = None,
+                 compile: str | bool | None = None, cache_budget_bytes: int | None = None):
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = self.model.config
+        self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        c = self.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.cache = SlotCache(c.num_hidden_layers, c.num_key_value_heads, head_dim, self.dtype, self.device)
+        self.max_slots = max_slots
+        self.max_len = max_len
+        on_gpu = self.device.type == "cuda"
+        self.granularity = granularity or (256 if on_gpu else 32)
+        if compile is None:
+            compile = os.environ.get("ZHTUNE_PT_COMPILE", "reduce-overhead" if on_gpu else "0")
+        self.compile_mode = None if compile in (False, "0", "", "none", "off") else (
+            "reduce-overhead" if compile is True else str(compile))
+        if cache_budget_bytes is None:  # the KV cache takes at most this much (fewer slots when replies are long)
+            cache_budget_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.6) if on_gpu else 2 << 30
+        self.cache_budget = cache_budget_bytes
+        self.layer_types = sorted(set(getattr(c, "layer_types", None) or ["full_attention"]))
+        self.sliding_window = getattr(c, "sliding_window", None)
+        self._cache_kwarg = _cache_kwarg(self.model)
+        self._decode = self._forward_decode
+        self._compiled = None
+        self.pending: list[Request] = []
+        self.active: dict[int, Request] = {}
+        self.jobs: list[tuple] = []
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.steps = 0
+        self.stats = {"decode_steps": 0, "decode_tokens": 0, "prefill_tokens": 0}
+
+    # -- public, any thread ---------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        with self.cond:
+            self._start()
+            self.pending.append(request)
+            self.cond.notify()
+        return request
+
+    def run_exclusive(self, fn):
+        """Run fn() on the scheduler thread between steps (the model is not in use); its result or error."""
+        box: dict = {}
+        done = threading.Event()
+        with self.cond:
+            self._start()
+            self.jobs.append((fn, box, done))
+            self.cond.notify()
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def ensure_slots(self, n: int):
+        with self.cond:
+            self.max_slots = max(self.max_slots, n)
+
+    def warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None, all_lengths: bool = False) -> float:
+        """Size the cache and compile the decode step now (when compiling), logged. Seconds spent.
+        `all_lengths`: also record every key-length bucket up to the cache length (benchmarks)."""
+        return self.run_exclusive(lambda: self._warm_up(rows, slots, length, all_lengths))
+
+    # -- the loop, scheduler thread -------------------------------------------------------------
+    def _start(self):
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._loop, daemon=True, name="zhtune-batching")
+            self.thread.start()
+
+    def _loop(self):
+        with torch.no_grad():
+            while True:
+                with self.cond:
+                    while not (self.pending or self.active or self.jobs):
+                        self.cond.wait()
+                    jobs, self.jobs = self.jobs, []
+                for fn, box, done in jobs:
+                    try:
+                        box["value"] = fn()
+                    except BaseException as e:  # noqa: BLE001 - raised in the caller
+                        box["error"] = e
+                    done.set()
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.active:
+                        self._step()
+                except BaseException as e:  # noqa: BLE001 - fail the requests in the step, keep serving
+                    logger.warning(f"generation step failed ({type(e).__name__}: {e}); "
+                                   f"failing the {len(self.active)} request(s) in it")
+                    for request in list(self.active.values()):
+                        self._finish(request, error=e)
+
+    def _drop_cancelled(self):
+        for request in list(self.active.values()):
+            if request.cancelled.is_set():
+                self._finish(request, reason="cancelled")
+        with self.cond:
+            gone = [r for r in self.pending if r.cancelled.is_set()]
+            self.pending = [r for r in self.pending if not r.cancelled.is_set()]
+        for request in gone:
+            self._finish(request, reason="cancelled")
+
+    def _slot_limit(self) -> int:
+        limit = self.max_slots
+        if self.cache_budget and self.cache.length:
+            limit = min(limit, max(1, self.cache_budget // (self.cache.length * self.cache.bytes_per_token)))
+        return limit
+
+    def _admit(self):
+        while True:
+            with self.cond:
+                if not self.pending:
+                    return
+                free = [s for s in range(self._slot_limit()) if s not in self.active]
+                if not free:
+                    return
+                request = self.pending.pop(0)
+            try:
+                self._prefill(request, free[0])
+            except BaseException as e:  # noqa: BLE001 - this request's own failure
+                self._finish(request, error=e)
+
+    def _need(self, request: Request) -> int:
+        need = len(request.prompt) + request.max_new_tokens
+        return min(need, self.max_len) if self.max_len else need
+
+    def _prefill(self, request: Request, slot: int):
+        n = len(request.prompt)
+        if n == 0:
+            raise ValueError("empty prompt: nothing to generate from")
+        if self.max_len and n >= self.max_len:
+            raise ValueError(f"the prompt has {n} tokens; this model takes at most {self.max_len} "
+                             "(prompt + reply)")
+        length = _round_up(self._need(request), self.granularity)
+        if self.max_len:
+            length = min(length, _round_up(self.max_len, self.granularity))
+        slots = self.max_slots
+        if self.cache_budget:
+            slots = min(slots, max(1, self.cache_budget // (max(length, self.cache.length) * self.cache.bytes_per_token)))
+        if self.cache.ensure(max(slot + 1, slots), length):
+            logger.info(f"generation cache: {self.cache.slots} slots x {self.cache.length} tokens "
+                        f"({self.cache.slots * self.cache.length * self.cache.bytes_per_token / 2**30:.2f} GiB)")
+        request.slot, request.admitted_at = slot, time.perf_counter()
+        if request.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        self.active[slot] = request
+        ids = torch.tensor([request.prompt], device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        kv_len = min(_round_up(n, self.granularity), self.cache.length)
+        logits = self._forward(ids, positions, kv_len, r0=slot)
+        self.stats["prefill_tokens"] += n
+        request.position = n
+        token = int(choose_token(logits[0].float(), request))
+        request.first_token_at = time.perf_counter()
+        self._append(request, token)
+
+    def _step(self):
+        top = max(self.active) + 1
+        rows = min(_next_pow2(top), max(self.cache.slots, 1))
+        rows = max(rows, top)
+        tokens, positions = [0] * rows, [0] * rows
+        for slot, request in self.active.items():
+            tokens[slot], positions[slot] = request.generated[-1], request.position
+        kv_len = min(_round_up(max(positions) + 1, self.granularity), self.cache.length)
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        logits = self._run_decode(ids, pos, self._kv_index(kv_len)).float()
+        requests = list(self.active.items())
+        plain = [s for s, r in requests if r.greedy and r.repetition_penalty == 1.0]
+        chosen = {}
+        if plain:
+            picks = logits[plain].argmax(-1).tolist()
+            chosen.update(zip(plain, picks))
+        for slot, request in requests:
+            if slot not in chosen:
+                chosen[slot] = int(choose_token(logits[slot], request))
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(requests)
+        for slot, request in requests:
+            request.position += 1
+            self._append(request, chosen[slot])
+
+    def _append(self, request: Request, token: int):
+        request.generated.append(token)
+        if request.stream:
+            request.tokens.put([token])
+        if token in self.stop_ids:
+            self._finish(request, reason="stop")
+        elif len(request.generated) >= request.max_new_tokens:
+            self._finish(request, reason="length")
+        elif self.max_len and request.position >= self.max_len:
+            self._finish(request, reason="length")
+
+    stop_ids: frozenset = frozenset()
+
+    def _finish(self, request: Request, reason: str | None = None, error: BaseException | None = None):
+        if request.slot is not None and self.active.get(request.slot) is request:
+            del self.active[request.slot]
+        request.finish_reason, request.error = reason, error
+        request.finished_at = time.perf_counter()
+        if request.stream:
+            request.tokens.put(error if error is not None else END)
+        request.done.set()
+        if request.on_done is not None:
+            try:
+                request.on_done(request)
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the loop
+                logger.exception("generation callback failed")
+
+    # -- the forward ----------------------------------------------------------------------------
+    def _kv_index(self, kv_len: int) -> torch.Tensor:
+        cached = getattr(self, "_kv_cache", None)
+        if cached is None or cached.shape[0] < self.cache.length:
+            cached = self._kv_cache = torch.arange(max(self.cache.length, kv_len), device=self.device)
+        return cached[:kv_len]
+
+    def _masks(self, positions: torch.Tensor, kv_index: torch.Tensor):
+        """{layer type: additive mask [rows, 1, q, kv]}: 0 where a row may attend, finfo.min elsewhere."""
+        q = positions[:, None, :, None]
+        k = kv_index[None, None, None, :]
+        allowed = k <= q
+        low = torch.finfo(self.dtype).min
+        masks = {}
+        for kind in self.layer_types:
+            ok = allowed
+            if kind == "sliding_attention" and self.sliding_window:
+                ok = ok & (k > q - self.sliding_window)
+            elif kind not in ("full_attention", "sliding_attention"):
+                raise NotImplementedError(f"layer type {kind}")
+            masks[kind] = torch.where(ok, torch.zeros((), dtype=self.dtype, device=ok.device),
+                                      torch.full((), low, dtype=self.dtype, device=ok.device))
+        if not getattr(self.config, "layer_types", None):
+            return masks["full_attention"]
+        return masks
+
+    def _forward(self, ids, positions, kv_len, r0: int = 0):
+        view = CacheView(self.cache, r0, positions, kv_len)
+        masks = self._masks(positions, self._kv_index(kv_len))
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=masks, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kwarg: view})
+        return out.logits[:, -1]
+
+    def _forward_decode(self, ids, positions, kv_index):
+        view = CacheView(self.cache, 0, positions, kv_index.shape[0])
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._masks(positions, kv_index),
+                         use_cache=True, logits_to_keep=1, **{self._cache_kwarg: view})
+        return out.logits[:, -1]
+
+    def _run_decode(self, ids, pos, kv_index):
+        if self.compile_mode is not None and self._compiled is None:
+            logger.info(f"compiling the decode step (torch.compile mode={self.compile_mode}) on first use; "
+                        "one-time, may take a minute")
+            try:
+                self._decode = self._checked(self._compile())
+            except Exception as e:  # noqa: BLE001
+                logger.warning(f"torch.compile unavailable ({type(e).__name__}: {e}); decoding without it")
+                self.compile_mode = None
+        if self._decode is self._forward_decode:
+            return self._forward_decode(ids, pos, kv_index)
+        start = time.perf_counter()
+        try:
+            out = self._decode(ids, pos, kv_index)
+        except Exception as e:  # noqa: BLE001 - compiled decoding is an optimisation: fall back, same tokens
+            logger.warning(f"the compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); "
+                           "decoding without compilation from now on")
+            self._decode = self._forward_decode
+            return self._forward_decode(ids, pos, kv_index)
+        seconds = time.perf_counter() - start
+        if seconds > 5:
+            logger.info(f"decode step compiled for {ids.shape[0]} row(s) x {kv_index.shape[0]} keys "
+                        f"in {seconds:.1f}s")
+        return out
+
+    def _warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None, all_lengths: bool = False):
+        """Size the cache (slots x length) and, when compiling, build the decode step and run it once
+        per rows bucket on idle slots, logged. Seconds spent."""
+        start = time.perf_counter()
+        self.cache.ensure(max(slots or 0, self.cache.slots, 1),
+                          _round_up(max(length or 0, self.cache.length, self.granularity), self.granularity))
+        if self.compile_mode is None or self._compiled is not None or self.active:
+            return 0.0
+        logger.info(f"compiling the decode step (torch.compile mode={self.compile_mode}; one-time warm-up, "
+                    "may take a minute)")
+        try:
+            self._decode = self._checked(self._compile())
+            for n in sorted({1, 2} | set(rows)):
+                n = min(n, self.cache.slots)
+                kv_lens = range(self.granularity, self.cache.length + 1, self.granularity) if all_lengths else \
+                    sorted({self.granularity, min(2 * self.granularity, self.cache.length)})
+                for kv_len in kv_lens:
+                    ids = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+                    pos = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+                    for _ in range(3):  # CUDA graph trees record on a later call than the first
+                        self._decode(ids, pos, self._kv_index(kv_len))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # noqa: BLE001 - compiled decoding is an optimisation
+            logger.warning(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:300]}); "
+                           "decoding without compilation")
+            self._decode = self._forward_decode
+        seconds = time.perf_counter() - start
+        logger.info(f"decode step ready in {seconds:.1f}s")
+        return seconds
+
+    def _compile(self):
+        if self.device.type == "cuda":
+            import torch._inductor.config as inductor_config
+            inductor_config.emulate_precision_casts = True  # round like eager bf16: same greedy tokens
+        backend = os.environ.get("ZHTUNE_PT_COMPILE_BACKEND", "inductor")
+        kwargs = {"backend": backend, "dynamic": None, "fullgraph": False}
+        if backend == "inductor":
+            kwargs["mode"] = None if self.compile_mode == "default" else self.compile_mode
+        self._compiled = torch.compile(self._forward_decode, **kwargs)
+        return self._compiled
+
+    @staticmethod
+    def _mark_dynamic(ids, pos, kv_index):
+        torch._dynamo.maybe_mark_dynamic(ids, 0)
+        torch._dynamo.maybe_mark_dynamic(pos, 0)
+        torch._dynamo.maybe_mark_dynamic(kv_index, 0)
+
+    def _checked(self, compiled):
+        graphs = bool(self.compile_mode) and "reduce-overhead" in self.compile_mode and self.device.type == "cuda"
+
+        def decode(ids, pos, kv_index):
+            self._mark_dynamic(ids, pos, kv_index)
+            if graphs:  # each call is a new step: the previous call's output buffers may be reused
+                torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(ids, pos, kv_index)
+            return out.clone() if graphs else out
+        return decode
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed forward's past_key_values to cache (the old name is deprecated)."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
