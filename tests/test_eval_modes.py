@@ -40,6 +40,10 @@ class BigramModel:
     def parameters(self):
         yield self.param
 
+    def get_output_embeddings(self):  # the scorer sizes its batches from the vocabulary
+        import torch
+        return torch.nn.Linear(1, V, bias=False)
+
     def __call__(self, input_ids, attention_mask, position_ids, logits_to_keep, use_cache):
         import types
         return types.SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:])
@@ -81,6 +85,20 @@ def test_loglik_scores_are_the_model_log_probabilities_under_left_padding():
     assert scores[1].text_bytes == [2, 2]  # "é" is two bytes: acc_norm divides by bytes
     best = max(range(3), key=lambda j: scores[0].label_logprobs[j])
     assert scores[0].pred == best
+
+
+def test_loglik_batches_split_to_bound_the_logits_memory(monkeypatch):
+    """A batch whose kept logits would pass the budget is scored in pieces, with the same scores
+    (a full MMLU run on a GPU ran out of memory before this)."""
+    from zhtune.eval import loglik
+    convs = [[{"role": "user", "content": f"question {i}?"}] for i in range(5)]
+    options = [["a much longer option text", "b", "cc"]] * 5
+    whole = score_choices(Engine(), convs, options, ["ABC"] * 5, batch_size=16)
+    monkeypatch.setattr(loglik, "_LOGIT_BUDGET", V * 30)  # about one sequence's kept logits
+    pieces = score_choices(Engine(), convs, options, ["ABC"] * 5, batch_size=16)
+    for a, b in zip(whole, pieces):
+        assert a.text_logprobs == pytest.approx(b.text_logprobs, abs=1e-5)
+        assert a.label_logprobs == pytest.approx(b.label_logprobs, abs=1e-5)
 
 
 def test_loglik_refuses_vllm(tmp_path):

@@ -87,12 +87,22 @@ def score_choices(engine, conversations: list[list[dict]], options: list[list[st
     return results
 
 
+# Logits of the kept positions are batch x positions x vocabulary (262k for Gemma): a batch is split
+# so that they stay under this many elements (2 GiB in bf16), and log-softmax runs row by row.
+_LOGIT_BUDGET = 2**30
+
+
 def _forward(engine, batch: list[Request]):
     """(sum of the continuation's log-probs, log-probs of the next token after the prompt) per request."""
     import torch
 
+    keep = max(len(r.continuation) for r in batch) + 1
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    rows = max(1, _LOGIT_BUDGET // (keep * vocab))
+    if len(batch) > rows:
+        return [x for i in range(0, len(batch), rows) for x in _forward(engine, batch[i:i + rows])]
     seqs = [r.prompt + r.continuation for r in batch]
-    width, keep = max(map(len, seqs)), max(len(r.continuation) for r in batch) + 1
+    width = max(map(len, seqs))
     pad = engine.tokenizer.pad_token_id or 0
     device = next(engine.model.parameters()).device
     ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
@@ -100,13 +110,13 @@ def _forward(engine, batch: list[Request]):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with engine.lock, torch.no_grad():
         logits = engine.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              logits_to_keep=keep, use_cache=False).logits
-    logprobs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)  # position j predicts token width-keep+j+1
-    out = []
-    for row, r in zip(logprobs, batch):
-        n = len(r.continuation)
-        first = keep - n - 1  # the position right after the prompt
-        targets = torch.tensor(r.continuation, device=device, dtype=torch.long)
-        total = row[first:first + n].gather(-1, targets[:, None]).sum().item() if n else 0.0
-        out.append((total, row[first]))
+                              logits_to_keep=keep, use_cache=False).logits  # position j predicts token width-keep+j+1
+        out = []
+        for row, r in zip(logits, batch):
+            n = len(r.continuation)
+            first = keep - n - 1  # the position right after the prompt
+            logprobs = torch.log_softmax(row[first:first + max(n, 1)].float(), dim=-1)
+            targets = torch.tensor(r.continuation, device=device, dtype=torch.long)
+            total = logprobs[:n].gather(-1, targets[:, None]).sum().item() if n else 0.0
+            out.append((total, logprobs[0].cpu()))
     return out

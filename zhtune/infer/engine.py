@@ -1,6 +1,8 @@
 """`load_engine`: from a ResolvedModel and the engine flags to a ready Engine, the one place where a
 backend is chosen and a model is loaded for generation (infer, eval, deploy, quickstart)."""
 
+import os
+
 from zhtune.errors import UserError
 from zhtune.infer.base import Engine
 from zhtune.log import logger
@@ -8,6 +10,8 @@ from zhtune.models.resolve import ResolvedModel, resolve_model
 
 
 def vllm_available() -> bool:
+    # vllm logs to stdout by default; zhtune's stdout carries only replies, tables and JSON
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import torch
         import vllm  # noqa: F401
