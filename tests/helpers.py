@@ -101,3 +101,13 @@ def write_chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
                                 {"role": "assistant", "content": f"{province}的省会是{city}。"}]}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, e.g. load_benchmark("sft_speed")."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

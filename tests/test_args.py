@@ -87,3 +87,15 @@ def test_new_engine_flags_parse():
                                            "--save_result", "false", "--stream", "false", "--log_level", "DEBUG"])
     assert (args.gpu_memory_utilization, args.max_model_len, args.tensor_parallel_size) == (0.5, 4096, 2)
     assert (args.result_dir, args.save_result, args.stream, args.log_level) == ("out", False, False, "DEBUG")
+
+
+@pytest.mark.parametrize("command, flag", [("infer", "--max_length 512"), ("eval", "--dataset x.jsonl"),
+                                           ("export", "--infer_backend vllm"), ("deploy", "--stream false")])
+def test_a_flag_the_command_does_not_use_is_refused(command, flag, capsys):
+    """A shared argument a command would ignore is one error line, not a silent no-op; --help omits it."""
+    from zhtune.cli import main
+    assert main([command, *flag.split(), "--dry_run", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"zhtune {command}: error: {flag.split()[0]} has no effect on `zhtune {command}`: drop it."]
+    assert main([command, "--help"]) == 0
+    assert f"  {flag.split()[0]} " not in capsys.readouterr().out

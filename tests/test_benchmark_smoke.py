@@ -1,19 +1,14 @@
 """benchmarks/sft_speed.py --smoke: the whole benchmark on a tiny Gemma 2 on the CPU."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "sft_speed.py"
+from helpers import load_benchmark
 
 
 @pytest.mark.slow
 def test_sft_speed_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("sft_speed", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("sft_speed")
     out = tmp_path / "results.json"
     assert bench.main(["--smoke", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -30,8 +25,6 @@ def test_sft_speed_smoke(tmp_path, capsys):
 
 
 def test_flops_per_token_of_gemma2_9b():
-    spec = importlib.util.spec_from_file_location("sft_speed", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("sft_speed")
     per_token = bench.model_flops(bench.GEMMA2_9B, [1]) / 1  # one token: no attention context to speak of
     assert 36.8e9 < per_token < 37.0e9  # 2 x 2 x (8.31B decoder linear + 0.92B lm_head) parameters

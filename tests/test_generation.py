@@ -346,12 +346,8 @@ def test_infer_val_dataset_with_and_without_replies(tiny_models, tmp_path):
 # -- the benchmark, tiny on the CPU ------------------------------------------------------------------
 
 def test_infer_speed_benchmark_tiny(tmp_path):
-    import importlib.util
-    from pathlib import Path
-    bench_path = Path(__file__).resolve().parent.parent / "benchmarks" / "infer_speed.py"
-    spec = importlib.util.spec_from_file_location("infer_speed", bench_path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from helpers import load_benchmark
+    bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
     assert bench.main(["--tiny", "--out", str(out)]) == 0
     r = json.loads(out.read_text())

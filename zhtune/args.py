@@ -11,6 +11,7 @@ import json
 import math
 import os
 import typing
+from typing import ClassVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,8 +134,15 @@ class SftArguments(ModelArguments, DataArguments):
         return max(1, math.ceil(16 / self.batch_size / world_size))
 
 
+_ENCODING = frozenset({"max_length", "truncation_strategy", "preprocess_num_proc"})
+_TRAINING_DATA = frozenset({"dataset", "val_dataset", "dataset_seed", "dataset_test_ratio"}) | _ENCODING
+
+
 @dataclass
 class InferArguments(ModelArguments, CheckpointArguments, GenerationArguments, DataArguments):
+    # Shared fields this command has no use for: given on the command line or in --config, they are one
+    # error line (parse_args) instead of silently doing nothing; --help leaves them out.
+    not_used: ClassVar[frozenset] = _ENCODING
     eval_batch_size: int = field(default=8, metadata=_at_least(1))
     save_result: bool = field(default=True, metadata={"help": "batch inference: write the replies to "
                                                            "--result_dir (else print them)"})
@@ -146,6 +154,7 @@ class InferArguments(ModelArguments, CheckpointArguments, GenerationArguments, D
 
 @dataclass
 class EvalArguments(ModelArguments, CheckpointArguments, GenerationArguments, DataArguments):
+    not_used: ClassVar[frozenset] = _TRAINING_DATA
     eval_dataset: list[str] = field(default_factory=lambda: ["arc", "ceval", "gsm8k", "mmlu"])
     eval_backend: str = field(default="Native", metadata=_choices("Native"))
     eval_limit: str | None = field(default=None, metadata={"help": "N, or '[a:b]' for a slice of every set"})
@@ -164,11 +173,16 @@ class EvalArguments(ModelArguments, CheckpointArguments, GenerationArguments, Da
 
 @dataclass
 class ExportArguments(ModelArguments, CheckpointArguments):
+    not_used: ClassVar[frozenset] = frozenset({"dtype", "use_flash_attn", "seed", "infer_backend",
+                                               "gpu_memory_utilization", "max_model_len", "tensor_parallel_size",
+                                               "enforce_eager"})
     merge_lora: bool = True
 
 
 @dataclass
 class DeployArguments(InferArguments):
+    not_used: ClassVar[frozenset] = _TRAINING_DATA | {"model_name", "model_author", "eval_batch_size", "save_result",
+                                                      "result_dir", "stream", "verbose"}
     host: str = "127.0.0.1"
     port: int = field(default=8000, metadata=_between(1, 65535))
     served_model_name: str | None = None
@@ -290,6 +304,7 @@ def parse_args(cls, argv: list[str]):
         if name not in fields and name != "help":
             raise UserError(f"unknown argument --{name}.{closest(name, fields)} "
                             f"See `zhtune {_command_of(cls)} --help`.")
+        _check_used(cls, name)
     values: dict = {}
     if "config" in given:
         if len(given["config"]) != 1:
@@ -297,6 +312,7 @@ def parse_args(cls, argv: list[str]):
         for name, raw in _read_config(given["config"][0]).items():
             if name not in fields:
                 raise UserError(f"unknown argument '{name}' in {given['config'][0]}.{closest(name, fields)}")
+            _check_used(cls, name)
             values[name] = _from_values(fields[name], raw if isinstance(raw, list) else [raw])
     for name, raw in given.items():
         values[name] = _from_values(fields[name], raw)
@@ -304,6 +320,11 @@ def parse_args(cls, argv: list[str]):
         for item in (value if isinstance(value, list) else [value]):
             check_range(fields[name], item)
     return cls(**values)
+
+
+def _check_used(cls, name: str) -> None:
+    if name in getattr(cls, "not_used", ()):
+        raise UserError(f"--{name} has no effect on `zhtune {_command_of(cls)}`: drop it.")
 
 
 def _from_values(f, raw: list):
@@ -328,6 +349,8 @@ def _command_of(cls) -> str:
 def format_help(cls, command: str, summary: str) -> str:
     lines = [f"usage: zhtune {command} [--name value ...]", "", summary, "", "arguments (default in brackets):"]
     for f in dataclasses.fields(cls):
+        if f.name in getattr(cls, "not_used", ()):
+            continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         tp, is_list = _base_type(f.type)
         kind = ("LIST " if is_list else "") + getattr(tp, "__name__", str(tp))

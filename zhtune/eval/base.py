@@ -69,6 +69,11 @@ def letter_item(id_: str, question: str, choices: list[str], labels: list[str], 
     return item
 
 
+def abcd_item(id_: str, question: str, row: dict, answer, subject: str | None = None) -> EvalItem:
+    """An item whose options are the row's A, B, C, D columns and whose answer is one of those letters."""
+    return letter_item(id_, question, [row[k] for k in "ABCD"], list("ABCD"), str(answer).strip().upper(), subject)
+
+
 class Benchmark:
     """One benchmark. Subclasses set the names and implement the loaders and the prompt."""
 

@@ -8,7 +8,7 @@ Chinese name.
 """
 
 
-from zhtune.eval.base import (EvalItem, hub_rows, letter_item, options_text, rows_to_items,
+from zhtune.eval.base import (EvalItem, abcd_item, hub_rows, options_text, rows_to_items,
                               SubjectCsvBenchmark)
 
 SUBJECTS_ZH = {
@@ -72,9 +72,7 @@ def subject_zh(subject: str) -> str:
 
 
 def parse_row(row: dict, subject: str, index: int) -> EvalItem:
-    choices = [row[letter] for letter in "ABCD"]
-    return letter_item(f"{subject}-{row.get('id', index)}", row["question"], choices, list("ABCD"),
-                       str(row["answer"]).strip().upper(), subject)
+    return abcd_item(f"{subject}-{row.get('id', index)}", row["question"], row, row["answer"], subject)
 
 
 class CEval(SubjectCsvBenchmark):

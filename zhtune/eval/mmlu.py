@@ -10,7 +10,7 @@ context already ended with it, then the question was appended again); here it ap
 
 from pathlib import Path
 
-from zhtune.eval.base import (EvalItem, hub_rows, letter_item, options_text, rows_to_items,
+from zhtune.eval.base import (EvalItem, abcd_item, hub_rows, letter_item, options_text, rows_to_items,
                               SubjectCsvBenchmark)
 from zhtune.hub import use_hf
 from zhtune.eval.extract import LETTERS
@@ -41,8 +41,7 @@ def parse_hub_row(row: dict, subject: str, index: int) -> EvalItem:
         subject = row.get("subject") or subject
         return letter_item(f"{subject}-{index}", row["question"], list(row["choices"]), list("ABCD"),
                            LETTERS[int(row["answer"])], subject)
-    return letter_item(f"{subject}-{index}", row["input"], [row[k] for k in "ABCD"], list("ABCD"),
-                       str(row["target"]).strip().upper(), subject)
+    return abcd_item(f"{subject}-{index}", row["input"], row, row["target"], subject)
 
 
 class MMLU(SubjectCsvBenchmark):

@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from zhtune.errors import UserError
 from zhtune.infer.base import Engine, GenerationSettings
 from zhtune.log import logger
-from zhtune.serve.generation import GenerationFailed, Piece, Scheduler, Ticket
+from zhtune.infer.base import Delta
+from zhtune.serve.generation import GenerationFailed, Scheduler, Ticket
 from zhtune.serve.protocol import (
     APIError,
     AssistantMessage,
@@ -166,20 +167,26 @@ def create_app(engine: Engine, defaults: GenerationSettings, *, model_name: str 
         authorize(request)
         return ModelList(data=[ModelCard(id=model_name, created=started, max_model_len=engine.max_model_len)])
 
+    async def serve(request: Request, req, prompt: list[int], id_prefix: str, events):
+        """Admit and start the generation: (id, created, the event stream | the whole reply | 499)."""
+        settings = settings_for(req, len(prompt))
+        ticket = get_scheduler().admit()
+        pieces = get_scheduler().generate(ticket, prompt, settings, req.stop_list())
+        rid, created = new_id(id_prefix), now()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return rid, created, EventStream(events(pieces, rid, created, model_name, include_usage), ticket)
+        last = await collect(request, pieces, ticket)
+        return rid, created, Response(status_code=499) if last is None else last  # 499: the client left
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         prompt = await encode(engine.encode_prompt, req.conversation())
-        settings = settings_for(req, len(prompt))
-        ticket = get_scheduler().admit()
-        pieces = get_scheduler().generate(ticket, prompt, settings, req.stop_list())
-        rid, created = new_id("chatcmpl"), now()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(_chat_events(pieces, rid, created, model_name, include_usage), ticket)
-        last = await collect(request, pieces, ticket)
-        if last is None:
-            return Response(status_code=499)  # the client left; nobody reads this
+        rid, created, reply = await serve(request, req, prompt, "chatcmpl", _chat_events)
+        if not isinstance(reply, _Whole):
+            return reply  # the event stream, or 499 for a client that left
+        last = reply
         return ChatCompletionResponse(id=rid, created=created, model=model_name, usage=last.usage,
                                       choices=[ChatChoice(message=AssistantMessage(content=last.text),
                                                           finish_reason=last.finish_reason)])
@@ -188,16 +195,10 @@ def create_app(engine: Engine, defaults: GenerationSettings, *, model_name: str 
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
         prompt = await encode(lambda text: engine.tokenizer.encode(text), req.prompt_text())
-        settings = settings_for(req, len(prompt))
-        ticket = get_scheduler().admit()
-        pieces = get_scheduler().generate(ticket, prompt, settings, req.stop_list())
-        rid, created = new_id("cmpl"), now()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(_completion_events(pieces, rid, created, model_name, include_usage), ticket)
-        last = await collect(request, pieces, ticket)
-        if last is None:
-            return Response(status_code=499)
+        rid, created, reply = await serve(request, req, prompt, "cmpl", _completion_events)
+        if not isinstance(reply, _Whole):
+            return reply
+        last = reply
         return CompletionResponse(id=rid, created=created, model=model_name, usage=last.usage,
                                   choices=[CompletionChoice(text=last.text, finish_reason=last.finish_reason)])
 
@@ -209,7 +210,7 @@ def _reject_constant(name: str):
 
 
 class _Whole:
-    def __init__(self, text: str, last: Piece):
+    def __init__(self, text: str, last: Delta):
         self.text, self.finish_reason = text, last.finish_reason
         self.usage = Usage.of(last.prompt_tokens, last.completion_tokens)
 

@@ -16,9 +16,8 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from zhtune.infer.base import Engine, GenerationSettings
+from zhtune.infer.base import Delta, Engine, GenerationSettings
 from zhtune.log import logger
 from zhtune.serve.protocol import APIError
 
@@ -27,15 +26,6 @@ _DONE = object()
 
 class GenerationFailed(Exception):
     """The engine raised while generating; `__cause__` is its exception."""
-
-
-@dataclass
-class Piece:
-    """Text of the reply; the last piece has finish_reason and the token counts."""
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 class Ticket:
@@ -86,7 +76,7 @@ class Scheduler:
         return Ticket(self)
 
     async def generate(self, ticket: Ticket, prompt: list[int], settings: GenerationSettings,
-                       stops: list[str]) -> AsyncIterator[Piece]:
+                       stops: list[str]) -> AsyncIterator[Delta]:
         """The reply piece by piece, cut at the first stop string; raises GenerationFailed."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
@@ -110,14 +100,14 @@ class Scheduler:
                 if cutter.stopped:
                     ticket.cancel.set()
                     n = len(self.engine.tokenizer.encode(cutter.text, add_special_tokens=False))
-                    yield Piece(text, "stop", len(prompt), n)
+                    yield Delta(text, "stop", len(prompt), n)
                     return
                 if item.finish_reason is not None:
-                    yield Piece(text + cutter.flush(), item.finish_reason, item.prompt_tokens or len(prompt),
+                    yield Delta(text + cutter.flush(), item.finish_reason, item.prompt_tokens or len(prompt),
                                 item.completion_tokens)
                     return
                 if text:
-                    yield Piece(text)
+                    yield Delta(text)
         finally:
             ticket.abandon()  # stops a generation still running; the worker frees the slot when it ends
 

@@ -256,18 +256,27 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int = 0
-    message: AssistantMessage
-    finish_reason: FinishReason
+    finish_reason: FinishReason | None = None
     logprobs: None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class _Reply(BaseModel):
+    """What every completion object and chunk carries besides its object name and choices."""
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    usage: Usage | None = None
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(_Reply):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
@@ -283,37 +292,23 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(_Choice):
     delta: DeltaMessage
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Reply):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int = 0
+class CompletionChoice(_Choice):
     text: str
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Reply):
     """Also each chunk of a streamed text completion (with `usage` None but in the last)."""
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
