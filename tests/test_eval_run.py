@@ -117,6 +117,7 @@ def test_before_after_two_models_side_by_side(tmp_path):
     ckpt = tmp_path / "output" / "gemma3-270m" / "v0-1" / "checkpoint-10"
     ckpt.mkdir(parents=True)
     (ckpt / "sft_args.json").write_text(json.dumps({"model_type": "gemma3-270m", "template_type": "gemma"}))
+    (ckpt / "adapter_config.json").write_text("{}")  # a LoRA checkpoint (the fake engine loads nothing)
     engines = {None: FakeEngine("gemma3-270m", always_b), str(ckpt): FakeEngine("v0-1/checkpoint-10", perfect)}
     result = run_evaluation(_args(tmp_path, "--model_type", "gemma3-270m", "--ckpt_dir", str(ckpt),
                                   "--eval_dataset", "arc", "gsm8k", "--eval_limit", "4", "--name", "before-after"), load=_loader(engines))

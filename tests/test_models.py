@@ -120,6 +120,9 @@ def test_precedence_flag_then_checkpoint_then_registry(tiny_models, tmp_path):
     full = tmp_path / "full" / "checkpoint-2"  # full fine-tuning: the checkpoint is the model folder
     full.mkdir(parents=True)
     (full / "sft_args.json").write_text(json.dumps({"model_type": "gemma2-9b-instruct"}))
+    with pytest.raises(UserError, match="neither adapter_config.json"):  # no config.json yet: damaged
+        resolve_model(ckpt_dir=str(full))
+    (full / "config.json").write_text("{}")
     resolved = resolve_model(ckpt_dir=str(full))
     assert resolved.adapter_dir is None and (resolved.source, resolved.location) == ("local", str(full))
 
@@ -127,3 +130,41 @@ def test_precedence_flag_then_checkpoint_then_registry(tiny_models, tmp_path):
     assert planned.model_type == "qwen2.5-7b-instruct" and planned.ckpt_exists is False
     with pytest.raises(UserError, match="no such folder"):
         resolve_model(ckpt_dir=str(tmp_path / "nope"))
+
+
+def test_a_saved_tokenizer_that_does_not_read_back_is_saved_as_the_generic_one(tmp_path, monkeypatch):
+    """transformers 5.17 saved the GGUF's Unigram tokenizer under GemmaTokenizer, which read it back one
+    character per token (the chat markers too): the conversion notices and names the generic fast
+    tokenizer, which reads tokenizer.json as it is; a tokenizer that still differs stops the conversion."""
+    import json
+    import shutil
+
+    import transformers
+
+    from zhtune.models import embedded
+    from zhtune.models.embedded import check_saved_tokenizer, embedded_model_dir
+
+    source = embedded_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, tmp_path / name)
+    loaded = transformers.AutoTokenizer.from_pretrained(source)
+    real = transformers.AutoTokenizer.from_pretrained
+
+    class CharLevel:  # what GemmaTokenizer made of a Unigram tokenizer.json
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    def from_pretrained(path, **kwargs):
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        return CharLevel() if config.get("tokenizer_class") != "PreTrainedTokenizerFast" else real(path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    check_saved_tokenizer(loaded, tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    ids = real(tmp_path)(embedded.TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    assert ids == loaded(embedded.TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    assert loaded.convert_tokens_to_ids("<start_of_turn>") in ids  # the chat marker is one token
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharLevel())
+    with pytest.raises(RuntimeError, match="cannot convert the embedded model"):
+        check_saved_tokenizer(loaded, tmp_path)

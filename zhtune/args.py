@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhtune.errors import UserError, closest
+from zhtune.files import reading
 
 
 def _choices(*values):
@@ -257,17 +258,19 @@ def _read_config(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config {path}: no such file. Give a YAML or JSON file of arguments.")
-    text = p.read_text(encoding="utf-8")
-    try:
+    with reading(f"--config {path}", "the arguments file", "Give a UTF-8 YAML or JSON file of argument names "
+                 "and values."):
+        text = p.read_text(encoding="utf-8")
+        if "\x00" in text:
+            raise ValueError("binary data, not text")
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             import yaml
             data = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        raise UserError(f"--config {path} cannot be parsed ({type(e).__name__}: {e}). Fix the file.") from None
     if not isinstance(data, dict):
-        raise UserError(f"--config {path} must hold a mapping of argument names to values.")
+        raise UserError(f"--config {path} must hold a mapping of argument names to values, found "
+                        f"{type(data).__name__}, e.g. `model_type: qwen2.5-7b-instruct` on its own line.")
     return data
 
 

@@ -106,6 +106,31 @@ def read_records(file: Path, csv_header: bool = True) -> list[tuple[int, object]
     return list(enumerate(rows, 1))
 
 
+@contextlib.contextmanager
+def reading(path, what: str, fix: str):
+    """The one boundary where a model folder, adapter, checkpoint or config file is read: any failure
+    inside becomes one UserError naming `path`, what was being read and `fix`; the original exception
+    is chained for ZHTUNE_DEBUG=1. Running out of memory is not the file's fault and passes through."""
+    try:
+        yield
+    except (UserError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers, peft, safetensors and json raise many kinds
+        if type(e).__name__ == "OutOfMemoryError":
+            raise
+        raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: {one_line(e)}). {fix}") from e
+
+
+def read_json_file(path, what: str, fix: str, arg: str = "") -> dict:
+    """A JSON object from a file (a config, sft_args.json, ...), through `reading`; `arg` prefixes the message."""
+    path = Path(path)
+    with reading(f"{arg} {path}".strip(), what, fix):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def one_line(error: Exception, limit: int = 200) -> str:
     text = " ".join(str(error).split())
     return text[:limit] + ("..." if len(text) > limit else "")
@@ -119,7 +144,7 @@ def _jsonl(file: Path):
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{file} line {number}: not valid JSON ({e.msg} at column {e.colno}). "
+                raise UserError(f"{file} line {number}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}). "
                                 "A .jsonl file holds one JSON object per line.") from e
 
 

@@ -60,11 +60,15 @@ def convert_rows(records: Iterable[tuple[int, object]], source: str, unit: str =
                                 f"found {type(record).__name__}. {FORMAT_HINT}")
             if columns:
                 record = {columns.get(k, k): v for k, v in record.items()}
+            own = detect_format(record)
+            if own is None:
+                raise UserError(f"{source} {unit} {number}: fits no known format "
+                                f"(fields: {_fields(record)}). {FORMAT_HINT}")
             if fmt is None:  # the file's format is its first row's
-                fmt, first = detect_format(record), number
-                if fmt is None:
-                    raise UserError(f"{source} {unit} {number}: fits no known format "
-                                    f"(fields: {_fields(record)}). {FORMAT_HINT}")
+                fmt, first = own, number
+            elif own != fmt:
+                raise UserError(f"{source} {unit} {number}: is in the {own} format (fields: {_fields(record)}), "
+                                f"but {unit} {first} set the file's format to {fmt}. Write every row in one format.")
             try:
                 rows.append(to_row(record, fmt, replies_optional))
             except RowError as e:

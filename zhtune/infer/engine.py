@@ -3,7 +3,9 @@ backend is chosen and a model is loaded for generation (infer, eval, deploy, qui
 
 import os
 
+from zhtune.checkpoint import ADAPTER_FIX
 from zhtune.errors import UserError
+from zhtune.files import reading
 from zhtune.infer.base import Engine
 from zhtune.log import logger
 from zhtune.models.resolve import ResolvedModel, resolve_model
@@ -56,7 +58,8 @@ def _load_pt(resolved: ResolvedModel, args, common: dict):
     if resolved.adapter_dir:
         from peft import PeftModel
         logger.info(f"applying the LoRA adapter from {resolved.adapter_dir}")
-        model = PeftModel.from_pretrained(model, resolved.adapter_dir)
+        with reading(f"--ckpt_dir {resolved.adapter_dir}", "the LoRA adapter", ADAPTER_FIX):
+            model = PeftModel.from_pretrained(model, resolved.adapter_dir)
         model.eval()
     return PtEngine(model, tokenizer, get_template(resolved.template, tokenizer), **common)
 

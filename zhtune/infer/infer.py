@@ -19,28 +19,34 @@ def infer_main(args) -> int:
                                        "merge_lora": args.merge_lora,
                                        "mode": "batch" if (args.val_dataset or args.dataset) else "chat"})
         return 0
+    rows = batch_rows(args) if (args.val_dataset or args.dataset) else None  # bad data fails before the load
     engine = load_engine(resolved, args)
     settings = GenerationSettings.from_args(args)
-    if args.val_dataset or args.dataset:
-        return batch_infer(engine, settings, args)
+    if rows is not None:
+        return batch_infer(engine, settings, args, rows)
     run_chat(engine, settings, verbose=args.verbose, stream=args.stream)
     return 0
 
 
-def batch_infer(engine, settings, args) -> int:
-    """Rows may end on a user turn (no reference reply); a reference, where present, is kept as `label`.
-    Generation is batched by the engine (continuous batching on pt), with a progress bar of items and
-    tokens/s."""
+def batch_rows(args) -> list[dict]:
+    """The conversations of --val_dataset (all rows), else the validation split of --dataset."""
     from zhtune.data import load_datasets
 
     if args.val_dataset:
         split = load_datasets(args.val_dataset, seed=args.dataset_seed, test_ratio=0.0,
                               model_name=args.model_name, model_author=args.model_author, replies_optional=True)
-        rows = split.train + split.val
-    else:
-        split = load_datasets(args.dataset, seed=args.dataset_seed, test_ratio=args.dataset_test_ratio,
-                              model_name=args.model_name, model_author=args.model_author)
-        rows = split.val
+        return split.train + split.val
+    split = load_datasets(args.dataset, seed=args.dataset_seed, test_ratio=args.dataset_test_ratio,
+                          model_name=args.model_name, model_author=args.model_author)
+    return split.val
+
+
+def batch_infer(engine, settings, args, rows: list[dict] | None = None) -> int:
+    """Rows may end on a user turn (no reference reply); a reference, where present, is kept as `label`.
+    Generation is batched by the engine (continuous batching on pt), with a progress bar of items and
+    tokens/s."""
+    if rows is None:
+        rows = batch_rows(args)
     prompts, records = [], []
     for row in rows:
         messages = row["messages"]

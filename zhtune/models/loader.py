@@ -4,6 +4,8 @@ the fastest attention that is exact for the architecture. Name resolution is mod
 import os
 from pathlib import Path
 
+from zhtune.errors import UserError
+from zhtune.files import reading
 from zhtune.log import logger
 from zhtune.models.architectures import Architecture
 from zhtune.models.resolve import ResolvedModel
@@ -53,9 +55,24 @@ def default_device() -> str:
     return "cpu"
 
 
-def load_tokenizer(path: Path):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def folder_fix(resolved: ResolvedModel | None) -> str:
+    """What to do about a model folder that does not load: its checkpoint, or the folder itself."""
+    if resolved is not None and resolved.ckpt_dir and not resolved.adapter_dir:
+        return f"The checkpoint --ckpt_dir {resolved.ckpt_dir} is damaged; use another checkpoint-N folder of the run."
+    return "Re-download or re-export the model folder (config.json, *.safetensors, tokenizer files)."
+
+
+def load_tokenizer(path: Path, fix: str | None = None):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    fix = fix or folder_fix(None)
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the config alone
+        raise UserError(f"{path}: has no tokenizer (none of {', '.join(TOKENIZER_FILES)}). {fix}")
+    with reading(path, "the tokenizer", fix):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -73,8 +90,10 @@ def load_model_and_tokenizer(resolved: ResolvedModel, dtype: str = "AUTO", use_f
     attn = attn_implementation or pick_attention(resolved.arch, use_flash_attn, device)
     logger.info(f"loading {resolved.model_type} from {path} ({str(torch_dtype).replace('torch.', '')}, "
                 f"attention={attn}, device={device})")
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+    fix = folder_fix(resolved)
+    tokenizer = load_tokenizer(path, fix)
+    with reading(path, "the model", fix):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
     model.to(device)
     model.eval()
     return model, tokenizer

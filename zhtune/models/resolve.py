@@ -12,13 +12,13 @@ A LoRA checkpoint stays an adapter on its base model (merged only when a command
 fine-tuning checkpoint is itself the model folder.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from zhtune.checkpoint import is_lora_checkpoint, read_sft_args
 from zhtune.errors import UserError
+from zhtune.files import read_json_file
 from zhtune.models.registry import (DEFAULT_MODEL_TYPE, ModelInfo, find_by_hub_id, get_model_info,
                                     model_type_for_architecture)
 
@@ -69,13 +69,18 @@ def resolve_model(model_type: str | None = None, model_id_or_path: str | None = 
 
     sft = _checkpoint_args(ckpt_dir, dry_run) if ckpt_dir else {}
     model_type = model_type or sft.get("model_type")
-    adapter_dir = None
+    adapter_dir, arg = None, "--model_id_or_path"
     if ckpt_dir and sft.get("ckpt_exists", True) and not is_lora_checkpoint(ckpt_dir):
-        model_id_or_path = model_id_or_path or str(ckpt_dir)  # full fine-tuning: the checkpoint is the model
+        if not (Path(ckpt_dir) / "config.json").is_file():
+            raise UserError(f"--ckpt_dir {ckpt_dir} holds neither adapter_config.json (a LoRA checkpoint) nor "
+                            "config.json (a full fine-tuning checkpoint): it is incomplete or damaged. Use another "
+                            "checkpoint-N folder of the run.")
+        if not model_id_or_path:  # full fine-tuning: the checkpoint is the model
+            model_id_or_path, arg = str(ckpt_dir), "--ckpt_dir"
     else:
         model_id_or_path = model_id_or_path or sft.get("model_id_or_path")
         adapter_dir = str(ckpt_dir) if ckpt_dir and sft.get("ckpt_exists", True) else None
-    info, source, location = _locate(model_type, model_id_or_path)
+    info, source, location = _locate(model_type, model_id_or_path, arg)
     template = _given(template_type) or sft.get("template_type") or info.template
     get_template(template)
     return ResolvedModel(info, source, location, template, system=system if system is not None else sft.get("system"),
@@ -98,11 +103,13 @@ def _given(template_type: str | None) -> str | None:
     return None if template_type in (None, "", "AUTO") else template_type
 
 
-def _locate(model_type: str | None, model_id_or_path: str | None) -> tuple[ModelInfo, str, str | None]:
+def _locate(model_type: str | None, model_id_or_path: str | None,
+            arg: str = "--model_id_or_path") -> tuple[ModelInfo, str, str | None]:
+    """`arg`: the flag the folder came from, for messages."""
     if model_id_or_path and _looks_local(model_id_or_path):
         path = Path(model_id_or_path).expanduser()
         if model_type is None:
-            model_type = _model_type_of_folder(path, model_id_or_path)
+            model_type = _model_type_of_folder(path, model_id_or_path, arg)
         return get_model_info(model_type), "local", str(path)
     if model_id_or_path:
         info = get_model_info(model_type) if model_type else find_by_hub_id(model_id_or_path)
@@ -117,19 +124,17 @@ def _locate(model_type: str | None, model_id_or_path: str | None) -> tuple[Model
     return info, "hub", info.hf_id if use_hf() else info.ms_id
 
 
-def _model_type_of_folder(path: Path, given: str) -> str:
+def _model_type_of_folder(path: Path, given: str, arg: str = "--model_id_or_path") -> str:
     config = path / "config.json"
     if not config.is_file():
-        raise UserError(f"--model_id_or_path {given}: no config.json there. Give a Hugging Face model folder "
+        raise UserError(f"{arg} {given}: no config.json there. Give a Hugging Face model folder "
                         "(config.json + safetensors + tokenizer) or a hub id.")
-    try:
-        arch = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{config} is not a readable JSON config ({type(e).__name__}). Re-download or re-export "
-                        "the model folder.") from e
+    fix = ("Use another checkpoint-N folder of the run." if arg == "--ckpt_dir"
+           else "Re-download or re-export the model folder.")
+    arch = read_json_file(config, "the model's config", fix, arg=arg).get("model_type", "")
     model_type = model_type_for_architecture(arch)
     if model_type is None:
-        raise UserError(f"cannot tell the model type of {given} (architecture '{arch}'): add --model_type, "
+        raise UserError(f"{arg} {given}: cannot tell the model type (architecture '{arch}'): add --model_type, "
                         "e.g. --model_type qwen2.5-7b-instruct.")
     return model_type
 

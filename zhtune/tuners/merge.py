@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from zhtune.errors import UserError
-from zhtune.files import staged_folder
+from zhtune.files import reading, staged_folder
 from zhtune.log import logger
 from zhtune.models.resolve import ResolvedModel
 
@@ -24,7 +24,8 @@ def merge_checkpoint(resolved: ResolvedModel) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from zhtune.models.loader import load_tokenizer, model_dir
+    from zhtune.checkpoint import ADAPTER_FIX
+    from zhtune.models.loader import folder_fix, load_tokenizer, model_dir
 
     ckpt_dir = resolved.ckpt_dir
     target = merged_dir_for(ckpt_dir)
@@ -36,12 +37,16 @@ def merge_checkpoint(resolved: ResolvedModel) -> Path:
                         "a full fine-tuning checkpoint is already a model folder.")
     base_dir = model_dir(resolved)
     logger.info(f"merging {ckpt_dir} into {target}")
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(base_dir)  # before the slow part: a folder without one fails fast
+    with reading(base_dir, "the base model", folder_fix(None)):
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     untie_embeddings(model)
-    model = PeftModel.from_pretrained(model, str(ckpt_dir)).merge_and_unload()
+    with reading(f"--ckpt_dir {ckpt_dir}", "the LoRA adapter", ADAPTER_FIX):
+        model = PeftModel.from_pretrained(model, str(ckpt_dir))
+    model = model.merge_and_unload()
     with staged_folder(target) as tmp:
         model.to(_saved_dtype(base_dir)).save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(base_dir).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if (Path(ckpt_dir) / "sft_args.json").is_file():
             shutil.copy(Path(ckpt_dir) / "sft_args.json", tmp / "sft_args.json")
     return target
