@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from zhtune.errors import UserError
+from zhtune.files import one_line
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -75,8 +76,7 @@ def load_dataset_rows(hub_id: str, subset: str | None, split: str, *, hf: bool |
             data = MsDataset.load(hub_id, subset_name=subset or "default", split=split)
         return [dict(row) for row in data]
     except Exception as e:  # noqa: BLE001 - offline, missing id, hub down: all need the same advice
-        text = " ".join(str(e).split())[:200]
-        raise UserError(f"dataset {label}: could not load it from {hub_name(hf)} ({type(e).__name__}: {text}); "
+        raise UserError(f"dataset {label}: could not load it from {hub_name(hf)} ({type(e).__name__}: {one_line(e)}); "
                         f"{advice}") from e
 
 

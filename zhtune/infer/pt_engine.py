@@ -219,20 +219,25 @@ class PtEngine(Engine):
             thread.join()
 
     def _deltas(self, tokens: queue.Queue, prompt_tokens: int) -> Iterator[Delta]:
-        """Decode token by token; text is released only once it decodes to whole characters."""
+        """Decode token by token; text is released only once it decodes to whole characters. Only the
+        tokens since the last release are decoded (with the one before as context), so a long reply costs
+        linear, not quadratic, decoding."""
         generated: list[int] = []
         sent = ""
+        prefix, read = 0, 0  # generated[prefix:read] decodes to the tail of `sent`
         while True:
             item = tokens.get()
             if isinstance(item, BaseException):
                 raise item
             if item is not _END:
                 generated += item
-                if not any(t in self.stop_ids for t in generated):
-                    text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                    if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
-                        yield Delta(text[len(sent):])
-                        sent = text
+                if not any(t in self.stop_ids for t in item):
+                    before = self.tokenizer.decode(generated[prefix:read], skip_special_tokens=True)
+                    text = self.tokenizer.decode(generated[prefix:], skip_special_tokens=True)
+                    if text.startswith(before) and not text.endswith("\ufffd") and len(text) > len(before):
+                        yield Delta(text[len(before):])
+                        sent += text[len(before):]
+                        prefix, read = read, len(generated)
                     continue
             text, n, reason = self.decode_reply(generated)
             rest = text[len(sent.strip()):] if text.startswith(sent.strip()) else ""
