@@ -169,7 +169,7 @@ class EvalArguments(ModelArguments, CheckpointArguments, GenerationArguments, Da
     ckpt_dir: list[str] = field(default_factory=list, metadata={"help": "one or more checkpoints; with --model_type "
                                                                 "or --model_id_or_path too, the base model is compared"})
     do_sample: bool = False
-    max_new_tokens: int | None = field(default=None, metadata={"help": "default per dataset (letters 32, gsm8k 512)"})
+    max_new_tokens: int | None = field(default=None, metadata=_at_least(1, "default per dataset (letters 32, gsm8k 512)"))
 
 
 @dataclass

@@ -58,12 +58,7 @@ class Task:
 
 
 def _check(args) -> None:
-    if args.eval_batch_size < 1:
-        raise UserError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}.")
-    if args.eval_few_shot < 0:
-        raise UserError(f"--eval_few_shot must be 0 or more, got {args.eval_few_shot}.")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}.")
+    """What the argument ranges (zhtune/args.py, checked at parse time) cannot say."""
     if args.eval_data_dir and not Path(args.eval_data_dir).expanduser().is_dir():
         raise UserError(f"--eval_data_dir {args.eval_data_dir}: no such folder. Give a folder holding "
                         "arc/, ceval/, gsm8k/ and mmlu/ with the benchmarks' original files.")
