@@ -87,6 +87,22 @@ def test_tiny_gemma2_greedy_matches_generate_batched_mixed_lengths(tiny, tiny_en
     assert fast == plain
 
 
+def test_prompts_arriving_together_are_prefilled_together(tiny, prompts):
+    """Eight prompts of 1..40 tokens queued before the scheduler runs: right-padded into a few prefill
+    forwards (at most 64 padded tokens each here), every reply exactly as alone with generate."""
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer, max_batch_size=8)
+    scheduler = engine.scheduler
+    scheduler.prefill_tokens = 64
+    settings = GenerationSettings(max_new_tokens=12, **GREEDY)
+    requests = [engine._request(p, settings, None) for p in prompts]
+    with scheduler.cond:  # all queued before the loop looks
+        for r in requests:
+            scheduler.submit(r)
+    assert [r.result(timeout=60) for r in requests] == [hf_tokens(model, p, 12) for p in prompts]
+    assert 1 < scheduler.stats["prefill_forwards"] < len(prompts)
+
+
 def test_tiny_gemma2_batch_of_one(tiny, prompts):
     model, tokenizer = tiny
     engine = make_engine(model, tokenizer, max_batch_size=1)

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zhtune.infer.attention import grouped_attention
+from zhtune.infer.decode_graphs import GraphedDecode
 from zhtune.log import logger
 
 END = object()  # put on a stream's queue once the request is finished
@@ -122,22 +124,25 @@ class SlotCache:
 
 
 class CacheView:
-    """What the model's attention layers see for one forward: rows r0..r0+n of the cache, each row
-    writing its new keys at `positions` and reading the first `kv_len` positions."""
+    """What the model's attention layers see for one forward: the cache rows `slots` (or rows 0..n when
+    None: a view, no copy), each row writing its new keys at `positions` and reading the first `kv_len`
+    positions."""
 
     is_compileable = True
 
-    def __init__(self, cache: SlotCache, r0: int, positions: torch.Tensor, kv_len):
-        self.cache, self.r0, self.positions, self.kv_len = cache, r0, positions, kv_len
-        n = positions.shape[0]
-        self.rows = (torch.arange(n, device=positions.device) + r0)[:, None].expand_as(positions)
+    def __init__(self, cache: SlotCache, positions: torch.Tensor, kv_len, slots: torch.Tensor | None = None):
+        self.cache, self.positions, self.kv_len, self.slots = cache, positions, kv_len, slots
+        rows = torch.arange(positions.shape[0], device=positions.device) if slots is None else slots
+        self.rows = rows[:, None].expand_as(positions)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
         keys[self.rows, :, self.positions] = key_states.transpose(1, 2).to(keys.dtype)
         values[self.rows, :, self.positions] = value_states.transpose(1, 2).to(values.dtype)
-        n = self.positions.shape[0]
-        return keys[self.r0:self.r0 + n, :, :self.kv_len], values[self.r0:self.r0 + n, :, :self.kv_len]
+        if self.slots is None:
+            n = self.positions.shape[0]
+            return keys[:n, :, :self.kv_len], values[:n, :, :self.kv_len]
+        return keys[self.slots, :, :self.kv_len], values[self.slots, :, :self.kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only asked when no position_ids are given
         raise RuntimeError("CacheView needs explicit position_ids")
@@ -183,7 +188,8 @@ class Scheduler:
     """Continuous batching over a `SlotCache` for one model. See the module docstring."""
 
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None, granularity: int | None = None,
-                 compile: str | bool | None = None, cache_budget_bytes: int | None = None):
+                 compile: str | bool | None = None, cache_budget_bytes: int | None = None,
+                 prefill_tokens: int | None = None):
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.model.config
         self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -197,9 +203,11 @@ class Scheduler:
         on_gpu = self.device.type == "cuda"
         self.granularity = granularity or (256 if on_gpu else 32)
         if compile is None:
-            compile = os.environ.get("ZHTUNE_PT_COMPILE", "reduce-overhead" if on_gpu else "0")
+            compile = os.environ.get("ZHTUNE_PT_COMPILE", "graphs" if on_gpu else "0")
         self.compile_mode = None if compile in (False, "0", "", "none", "off") else (
-            "reduce-overhead" if compile is True else str(compile))
+            "graphs" if compile is True else str(compile))
+        if self.compile_mode == "graphs" and not on_gpu:
+            self.compile_mode = "default"  # CUDA graphs need CUDA: compiled step only
         if cache_budget_bytes is None:  # the KV cache takes at most this much (fewer slots when replies are long)
             cache_budget_bytes = int(torch.cuda.mem_get_info(self.device)[0] * 0.6) if on_gpu else 2 << 30
         self.cache_budget = cache_budget_bytes
@@ -208,6 +216,11 @@ class Scheduler:
         self._cache_kwarg = _cache_kwarg(self.model)
         self._decode = self._forward_decode
         self._compiled = None
+        self._graphs: GraphedDecode | None = None
+        # CUDA graphs: decode at least 2 rows, so that the compiled step is never specialised to 1
+        self.min_rows = 2 if self.compile_mode == "graphs" and on_gpu else 1
+        # padded prompt tokens per prefill forward
+        self.prefill_tokens = prefill_tokens or (8192 if on_gpu else 1024)
         self.pending: list[Request] = []
         self.active: dict[int, Request] = {}
         self.jobs: list[tuple] = []
@@ -293,6 +306,8 @@ class Scheduler:
         return limit
 
     def _admit(self):
+        """Prefill waiting requests into free slots, several in one forward (up to `prefill_tokens`
+        padded tokens), in arrival order."""
         while True:
             with self.cond:
                 if not self.pending:
@@ -300,54 +315,94 @@ class Scheduler:
                 free = [s for s in range(self._slot_limit()) if s not in self.active]
                 if not free:
                     return
-                request = self.pending.pop(0)
-            try:
-                self._prefill(request, free[0])
-            except BaseException as e:  # noqa: BLE001 - this request's own failure
-                self._finish(request, error=e)
+                group, width = [], 0
+                while self.pending and len(group) < len(free):
+                    wider = max(width, len(self.pending[0].prompt))
+                    if group and wider * (len(group) + 1) > self.prefill_tokens:
+                        break
+                    group.append(self.pending.pop(0))
+                    width = wider
+            self._prefill(group, free[:len(group)])
 
     def _need(self, request: Request) -> int:
         need = len(request.prompt) + request.max_new_tokens
         return min(need, self.max_len) if self.max_len else need
 
-    def _prefill(self, request: Request, slot: int):
+    def _check_prompt(self, request: Request):
         n = len(request.prompt)
         if n == 0:
             raise ValueError("empty prompt: nothing to generate from")
         if self.max_len and n >= self.max_len:
             raise ValueError(f"the prompt has {n} tokens; this model takes at most {self.max_len} "
                              "(prompt + reply)")
-        length = _round_up(self._need(request), self.granularity)
+
+    def _prefill(self, group: list[Request], slots: list[int]):
+        """One forward over the prompts of `group` (right-padded: a row's padding writes keys past its
+        prompt, which stay masked until its own decode steps overwrite them), each into its slot."""
+        admitted = []
+        for request, slot in zip(group, slots):
+            try:
+                self._check_prompt(request)
+            except ValueError as e:  # this request's own failure
+                self._finish(request, error=e)
+                continue
+            admitted.append((request, slot))
+        if not admitted:
+            return
+        length = _round_up(max(self._need(r) for r, _ in admitted), self.granularity)
         if self.max_len:
             length = min(length, _round_up(self.max_len, self.granularity))
-        slots = self.max_slots
+        top = max(slot for _, slot in admitted) + 1
+        capacity = self.max_slots
         if self.cache_budget:
-            slots = min(slots, max(1, self.cache_budget // (max(length, self.cache.length) * self.cache.bytes_per_token)))
-        if self.cache.ensure(max(slot + 1, slots), length):
+            capacity = min(capacity, max(1, self.cache_budget // (max(length, self.cache.length) * self.cache.bytes_per_token)))
+        if self.cache.ensure(max(top, capacity), length):
+            if self._graphs is not None:
+                self._graphs.reset()
             logger.info(f"generation cache: {self.cache.slots} slots x {self.cache.length} tokens "
                         f"({self.cache.slots * self.cache.length * self.cache.bytes_per_token / 2**30:.2f} GiB)")
-        request.slot, request.admitted_at = slot, time.perf_counter()
-        if request.seed is not None:
-            request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        self.active[slot] = request
-        ids = torch.tensor([request.prompt], device=self.device)
-        positions = torch.arange(n, device=self.device)[None]
-        kv_len = min(_round_up(n, self.granularity), self.cache.length)
-        logits = self._forward(ids, positions, kv_len, r0=slot)
-        self.stats["prefill_tokens"] += n
-        request.position = n
-        token = int(choose_token(logits[0].float(), request))
-        request.first_token_at = time.perf_counter()
-        self._append(request, token)
+        now = time.perf_counter()
+        for request, slot in admitted:
+            request.slot, request.admitted_at = slot, now
+            if request.seed is not None:
+                request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+            self.active[slot] = request
+        try:
+            self._prefill_rows(admitted)
+        except BaseException as e:  # noqa: BLE001 - the group's failure, not the scheduler's
+            if len(admitted) == 1:
+                self._finish(admitted[0][0], error=e)
+                return
+            for one in admitted:  # one bad prompt (say an id outside the vocabulary) fails alone
+                try:
+                    self._prefill_rows([one])
+                except BaseException as e:  # noqa: BLE001
+                    self._finish(one[0], error=e)
+
+    def _prefill_rows(self, admitted: list[tuple[Request, int]]):
+        width = max(len(r.prompt) for r, _ in admitted)
+        ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r, _ in admitted], device=self.device)
+        positions = torch.arange(width, device=self.device)[None].expand(len(admitted), width)
+        lasts = sorted({len(r.prompt) - 1 for r, _ in admitted})
+        slot_index = torch.tensor([slot for _, slot in admitted], device=self.device)
+        logits = self._forward(ids, positions, self._kv_bucket(width), slot_index,
+                               torch.tensor(lasts, device=self.device))
+        self.stats["prefill_tokens"] += sum(len(r.prompt) for r, _ in admitted)
+        self.stats["prefill_forwards"] = self.stats.get("prefill_forwards", 0) + 1
+        for row, (request, _) in enumerate(admitted):
+            request.position = len(request.prompt)
+            token = int(choose_token(logits[row, lasts.index(len(request.prompt) - 1)].float(), request))
+            request.first_token_at = time.perf_counter()
+            self._append(request, token)
 
     def _step(self):
         top = max(self.active) + 1
-        rows = min(_next_pow2(top), max(self.cache.slots, 1))
+        rows = min(_next_pow2(max(top, self.min_rows)), max(self.cache.slots, 1))
         rows = max(rows, top)
         tokens, positions = [0] * rows, [0] * rows
         for slot, request in self.active.items():
             tokens[slot], positions[slot] = request.generated[-1], request.position
-        kv_len = min(_round_up(max(positions) + 1, self.granularity), self.cache.length)
+        kv_len = self._kv_bucket(max(positions) + 1)
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
         logits = self._run_decode(ids, pos, self._kv_index(kv_len)).float()
@@ -400,6 +455,11 @@ class Scheduler:
             cached = self._kv_cache = torch.arange(max(self.cache.length, kv_len), device=self.device)
         return cached[:kv_len]
 
+    def _kv_bucket(self, n: int) -> int:
+        """Keys attended for a query at position n - 1: a power of two times `granularity`, so that few
+        shapes exist (attending masked extra keys costs little next to reading the weights)."""
+        return min(self.granularity * _next_pow2(-(-n // self.granularity)), self.cache.length)
+
     def _masks(self, positions: torch.Tensor, kv_index: torch.Tensor):
         """{layer type: additive mask [rows, 1, q, kv]}: 0 where a row may attend, finfo.min elsewhere."""
         q = positions[:, None, :, None]
@@ -419,25 +479,28 @@ class Scheduler:
             return masks["full_attention"]
         return masks
 
-    def _forward(self, ids, positions, kv_len, r0: int = 0):
-        view = CacheView(self.cache, r0, positions, kv_len)
+    def _forward(self, ids, positions, kv_len, slots: torch.Tensor, keep: torch.Tensor):
+        """Prefill: logits [rows, len(keep), vocab] at the sequence indices `keep`."""
+        view = CacheView(self.cache, positions, kv_len, slots)
         masks = self._masks(positions, self._kv_index(kv_len))
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=masks, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kwarg: view})
-        return out.logits[:, -1]
+        with grouped_attention(self.config):
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=masks, use_cache=True,
+                             logits_to_keep=keep, **{self._cache_kwarg: view})
+        return out.logits
 
     def _forward_decode(self, ids, positions, kv_index):
-        view = CacheView(self.cache, 0, positions, kv_index.shape[0])
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._masks(positions, kv_index),
-                         use_cache=True, logits_to_keep=1, **{self._cache_kwarg: view})
+        view = CacheView(self.cache, positions, kv_index.shape[0])
+        with grouped_attention(self.config):
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._masks(positions, kv_index),
+                             use_cache=True, logits_to_keep=1, **{self._cache_kwarg: view})
         return out.logits[:, -1]
 
     def _run_decode(self, ids, pos, kv_index):
         if self.compile_mode is not None and self._compiled is None:
-            logger.info(f"compiling the decode step (torch.compile mode={self.compile_mode}) on first use; "
-                        "one-time, may take a minute")
+            logger.info(f"compiling the decode step ({self._compile_label()}) on first use; one-time, "
+                        "may take a minute")
             try:
-                self._decode = self._checked(self._compile())
+                self._decode = self._compile()
             except Exception as e:  # noqa: BLE001
                 logger.warning(f"torch.compile unavailable ({type(e).__name__}: {e}); decoding without it")
                 self.compile_mode = None
@@ -452,31 +515,40 @@ class Scheduler:
             self._decode = self._forward_decode
             return self._forward_decode(ids, pos, kv_index)
         seconds = time.perf_counter() - start
-        if seconds > 5:
+        if seconds > 5 and self._graphs is None:
             logger.info(f"decode step compiled for {ids.shape[0]} row(s) x {kv_index.shape[0]} keys "
                         f"in {seconds:.1f}s")
         return out
 
+    def _compile_label(self) -> str:
+        if self.compile_mode == "graphs":
+            return "torch.compile, dynamic shapes, replayed as CUDA graphs per rows x keys bucket"
+        return f"torch.compile mode={self.compile_mode}"
+
     def _warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None, all_lengths: bool = False):
         """Size the cache (slots x length) and, when compiling, build the decode step and run it once
-        per rows bucket on idle slots, logged. Seconds spent."""
+        per rows bucket (and key bucket) on idle slots, logged. Seconds spent."""
         start = time.perf_counter()
-        self.cache.ensure(max(slots or 0, self.cache.slots, 1),
-                          _round_up(max(length or 0, self.cache.length, self.granularity), self.granularity))
-        if self.compile_mode is None or self._compiled is not None or self.active:
+        if self.cache.ensure(max(slots or 0, self.cache.slots, 1),
+                             _round_up(max(length or 0, self.cache.length, self.granularity), self.granularity)):
+            if self._graphs is not None:
+                self._graphs.reset()
+        if self.compile_mode is None or self.active:
             return 0.0
-        logger.info(f"compiling the decode step (torch.compile mode={self.compile_mode}; one-time warm-up, "
-                    "may take a minute)")
+        if self._compiled is not None and not (self._graphs is not None and all_lengths):
+            return 0.0
+        logger.info(f"compiling the decode step ({self._compile_label()}; one-time warm-up, may take a minute)")
         try:
-            self._decode = self._checked(self._compile())
-            for n in sorted({1, 2} | set(rows)):
-                n = min(n, self.cache.slots)
-                kv_lens = range(self.granularity, self.cache.length + 1, self.granularity) if all_lengths else \
-                    sorted({self.granularity, min(2 * self.granularity, self.cache.length)})
+            if self._compiled is None:
+                self._decode = self._compile()
+            row_buckets = sorted({min(max(n, self.min_rows), self.cache.slots) for n in {1, 2, *rows}})
+            kv_lens = sorted({self._kv_bucket(n) for n in range(1, self.cache.length + 1, self.granularity)}) \
+                if all_lengths else sorted({self._kv_bucket(1), self._kv_bucket(self.granularity + 1)})
+            for n in row_buckets:
                 for kv_len in kv_lens:
                     ids = torch.zeros((n, 1), dtype=torch.long, device=self.device)
                     pos = torch.zeros((n, 1), dtype=torch.long, device=self.device)
-                    for _ in range(3):  # CUDA graph trees record on a later call than the first
+                    for _ in range(1 if self._graphs is not None else 3):  # graph trees record on a later call
                         self._decode(ids, pos, self._kv_index(kv_len))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -484,6 +556,7 @@ class Scheduler:
             logger.warning(f"compiling the decode step failed ({type(e).__name__}: {str(e)[:300]}); "
                            "decoding without compilation")
             self._decode = self._forward_decode
+            self._graphs = None
         seconds = time.perf_counter() - start
         logger.info(f"decode step ready in {seconds:.1f}s")
         return seconds
@@ -493,11 +566,15 @@ class Scheduler:
             import torch._inductor.config as inductor_config
             inductor_config.emulate_precision_casts = True  # round like eager bf16: same greedy tokens
         backend = os.environ.get("ZHTUNE_PT_COMPILE_BACKEND", "inductor")
+        if self.compile_mode == "graphs":
+            self._graphs = GraphedDecode(self._forward_decode, self.device)
+            self._compiled = self._graphs.compiled
+            return self._graphs
         kwargs = {"backend": backend, "dynamic": None, "fullgraph": False}
         if backend == "inductor":
             kwargs["mode"] = None if self.compile_mode == "default" else self.compile_mode
         self._compiled = torch.compile(self._forward_decode, **kwargs)
-        return self._compiled
+        return self._checked(self._compiled)
 
     @staticmethod
     def _mark_dynamic(ids, pos, kv_index):
