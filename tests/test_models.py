@@ -132,10 +132,35 @@ def test_precedence_flag_then_checkpoint_then_registry(tiny_models, tmp_path):
         resolve_model(ckpt_dir=str(tmp_path / "nope"))
 
 
+def test_embedded_tokenizer_reads_back_the_real_gemma3_ids():
+    """The converted folder splits text as the real Gemma 3 tokenizer does, whatever transformers made it."""
+    from transformers import AutoTokenizer
+
+    from zhtune.models import embedded
+    tokenizer = AutoTokenizer.from_pretrained(embedded.embedded_model_dir())
+    assert embedded.probe_ids(tokenizer) == embedded.PROBE_IDS
+    assert tokenizer.decode(embedded.PROBE_IDS) == embedded.TOKENIZER_PROBE
+    assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id == 2
+
+
+@pytest.mark.slow
+def test_the_tokenizer_built_from_the_gguf_is_gemma3s():
+    """What the conversion falls back to where transformers converts the GGUF's tokenizer wrongly (5.17)."""
+    from transformers import AutoTokenizer
+
+    from zhtune.models import embedded
+    built = embedded.gemma_tokenizer_from_gguf(embedded._assemble_gguf())
+    assert embedded.probe_ids(built) == embedded.PROBE_IDS
+    saved = AutoTokenizer.from_pretrained(embedded.embedded_model_dir())
+    for text in ["  两个空格\t\ttabs\n\n\nnewlines", "def f(x):\n    return x  # 😀", "<start_of_turn>user\n你好<end_of_turn>"]:
+        ids = built(text, add_special_tokens=False)["input_ids"]
+        assert ids == saved(text, add_special_tokens=False)["input_ids"] and built.decode(ids) == text
+
+
 def test_a_saved_tokenizer_that_does_not_read_back_is_saved_as_the_generic_one(tmp_path, monkeypatch):
-    """transformers 5.17 saved the GGUF's Unigram tokenizer under GemmaTokenizer, which read it back one
-    character per token (the chat markers too): the conversion notices and names the generic fast
-    tokenizer, which reads tokenizer.json as it is; a tokenizer that still differs stops the conversion."""
+    """transformers 5.17 read a tokenizer.json saved under GemmaTokenizer back one character per token
+    (the chat markers too): the conversion notices and names the generic fast tokenizer, which reads
+    tokenizer.json as it is; a tokenizer that still differs stops the conversion."""
     import json
     import shutil
 
@@ -147,7 +172,6 @@ def test_a_saved_tokenizer_that_does_not_read_back_is_saved_as_the_generic_one(t
     source = embedded_model_dir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(source / name, tmp_path / name)
-    loaded = transformers.AutoTokenizer.from_pretrained(source)
     real = transformers.AutoTokenizer.from_pretrained
 
     class CharLevel:  # what GemmaTokenizer made of a Unigram tokenizer.json
@@ -159,12 +183,10 @@ def test_a_saved_tokenizer_that_does_not_read_back_is_saved_as_the_generic_one(t
         return CharLevel() if config.get("tokenizer_class") != "PreTrainedTokenizerFast" else real(path, **kwargs)
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
-    check_saved_tokenizer(loaded, tmp_path)
+    check_saved_tokenizer(tmp_path)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
-    ids = real(tmp_path)(embedded.TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    assert ids == loaded(embedded.TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    assert loaded.convert_tokens_to_ids("<start_of_turn>") in ids  # the chat marker is one token
+    assert embedded.probe_ids(real(tmp_path)) == embedded.PROBE_IDS
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharLevel())
     with pytest.raises(RuntimeError, match="cannot convert the embedded model"):
-        check_saved_tokenizer(loaded, tmp_path)
+        check_saved_tokenizer(tmp_path)
