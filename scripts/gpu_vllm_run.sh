@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The vllm backend on the GPU machine (issue 18), after scripts/stage_vllm.sh (6 calls) in the same lease.
-# Each step is one device call (<= 10 min); results land in $OUT.
-#   bash scripts/gpu_vllm_run.sh tests     # tests/test_vllm_backend.py (vllm vs pt, streaming, CLI, merged LoRA, untied Gemma 2)
-#   bash scripts/gpu_vllm_run.sh eval vllm # the seed's eval on the four FULL sets through vllm
-#   bash scripts/gpu_vllm_run.sh eval pt   # the same through the pt backend (same prompts, greedy)
-#   bash scripts/gpu_vllm_run.sh deploy    # zhtune deploy --infer_backend vllm answering the openai client
+# GPU runs of issues 18 (vllm), 17 (pt generation) and 15 (loglik), after scripts/stage_vllm.sh (6 calls) in the
+# same lease. Steps, any number in one device call (each well under the 10-minute call limit):
+#   bash scripts/gpu_vllm_run.sh convert          # the embedded model converted once (timed; tokenizer ids checked)
+#   bash scripts/gpu_vllm_run.sh tests [-k EXPR]  # tests/test_vllm_backend.py (vllm vs pt, stream, CLI, pty, merged LoRA, untied Gemma 2)
+#   bash scripts/gpu_vllm_run.sh eval vllm|pt     # the seed's eval on the four FULL sets (same prompts, greedy)
+#   bash scripts/gpu_vllm_run.sh loglik           # --eval_mode loglik on the full ARC, C-Eval, MMLU (pt)
+#   bash scripts/gpu_vllm_run.sh merged           # sft (seed LoRA) -> eval --ckpt_dir --merge_lora true, vllm and pt
+#   bash scripts/gpu_vllm_run.sh deploy           # zhtune deploy --infer_backend vllm answering the openai client
+#   bash scripts/gpu_vllm_run.sh speed            # benchmarks/infer_speed.py --quick + the GPU exactness test
 # Carry .carry (pytest wheels + the benchmark files as bench.tar.xz) in the call that runs a step.
 set -uo pipefail
 . /root/keep/env.sh
@@ -13,19 +16,63 @@ if [ ! -d /root/keep/data/benchmarks ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/keep/site .carry/whl/*.whl
   mkdir -p /root/keep/data && tar -xJf .carry/bench.tar.xz -C /root/keep/data
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+if [ ! -f "$OUT/device.txt" ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+  python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+fi
+EVAL_COMMON="--eval_backend Native --eval_data_dir /root/keep/data/benchmarks --dtype bf16 --eval_batch_size 256"
 case "$1" in
+convert)
+  start=$(date +%s)
+  python3 - <<'PY' 2>&1 | grep -v it/s | tee "$OUT/convert.log"
+from transformers import AutoTokenizer
+from zhtune.models.embedded import PROBE_IDS, embedded_model_dir, probe_ids
+folder = embedded_model_dir()
+print("converted:", folder, "tokenizer ids are Gemma 3's:", probe_ids(AutoTokenizer.from_pretrained(folder)) == PROBE_IDS)
+PY
+  echo "conversion wall $(( $(date +%s) - start )) s" | tee -a "$OUT/convert.log" ;;
 tests)
-  PYTHONUNBUFFERED=1 timeout 580 python3 -m pytest -x -q -p no:cacheprovider tests/test_vllm_backend.py 2>&1 | tee "$OUT/vllm_tests.log" ;;
+  shift
+  PYTHONUNBUFFERED=1 timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -p no:cacheprovider --durations=0 \
+      tests/test_vllm_backend.py "$@" 2>&1 | grep -v it/s | tail -60 | tee -a "$OUT/vllm_tests.log" ;;
 eval)
   backend=$2; start=$(date +%s)
-  PYTHONUNBUFFERED=1 timeout 580 python3 -m zhtune eval --model_type gemma3-270m --eval_dataset arc ceval gsm8k mmlu \
-      --eval_backend Native --infer_backend "$backend" --eval_data_dir /root/keep/data/benchmarks --dtype bf16 \
-      --eval_batch_size 256 --gpu_memory_utilization 0.8 --eval_output_dir /root/keep/eval --name "full-$backend" \
-      2>&1 | tee "$OUT/eval_$backend.log"
+  extra=""; [ "$backend" = vllm ] && extra="--gpu_memory_utilization 0.8"
+  PYTHONUNBUFFERED=1 timeout ${EVAL_TIMEOUT:-400} python3 -m zhtune eval --model_type gemma3-270m \
+      --eval_dataset arc ceval gsm8k mmlu --infer_backend "$backend" $EVAL_COMMON $extra \
+      --eval_output_dir /root/keep/eval --name "full-$backend" 2>&1 | grep -v "it/s\|INFO" | tee "$OUT/eval_$backend.log"
   echo "wall $(( $(date +%s) - start )) s" | tee -a "$OUT/eval_$backend.log"
-  cp "$(ls -d /root/keep/eval/full-$backend/*/ | tail -1)eval_result.jsonl" "$OUT/eval_result_$backend.jsonl" ;;
+  d=$(ls -d /root/keep/eval/full-$backend/*/ | tail -1)
+  tar -czf "$OUT/eval_items_$backend.tgz" -C "$d" . ;;
+loglik)
+  start=$(date +%s)
+  PYTHONUNBUFFERED=1 timeout ${EVAL_TIMEOUT:-400} python3 -m zhtune eval --model_type gemma3-270m --eval_mode loglik \
+      --eval_dataset arc ceval mmlu --infer_backend pt $EVAL_COMMON --eval_output_dir /root/keep/eval \
+      --name full-loglik 2>&1 | grep -v "it/s" | tee "$OUT/eval_loglik.log"
+  echo "wall $(( $(date +%s) - start )) s" | tee -a "$OUT/eval_loglik.log"
+  d=$(ls -d /root/keep/eval/full-loglik/*/ | tail -1)
+  tar -czf "$OUT/eval_items_loglik.tgz" -C "$d" . ;;
+merged)
+  run=/root/keep/merged_run; rm -rf $run
+  PYTHONUNBUFFERED=1 timeout 200 python3 -m zhtune sft --model_type gemma3-270m --dataset self-cognition#200 zh-instruct \
+      --model_name 小黄 "Xiao Huang" --model_author 魔搭 ModelScope --lora_target_modules EMBEDDING ALL lm_head \
+      --lora_modules_to_save LN --learning_rate 1e-3 --num_train_epochs 2 --batch_size 8 --eval_steps 50 \
+      --identity_probe false --output_dir $run 2>&1 | grep -v "it/s" | tail -15 | tee "$OUT/merged_sft.log"
+  ckpt=$(ls -d $run/gemma3-270m/v*/checkpoint-* | grep -v merged | sort -t- -k2 -n | tail -1)
+  for backend in vllm pt; do
+    extra=""; [ "$backend" = vllm ] && extra="--gpu_memory_utilization 0.5"
+    printf '你是谁？\n浙江的省会在哪？\n' | PYTHONUNBUFFERED=1 timeout 200 python3 -m zhtune infer --ckpt_dir $ckpt \
+        --merge_lora true --infer_backend $backend --max_new_tokens 32 --do_sample false --dtype bf16 $extra \
+        > "$OUT/merged_infer_$backend.txt" 2> >(grep -v "it/s\|INFO" | tail -5 >&2)
+    PYTHONUNBUFFERED=1 timeout 200 python3 -m zhtune eval --ckpt_dir $ckpt --merge_lora true --eval_dataset arc ceval \
+        --eval_limit 300 --infer_backend $backend $EVAL_COMMON $extra --eval_output_dir /root/keep/eval \
+        --name merged-$backend 2>&1 | grep "zhtune" | tee "$OUT/merged_eval_$backend.log"
+  done
+  diff "$OUT/merged_infer_vllm.txt" "$OUT/merged_infer_pt.txt" && echo "merged checkpoint: vllm and pt replies identical" ;;
+speed)
+  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-420} python3 benchmarks/infer_speed.py --quick --out "$OUT/infer-speed-quick.json" \
+      2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-quick.log" | grep "bench\|zhtune\|Error\|error" | tail -40
+  PYTHONUNBUFFERED=1 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py 2>&1 | tail -5 | tee "$OUT/gpu_generation_test.log" ;;
 deploy)
   port=8765
   python3 -m zhtune deploy --model_type gemma3-270m --infer_backend vllm --enforce_eager true \

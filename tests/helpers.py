@@ -1,8 +1,11 @@
 """Helpers shared by the tests (conftest.py only holds fixtures): small data files in every format,
-written by the tests themselves, a chat dataset, and a stand-in template."""
+written by the tests themselves, a chat dataset, a stand-in template, and reading a pseudo-terminal."""
 
 import json
+import os
 import random
+import select
+import time
 from pathlib import Path
 
 from zhtune.templates import IGNORE_INDEX, Encoded
@@ -111,3 +114,20 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def read_until(fd, marker: str, timeout: float = 120) -> str:
+    out, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if marker.encode() in out:
+                return out.decode("utf-8", "replace")
+    raise AssertionError(f"did not see {marker!r}; got: {out.decode('utf-8', 'replace')[-2000:]}")

@@ -3,33 +3,15 @@
 import json
 import os
 import pty
-import select
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import read_until
 from zhtune.cli import main
-
-
-def read_until(fd, marker: str, timeout: float = 120) -> str:
-    out, deadline = b"", time.time() + timeout
-    while time.time() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-            if marker.encode() in out:
-                return out.decode("utf-8", "replace")
-    raise AssertionError(f"did not see {marker!r}; got: {out.decode('utf-8', 'replace')[-2000:]}")
 
 
 @pytest.mark.slow
