@@ -58,7 +58,8 @@ merged)
       --model_name 小黄 "Xiao Huang" --model_author 魔搭 ModelScope --lora_target_modules EMBEDDING ALL lm_head \
       --lora_modules_to_save LN --learning_rate 1e-3 --num_train_epochs 2 --batch_size 8 --eval_steps 50 \
       --identity_probe false --output_dir $run 2>&1 | grep -v "it/s" | tail -15 | tee "$OUT/merged_sft.log"
-  ckpt=$(ls -d $run/gemma3-270m/v*/checkpoint-* | grep -v merged | sort -t- -k2 -n | tail -1)
+  ckpt=$(grep -o "last checkpoint: .*" "$OUT/merged_sft.log" | tail -1 | cut -d' ' -f3)
+  [ -d "$ckpt" ] || { echo "merged: no checkpoint found ($(find $run -maxdepth 3 | head))"; exit 1; }
   for backend in vllm pt; do
     extra=""; [ "$backend" = vllm ] && extra="--gpu_memory_utilization 0.5"
     printf '你是谁？\n浙江的省会在哪？\n' | PYTHONUNBUFFERED=1 timeout 200 python3 -m zhtune infer --ckpt_dir $ckpt \

@@ -136,6 +136,29 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny, prompts, monkeypatch):
     assert engine.scheduler._decode is not engine.scheduler._forward_decode  # still compiled, no fallback
 
 
+def test_the_compiled_step_compiles_once_for_every_shape(tiny, prompts):
+    """What the CUDA-graph mode captures on a GPU: one compilation for every rows x keys bucket and cache
+    growth (each recompilation costs a minute or more with inductor on a real model), same logits."""
+    import torch._dynamo
+    model, _ = tiny
+    torch._dynamo.reset()
+    scheduler = make_engine(model, tiny[1], max_batch_size=8).scheduler
+    scheduler.cache.ensure(8, 64)
+    step = scheduler.compile_step("eager")
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    with torch.no_grad():
+        for rows, keys, grow in [(2, 32, None), (4, 32, None), (8, 64, None), (2, 64, (8, 128)), (8, 128, (16, 128))]:
+            if grow:
+                scheduler.cache.ensure(*grow)
+            ids = torch.randint(3, 4000, (rows, 1))
+            positions = torch.full((rows, 1), keys - 1)
+            kv_index = scheduler._kv_index(keys).clone()
+            torch.testing.assert_close(step(ids, positions, kv_index),
+                                       scheduler._forward_decode(ids, positions, kv_index))
+    assert graphs["unique_graphs"] - before == 1
+
+
 def test_embedded_model_greedy_matches_generate(embedded):
     """The real Gemma 3 270M: chat prompts, all at once, against plain generate one by one; streaming too."""
     settings = GenerationSettings(max_new_tokens=12, **GREEDY)

@@ -43,6 +43,7 @@ A reply where no rule finds anything gives None: the item counts as wrong and as
 
 import re
 import unicodedata
+from decimal import Decimal
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -141,18 +142,24 @@ def extract_choice(text: str | None, letters: str = "ABCD", prompt: str | None =
 
 # -- numbers -------------------------------------------------------------------------------------------
 
+_PLAIN_NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)")
+
+
 def to_number(text: str | None) -> str | None:
     """'$1,234.50' -> '1234.5', '42.0' -> '42'; None when it is not a number."""
     if text is None:
         return None
     cleaned = normalize(text).strip().replace(",", "").replace("$", "").replace("¥", "").rstrip(".")
-    try:
-        value = float(cleaned)
-    except ValueError:
+    if not _PLAIN_NUMBER.fullmatch(cleaned):  # not "inf", "nan", "1e400": float() would take those
         return None
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+    value = Decimal(cleaned)  # exact at any length: a reply may hold a 400-digit number
+    if value == value.to_integral_value():
+        try:
+            return str(int(value))
+        except ValueError:  # past Python's int-to-str digit limit: the digits as written
+            digits = cleaned.lstrip("-").split(".")[0].lstrip("0") or "0"
+            return ("-" if cleaned.startswith("-") and digits != "0" else "") + digits
+    return format(value.normalize(), "f")
 
 
 def _numbers(text: str) -> list[str]:
@@ -183,4 +190,4 @@ def extract_number(text: str | None, prompt: str | None = None) -> str | None:
 def numbers_equal(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return False
-    return abs(float(a) - float(b)) < 1e-6
+    return abs(Decimal(a) - Decimal(b)) < Decimal("1e-6")

@@ -49,7 +49,7 @@ def grouped_attention(config):
     if getattr(config, "_attn_implementation", None) != "eager":
         yield
         return
-    _register()
+    register()  # idempotent; done once before any compiled step traces this block
     config._attn_implementation = NAME
     try:
         yield
@@ -57,7 +57,14 @@ def grouped_attention(config):
         config._attn_implementation = "eager"
 
 
-def _register():
+_registered = False
+
+
+def register():
+    global _registered
+    if _registered:
+        return
+    _registered = True
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
     AttentionInterface.register(NAME, grouped_eager_attention)

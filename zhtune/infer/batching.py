@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zhtune.infer.attention import grouped_attention
+from zhtune.infer.attention import grouped_attention, register as register_grouped_attention
 from zhtune.infer.decode_graphs import GraphedDecode
 from zhtune.log import logger
 
@@ -105,14 +105,16 @@ class SlotCache:
         if slots <= self.slots and length <= self.length:
             return False
         slots, length = max(slots, self.slots), max(length, self.length)
-        shape = (slots, self.kv_heads, length, self.head_dim)
+        # one spare position, never attended: a slice of attended keys is then never the whole (contiguous)
+        # buffer, so a compiled step sees one memory layout for every rows x keys shape (no recompilation)
+        shape = (slots, self.kv_heads, length + 1, self.head_dim)
         keys, values = [], []
         for i in range(self.num_layers):
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if self.slots:
-                k[:self.slots, :, :self.length] = self.keys[i]
-                v[:self.slots, :, :self.length] = self.values[i]
+                k[:self.slots, :, :self.length] = self.keys[i][:, :, :self.length]
+                v[:self.slots, :, :self.length] = self.values[i][:, :, :self.length]
             keys.append(k)
             values.append(v)
         self.keys, self.values = keys, values
@@ -214,6 +216,7 @@ class Scheduler:
         self.layer_types = sorted(set(getattr(c, "layer_types", None) or ["full_attention"]))
         self.sliding_window = getattr(c, "sliding_window", None)
         self._cache_kwarg = _cache_kwarg(self.model)
+        register_grouped_attention()
         self._decode = self._forward_decode
         self._compiled = None
         self._graphs: GraphedDecode | None = None
@@ -567,14 +570,21 @@ class Scheduler:
             inductor_config.emulate_precision_casts = True  # round like eager bf16: same greedy tokens
         backend = os.environ.get("ZHTUNE_PT_COMPILE_BACKEND", "inductor")
         if self.compile_mode == "graphs":
-            self._graphs = GraphedDecode(self._forward_decode, self.device)
-            self._compiled = self._graphs.compiled
+            self._compiled = self.compile_step(backend)
+            self._graphs = GraphedDecode(self._compiled, self.device)
             return self._graphs
         kwargs = {"backend": backend, "dynamic": None, "fullgraph": False}
         if backend == "inductor":
             kwargs["mode"] = None if self.compile_mode == "default" else self.compile_mode
         self._compiled = torch.compile(self._forward_decode, **kwargs)
         return self._checked(self._compiled)
+
+    def compile_step(self, backend: str = "inductor"):
+        """The decode step compiled once for every rows x keys shape and cache size: dynamic sizes, no
+        guards from sizes that merely happen to be equal (rows == key/value heads, say), and a cache
+        buffer one position longer than ever attended (SlotCache) so no slice is ever contiguous."""
+        torch.fx.experimental._config.use_duck_shape = False
+        return torch.compile(self._forward_decode, dynamic=True, backend=backend)
 
     @staticmethod
     def _mark_dynamic(ids, pos, kv_index):

@@ -34,8 +34,8 @@ class _Graph:
 
 
 class GraphedDecode:
-    def __init__(self, step, device):
-        self.compiled = torch.compile(step, dynamic=True)
+    def __init__(self, compiled_step, device):
+        self.compiled = compiled_step  # torch.compile'd with dynamic shapes (Scheduler.compile_step)
         self.device = device
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None
