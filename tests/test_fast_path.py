@@ -235,11 +235,14 @@ def test_decide_logs_one_line_and_falls_back(zhtune_log):
     A.fast_path, A.deepspeed = None, "default-zero3"
     model.config._attn_implementation = "flex_attention"
     assert fast.decide(model.config, "cuda", A())[0] is False
-    A.deepspeed = None
+    A.deepspeed, A.fsdp = None, "fsdp2"
+    assert fast.decide(model.config, "cuda", A()) == (
+        False, "FSDP shards the lm_head the chunked loss calls outside the model's forward")
+    A.fsdp = None
     llama = type("Cfg", (), {"model_type": "llama", "_attn_implementation": "sdpa"})()
     enabled, reason = fast.decide(llama, "cuda", A())
     assert not enabled and "llama" in reason
-    assert len(zhtune_log.messages) == 6
+    assert len(zhtune_log.messages) == 7
 
 
 def test_prepare_model_and_data_levers():

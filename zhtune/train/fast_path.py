@@ -5,7 +5,7 @@ padded batches) on the same tokens; benchmarks/sft_speed.py measures both, and R
 records each switch's effect.
 
 Where it runs: on a GPU, for Gemma 2, Gemma 3 (text) and Qwen2, unless --fast_path false. Elsewhere
-(CPU, other models, DeepSpeed ZeRO-3) the exact plain path runs. `--fast_path true` forces it on a
+(CPU, other models, DeepSpeed ZeRO-3, FSDP) the exact plain path runs. `--fast_path true` forces it on a
 CPU too (with eager attention: exact, slower; useful for tests). One log line says which path runs.
 
 Switches (each measured in benchmarks/RESULTS.md): `packing` (--packing), `chunk_size` of the loss,
@@ -85,6 +85,8 @@ class FastPath:
             return False, f"the fast path supports {names}, not {arch}"
         if _zero3(getattr(args, "deepspeed", None)):
             return False, "DeepSpeed ZeRO-3 partitions the lm_head the chunked loss calls"
+        if getattr(args, "fsdp", None):
+            return False, "FSDP shards the lm_head the chunked loss calls outside the model's forward"
         if self.packing and attn not in ("flex_attention", "eager", "sdpa", "flash_attention_2"):
             return False, f"packing needs flex_attention, eager, sdpa or flash_attention_2, not {attn}"
         softcap_attn = getattr(config, "attn_logit_softcapping", None) is not None
