@@ -60,8 +60,9 @@ def saved(model, tokens: int) -> dict:
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = (t.untyped_storage().nbytes(), t.dim() >= 3 and t.shape[-1] == t.shape[-2] == tokens)
+        if ptr not in params:  # attention's if any view of the storage is [..., T, T]
+            attn = t.dim() >= 3 and t.shape[-1] == t.shape[-2] == tokens
+            storages[ptr] = (t.untyped_storage().nbytes(), attn or storages.get(ptr, (0, False))[1])
         return t
 
     torch.manual_seed(0)
