@@ -48,7 +48,8 @@ checkpointed (the seed's --gradient_checkpointing true) unless the variant says 
     compiled_all    chunked_nocast + torch.compile of each decoder layer (regional), every layer checkpointed
     compiled        compiled_all + only as many layers checkpointed as --mem_budget_gib needs (planned compiled)
     compiled_nockpt compiled_all with no layer checkpointed (no recomputation; needs ~90 GiB: an H200, not an H100)
-    compiled_fused_all        compiled_all + fused LoRA-A
+    compiled_fused_all        compiled_all + fused LoRA-A (selective recomputation on, but idle: every layer is
+                              checkpointed whole)
     compiled_fused_selective  compiled + fused LoRA-A + selective recomputation (+ the plan)
 All run under bf16 autocast, as transformers' Trainer does with bf16=True. The optimizer step (AdamW
 on ~32M LoRA parameters, a few ms) is outside the timed region for every variant alike. The variants
@@ -129,7 +130,9 @@ VARIANT_SPECS = {
     "compiled_all": dict(compiled=True),
     "compiled": dict(compiled=True, ckpt="plan"),
     "compiled_nockpt": dict(compiled=True, ckpt="none"),
-    "compiled_fused_all": dict(compiled=True, fused=True),
+    # selective recomputation acts in the layers not checkpointed whole: none in compiled_fused_all, where it
+    # is on only so that compiled_fused_selective's graphs of checkpointed layers serve it too
+    "compiled_fused_all": dict(compiled=True, fused=True, selective=True),
     "compiled_fused_selective": dict(compiled=True, fused=True, selective=True, ckpt="plan"),
 }
 VARIANTS = list(VARIANT_SPECS)
@@ -346,6 +349,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", default="true", choices=["true", "false"], help="exactness check of every variant")
     ap.add_argument("--check_compiled", default="true", choices=["true", "false"],
                     help="also check the compiled variants (recompiles their layers once for dropout 0)")
+    ap.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled variants "
+                    "(aot_eager: the same graphs without code generation, for a CPU check of the flow)")
     ap.add_argument("--time_budget_s", type=float, default=400.0, help="skip variants that would start later")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
@@ -514,15 +519,17 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
         undo.callback(set_lora_input_casting, model, True)
         if spec["liger"]:
             note.append(apply_liger(model, undo))
+        # fused LoRA-A and selective recomputation stay on (or off) from one variant to the next, not
+        # undone after each: the compiled variants then find their layers' graphs already compiled
         if spec["fused"]:
-            note.append(f"{fuse_lora_projections(model)} LoRA-A groups fused")
-            undo.callback(unfuse_lora_projections, model)
-        if spec["selective"]:
-            set_selective_recomputation(model)
-            undo.callback(set_selective_recomputation, model, False)
+            fuse_lora_projections(model)
+            note.append("LoRA-A of q/k/v and gate/up fused")
+        else:
+            unfuse_lora_projections(model)
+        set_selective_recomputation(model, spec["selective"])
         undo.callback(set_checkpointed_layers, model, n_layers)
         if spec["compiled"]:
-            compile_decoder_layers(model, "layer")
+            compile_decoder_layers(model, "layer", backend=args.compile_backend)
             undo.callback(_uncompile, model)
             start = time.perf_counter()
             run_steps(train_model, step, work.batches[:2], device, autocast, timer, warmup=2)

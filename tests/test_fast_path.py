@@ -265,6 +265,17 @@ def test_prepare_model_and_data_levers():
         _Args.max_length = 64
 
 
+def test_fused_lora_and_selective_recompute_levers_apply_and_undo():
+    model = tiny_model("gemma2")
+    fast = FastPath(fused_lora=True, selective_recompute=True)
+    fast.decide(model.get_base_model().config, "cpu", _Args())
+    assert fast.prepare_model(model) == ["fused LoRA-A", "selective recomputation"]
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 2 * (3 + 2 + 4 + 1)
+    fast.restore_model(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert FastPath().fused_lora is False and FastPath().selective_recompute is False  # off until measured
+
+
 def test_checkpoint_planner_leaves_out_what_memory_allows(zhtune_log):
     from zhtune.train.memory_plan import CheckpointPlanner, plan_checkpointed_layers
     gib = 2**30
