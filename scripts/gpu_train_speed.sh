@@ -13,7 +13,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out16}
 WORK=${WORK:-/tmp/work16}
 SITE=${SITE:-/tmp/site16}
-CARRY=.carry16
+CARRY=${CARRY:-.carry16}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
