@@ -450,43 +450,51 @@ def main(argv=None) -> int:
             results["variants"][name] = {"skipped": "needs a GPU"}
             continue
         work = workloads[spec["data"]]
+
+        def record(r, name=name, spec=spec, work=work):
+            """Tokens/s, MFU and ratios of a timed variant, into the results file (also before its check:
+            a run cut short keeps the timing)."""
+            if "passes" in r:
+                head_tokens = work.trained if spec["loss"] == "chunked" else None
+                flops = model_flops(config, work.doc_lengths, head_tokens)
+                passes = r.pop("passes")
+                tok, fl = work.tokens * passes, flops * passes
+                if world > 1:
+                    import torch.distributed as dist
+                    t = torch.tensor([tok, fl, r["seconds"], r["peak_gib"]], dtype=torch.float64, device=device)
+                    parts = [torch.zeros_like(t) for _ in range(world)]
+                    dist.all_gather(parts, t)
+                    tok, fl = sum(float(p[0]) for p in parts), sum(float(p[1]) for p in parts)
+                    r["seconds"] = max(float(p[2]) for p in parts)
+                    r["peak_gib"] = max(float(p[3]) for p in parts)
+                r["tokens"] = int(tok)
+                r["lm_head_tokens"] = "trained" if head_tokens is not None else "all"
+                r["gflop_per_token"] = flops / work.tokens / 1e9
+                r["tokens_per_s"] = tok / r["seconds"]
+                r["mfu"] = fl / r["seconds"] / (H100_BF16_PEAK * world)
+            results["variants"][name] = r
+            add_ratios(results)
+            if rank == 0 and args.out:
+                Path(args.out).write_text(json.dumps(results, indent=1))
+
         try:
             r = run_variant(name, spec, train_model, model, fast, work, device, autocast, timer, args, attn_fast,
-                            say, reference)
+                            say, reference, on_timed=record)
         except Exception as e:  # noqa: BLE001 - a failed lever is a result, the others still run
             import traceback
             traceback.print_exc()
             r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             if cuda:
                 torch.cuda.empty_cache()
-        if "seconds" in r:
-            head_tokens = work.trained if spec["loss"] == "chunked" else None
-            flops = model_flops(config, work.doc_lengths, head_tokens)
-            passes = r.pop("passes")
-            tok, fl = work.tokens * passes, flops * passes
-            if world > 1:
-                import torch.distributed as dist
-                t = torch.tensor([tok, fl, r["seconds"], r["peak_gib"]], dtype=torch.float64, device=device)
-                parts = [torch.zeros_like(t) for _ in range(world)]
-                dist.all_gather(parts, t)
-                tok, fl = sum(float(p[0]) for p in parts), sum(float(p[1]) for p in parts)
-                r["seconds"] = max(float(p[2]) for p in parts)
-                r["peak_gib"] = max(float(p[3]) for p in parts)
-            r["tokens"] = int(tok)
-            r["lm_head_tokens"] = "trained" if head_tokens is not None else "all"
-            r["gflop_per_token"] = flops / work.tokens / 1e9
-            r["tokens_per_s"] = tok / r["seconds"]
-            r["mfu"] = fl / r["seconds"] / (H100_BF16_PEAK * world)
+        record(r)
+        if "tokens_per_s" in r:
             check = r.get("check") or {}
             say(f"[bench] {name:15s} {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:6.1%}  peak {r['peak_gib']:6.2f} GiB"
-                + (f"  |dloss| {check['loss_abs_diff']:.1e} cos {check['grad_cosine']:.5f}" if check else "")
+                + (f"  |dloss| {check['loss_abs_diff']:.1e} cos {check['grad_cosine']:.5f}"
+                   if "loss_abs_diff" in check else f"  check: {check['error']}" if check else "")
                 + (f"  ({r['note']})" if r.get("note") else ""))
         else:
             say(f"[bench] {name}: {r}")
-        results["variants"][name] = r
-        add_ratios(results)
-        if rank == 0 and args.out:  # after every variant: a run cut short keeps what it measured
-            Path(args.out).write_text(json.dumps(results, indent=1))
 
     results["seconds_total"] = time.perf_counter() - t0
     if rank == 0:
@@ -500,8 +508,9 @@ def main(argv=None) -> int:
 
 
 def run_variant(name, spec, train_model, model, fast, work: Workload, device, autocast, timer, args, attn_fast,
-                say, reference) -> dict:
-    """Time one variant on its workload (after a warm-up step), then check it against the reference."""
+                say, reference, on_timed=lambda r: None) -> dict:
+    """Time one variant on its workload (after a warm-up step; `on_timed(r)` then records it), then check
+    it against the reference."""
     if spec["loss"] == "full":
         step = baseline_step if spec["data"] == "samples" else packed_full_step
     else:
@@ -543,8 +552,14 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
         secs, peak = run_steps(train_model, step, batches, device, autocast, timer)
         r = {"seconds": secs, "peak_gib": peak, "passes": 1 if spec["data"] == "samples" else repeat,
              "note": "; ".join(n for n in note if n)}
+        on_timed(r)
         if reference is not None and name != "baseline" and (not spec["compiled"] or args.check_compiled == "true"):
-            r["check"] = check_variant(model, step, work.check_batch, reference, device, autocast)
+            try:
+                r["check"] = check_variant(model, step, work.check_batch, reference, device, autocast)
+            except Exception as e:  # noqa: BLE001 - the timing stands; the check's failure is reported
+                import traceback
+                traceback.print_exc()
+                r["check"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return r
 
 
@@ -680,7 +695,8 @@ def summary(results: dict, say) -> None:
             continue
         ratios = " ".join(f"{r[f'x_{ref}']:6.2f}x" for ref in refs)
         check = r.get("check")
-        exact = f"{check['loss_abs_diff']:.1e} {check['grad_cosine']:.5f}" if check else "   -"
+        exact = f"{check['loss_abs_diff']:.1e} {check['grad_cosine']:.5f}" if check and "loss_abs_diff" in check \
+            else f"check: {check['error']}" if check else "   -"
         say(f"  {name:24s} {r['tokens_per_s']:9.0f} {ratios} {r['mfu']:6.1%} {r['peak_gib']:7.2f} {exact}")
     say("[bench] json " + json.dumps({k: results[k] for k in ("date", "device", "world_size", "versions")}
                                      | {"reference": results.get("reference"),
