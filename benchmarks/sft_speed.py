@@ -1,9 +1,11 @@
-"""Speed, memory and exactness of `zhtune sft`'s training step on Gemma-2-9B: the plain transformers +
-PEFT eager baseline beside the fast path, on identical data, in one run.
+"""Speed, memory and exactness of `zhtune sft`'s training step on Gemma-2-9B: what a plain transformers +
+PEFT user runs (per sample, packed with eager attention, and the best HF setup) beside the fast path and
+its levers, on identical data, in one run.
 
-    python benchmarks/sft_speed.py                      # one GPU: baseline + every fast-path variant
+    python benchmarks/sft_speed.py                      # one GPU: every variant below, in this order
     torchrun --nproc_per_node 4 benchmarks/sft_speed.py --variants chunked_nocast  # DDP scaling
     python benchmarks/sft_speed.py --smoke              # tiny Gemma 2 on the CPU, seconds
+    bash scripts/gpu_train_speed.sh                     # the GPU run of issue 16 (wheels, variants, engines)
 
 Model: the real Gemma-2-9B config (below), random weights made on the GPU in bf16. The seed's LoRA
 settings: r=8, alpha=32, dropout 0.05 on every nn.Linear of the decoder, on embed_tokens and on the
@@ -16,32 +18,67 @@ Data: samples whose (tokens, trained tokens) are those of the 1000 rows of alpac
 Gemma tokenizer and chat template (benchmarks/alpaca_zh_lengths.json; mean 142 tokens), plus 40 long
 samples of 1024..8192 tokens (log-uniform, half trained), random token ids. They are packed
 (best-fit decreasing) into rows of --max_length, and --packs rows are drawn: the baseline trains on
-their samples one by one (the seed's batch_size 1; --baseline_batch_size pads several), the fast path
-on the packed rows. Tokens/s counts real tokens only (never padding).
+their samples one by one (the seed's batch_size 1; --baseline_batch_size pads several; --baseline_rows
+times only the samples of the first N rows, the baseline being slow), every other variant on the packed
+rows. Tokens/s counts real tokens only (never padding).
 
-Variants (each adds one lever, and is timed after a warm-up step; results in benchmarks/RESULTS.md):
-    baseline        eager attention, per-sample batches, full logits, transformers' loss, all layers checkpointed
+Variants (each timed after a warm-up step; results in benchmarks/RESULTS.md). Every layer is
+checkpointed (the seed's --gradient_checkpointing true) unless the variant says otherwise.
+  What a transformers + PEFT user runs:
+    baseline        per-sample batches (the seed's batch_size 1), eager attention, full logits, transformers' loss
+    eager_packed    the fast path's packed rows (position_ids, document masks), eager attention, full logits,
+                    transformers' loss
+    hf_best         a careful HF user: attn_implementation="flex_attention", padding-free rows from transformers'
+                    DataCollatorWithFlattening (position_ids; the row padded to a multiple of 128 with one dummy
+                    sequence, without which transformers' flex packed mask reads past the row), liger-kernel's
+                    Gemma 2 kernels that keep the seed's LoRA: RoPE, RMSNorm, GeGLU and cross-entropy. Not liger's
+                    fused linear cross-entropy: it supports final_logit_softcapping but multiplies the hidden states
+                    by `lm_head.weight`, which under PEFT is the frozen base weight, so the LoRA on the (tied)
+                    lm_head would get no gradient and add nothing to the logits. GPU only (liger needs Triton).
+  The fast path and its levers:
     packed_full     packing + flex_attention (softcap score_mod, document masks), full logits + transformers' loss
     chunked         + chunked softcapped loss (no full logits; lm_head only on trained tokens)
     chunked_nocast  + PEFT's LoRA inputs left in bf16 (no fp32 copy; bf16 autocast does the matmul either way)
     mem_lean        chunked_nocast with loss chunks of 256 tokens instead of 1024 (less memory for the logits)
     ckpt_auto       chunked_nocast + only as many layers checkpointed as --mem_budget_gib needs (measured)
+    fused_lora      chunked_nocast + fused LoRA-A for q/k/v and gate/up (zhtune/train/fused_lora.py)
+    selective       chunked_nocast + selective recomputation in the layers not checkpointed whole (norms, GeGLU
+                    activation and down_proj's LoRA input recomputed; zhtune/train/recompute.py) + ckpt_auto's plan
+    fused_selective fused_lora + selective (+ the plan)
     compiled_all    chunked_nocast + torch.compile of each decoder layer (regional), every layer checkpointed
     compiled        compiled_all + only as many layers checkpointed as --mem_budget_gib needs (planned compiled)
     compiled_nockpt compiled_all with no layer checkpointed (no recomputation; needs ~90 GiB: an H200, not an H100)
+    compiled_fused_all        compiled_all + fused LoRA-A (selective recomputation on, but idle: every layer is
+                              checkpointed whole)
+    compiled_fused_selective  compiled + fused LoRA-A + selective recomputation (+ the plan)
 All run under bf16 autocast, as transformers' Trainer does with bf16=True. The optimizer step (AdamW
-on ~32M LoRA parameters, a few ms) is outside the timed region for every variant alike.
+on ~32M LoRA parameters, a few ms) is outside the timed region for every variant alike. The variants
+that end with transformers' loss (baseline, eager_packed, hf_best, packed_full) keep PEFT's default
+fp32 cast of LoRA inputs, as a user gets it.
+
+Exactness: the reference is the baseline (per sample, eager, transformers' loss) on the first packed
+row, dropout off. Every other variant computes the same row in its own form, dropout off, and its
+`check` reports |loss - reference| and the cosine of all trainable gradients (LoRA + norms) and of the
+LoRA ones alone (--check_compiled false skips it for the compiled variants: changing dropout's p
+recompiles their layers).
 
 FLOPs per token (model FLOPs, recomputation not counted), for utilisation against 989 TFLOP/s:
-    linear: 2 * (L * (H*(Q + 2*KV) + Q*H + 3*H*I) + H*V) per token forward, with Q = heads*head_dim,
-            KV = kv_heads*head_dim; training with frozen base weights = forward + input gradients = 2x.
+    decoder linear: 2 * L * (H*(Q + 2*KV) + Q*H + 3*H*I) per token forward, with Q = heads*head_dim,
+            KV = kv_heads*head_dim; lm_head: 2 * H * V per token it runs on: every token for the
+            variants with full logits (baseline, eager_packed, hf_best, packed_full), the trained tokens
+            only for the chunked loss (the others; 77% of the tokens on this mix: 37.3 instead of 38.2
+            GFLOP/token with attention); training with frozen base weights = forward + input
+            gradients = 2x.
     attention: 4 * heads * head_dim * (keys attended) per token per layer forward (QK^T and PV),
             keys attended = position in its own sample + 1, at most sliding_window on sliding layers;
-            training = 3x forward (backward computes dQ, dK, dV).
-    LoRA and norm FLOPs (< 1%) are left out. For Gemma-2-9B the linear term is 36.9 GFLOP/token.
+            training = 3x forward (backward computes dQ, dK, dV). Eager attention computes the masked
+            scores of the whole row too; model FLOPs count only the useful ones.
+    LoRA and norm FLOPs (< 1%) are left out. For Gemma-2-9B the decoder linear term is 33.3 GFLOP/token
+    and the lm_head 3.7 GFLOP per token it runs on (36.9 with the lm_head on every token).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,7 +94,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from zhtune.log import setup_logging  # noqa: E402
 from zhtune.train.fast_path import (FastPath, compile_decoder_layers, set_checkpointed_layers,  # noqa: E402
                                     set_lora_input_casting)
-from zhtune.train.packing import IGNORE_INDEX, PackedCollator, PaddedCollator, pack_encoded  # noqa: E402
+from zhtune.train.fused_lora import fuse_lora_projections, unfuse_lora_projections  # noqa: E402
+from zhtune.train.packing import (FLEX_BLOCK, IGNORE_INDEX, PackedCollator, PaddedCollator,  # noqa: E402
+                                  pack_encoded)
+from zhtune.train.recompute import set_selective_recomputation  # noqa: E402
 
 GEMMA2_9B = dict(  # google/gemma-2-9b config.json
     architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000, hidden_size=3584,
@@ -70,10 +110,39 @@ GEMMA2_9B = dict(  # google/gemma-2-9b config.json
 SMOKE = dict(GEMMA2_9B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32, query_pre_attn_scalar=16)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
-VARIANTS = ["baseline", "packed_full", "chunked", "chunked_nocast", "mem_lean", "ckpt_auto", "compiled_all", "compiled",
-            "compiled_nockpt"]
+
+# What each variant changes from the fast path's defaults (packed rows, the fast attention, chunked loss,
+# bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
+DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
+                    compiled=False, ckpt="all", liger=False)
+VARIANT_SPECS = {
+    "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
+    "eager_packed": dict(attn="eager", loss="full", cast=True),
+    "hf_best": dict(data="flattened", loss="full", cast=True, liger=True),
+    "packed_full": dict(loss="full", cast=True),
+    "chunked": dict(cast=True),
+    "chunked_nocast": dict(),
+    "mem_lean": dict(chunk=256),
+    "ckpt_auto": dict(ckpt="plan"),
+    "fused_lora": dict(fused=True),
+    "selective": dict(selective=True, ckpt="plan"),
+    "fused_selective": dict(fused=True, selective=True, ckpt="plan"),
+    "compiled_all": dict(compiled=True),
+    "compiled": dict(compiled=True, ckpt="plan"),
+    "compiled_nockpt": dict(compiled=True, ckpt="none"),
+    # selective recomputation acts in the layers not checkpointed whole: none in compiled_fused_all, where it
+    # is on only so that compiled_fused_selective's graphs of checkpointed layers serve it too
+    "compiled_fused_all": dict(compiled=True, fused=True, selective=True),
+    "compiled_fused_selective": dict(compiled=True, fused=True, selective=True, ckpt="plan"),
+}
+VARIANTS = list(VARIANT_SPECS)
+REFERENCES = ("baseline", "eager_packed", "hf_best")  # the results report x each of these
 H100_BF16_PEAK = 989e12
 LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
+
+
+def spec_of(name: str) -> dict:
+    return {**DEFAULT_SPEC, **VARIANT_SPECS[name]}
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -113,6 +182,10 @@ def trainable_grads(model) -> torch.Tensor:
                       device=p.device) for p in model.parameters() if p.requires_grad])
 
 
+def n_layers_of(model) -> int:
+    return len(model.get_base_model().model.layers)
+
+
 # -- data ------------------------------------------------------------------------------------------
 
 def make_samples(vocab: int, max_length: int, seed: int = 0, scale: float = 1.0, n_long: int = 40) -> list[dict]:
@@ -144,20 +217,50 @@ def trained_count(labels) -> int:
     return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
+def hf_flattened(docs: list[dict], pad_id: int = 0, multiple: int = FLEX_BLOCK) -> dict:
+    """One padding-free row from transformers' own DataCollatorWithFlattening (input_ids, labels with
+    -100 at each sequence start, position_ids restarting per sequence), then one dummy sequence of pad
+    tokens (untrained) up to a multiple of flex_attention's block: without it transformers' packed-
+    sequence mask function reads position_ids past the row's end (see zhtune/train/packing.py)."""
+    from transformers import DataCollatorWithFlattening
+    batch = DataCollatorWithFlattening(return_tensors="pt")([dict(d) for d in docs])
+    pad = -batch["input_ids"].shape[1] % multiple
+    if pad:
+        batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, pad), pad_id)], dim=1)
+        batch["labels"] = torch.cat([batch["labels"], torch.full((1, pad), IGNORE_INDEX)], dim=1)
+        batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad)[None]], dim=1)
+    return {k: batch[k].long() for k in ("input_ids", "labels", "position_ids")}
+
+
+class Workload:
+    """The batches of one data form, and what they hold: real tokens, the lengths of their samples
+    (for attention FLOPs) and the tokens with a label (where the chunked loss runs the lm_head)."""
+
+    def __init__(self, batches: list[dict], docs: list[dict], check_batch: dict):
+        self.batches = batches
+        self.check_batch = check_batch
+        self.doc_lengths = [len(d["input_ids"]) for d in docs]
+        self.tokens = sum(self.doc_lengths)
+        self.trained = sum(trained_count(d["labels"]) for d in docs)
+
+
 # -- FLOPs -----------------------------------------------------------------------------------------
 
-def model_flops(cfg: dict, docs: list[int]) -> float:
-    """Training model FLOPs for samples of these lengths (see the module docstring)."""
+def model_flops(cfg: dict, docs: list[int], head_tokens: int | None = None) -> float:
+    """Training model FLOPs for samples of these lengths, the lm_head running on `head_tokens` of
+    them (None: on every token). See the module docstring."""
     H, I, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     Q, KV = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    linear = 2 * (L * (H * (Q + 2 * KV) + Q * H + 3 * H * I) + H * V)
+    decoder = 2 * L * (H * (Q + 2 * KV) + Q * H + 3 * H * I)
+    head = 2 * H * V
     tokens = sum(docs)
+    head_tokens = tokens if head_tokens is None else head_tokens
     window = cfg.get("sliding_window") or 10**9
     keys_full = sum(n * (n + 1) / 2 for n in docs)
     keys_sliding = sum(_keys_sliding(n, window) for n in docs)
     n_sliding = L // 2  # Gemma 2 alternates sliding and full layers
     attn = 4 * Q * (keys_full * (L - n_sliding) + keys_sliding * n_sliding)
-    return 2 * linear * tokens + 3 * attn
+    return 2 * (decoder * tokens + head * head_tokens) + 3 * attn
 
 
 def _keys_sliding(n: int, w: int) -> float:
@@ -237,9 +340,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max_length", type=int, default=8192)
     ap.add_argument("--packs", type=int, default=4, help="packed rows of data (per process)")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes over the fast path's rows")
+    ap.add_argument("--slow_repeat", type=int, default=1, help="timed passes for eager_packed and hf_best")
     ap.add_argument("--baseline_batch_size", type=int, default=1)
+    ap.add_argument("--baseline_rows", type=int, default=None, help="time the baseline on the samples of the "
+                    "first N rows only (default: all --packs rows)")
     ap.add_argument("--chunk_size", type=int, default=1024)
-    ap.add_argument("--mem_budget_gib", type=float, default=70.0, help="ckpt_auto's memory budget")
+    ap.add_argument("--mem_budget_gib", type=float, default=70.0, help="the planned variants' memory budget")
+    ap.add_argument("--check", default="true", choices=["true", "false"], help="exactness check of every variant")
+    ap.add_argument("--check_compiled", default="true", choices=["true", "false"],
+                    help="also check the compiled variants (recompiles their layers once for dropout 0)")
+    ap.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled variants "
+                    "(aot_eager: the same graphs without code generation, for a CPU check of the flow)")
     ap.add_argument("--time_budget_s", type=float, default=400.0, help="skip variants that would start later")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
@@ -263,8 +374,13 @@ def main(argv=None) -> int:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
         (lambda: torch.autocast("cpu", enabled=False))
     variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANT_SPECS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.smoke and args.variants == ",".join(VARIANTS):
-        variants = [v for v in variants if not v.startswith("compiled")]  # inductor on a CPU: minutes
+        variants = [v for v in variants if not spec_of(v)["compiled"]]  # inductor on a CPU: minutes
+    if any(spec_of(v)["compiled"] for v in variants):
+        _raise_recompile_limits()  # fused / selective / checkpointed / dropout-0 graphs of one layer code
     timer = Timer(device)
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(local) if cuda else "cpu",
                "world_size": world, "versions": _versions(), "args": vars(args), "variants": {}}
@@ -284,17 +400,24 @@ def main(argv=None) -> int:
     if len(rows) < args.packs:
         raise SystemExit(f"only {len(rows)} packed rows for rank {rank}; lower --packs")
     docs = [d for r in rows for d in split_row(r)]
-    doc_lengths = [len(d["input_ids"]) for d in docs]
-    tokens = sum(doc_lengths)
-    flops = model_flops(config, doc_lengths)
     packed = PackedCollator(pad_id=0, pad_to_multiple_of=args.max_length)
-    fast_batches = [packed([r]) for r in rows]
     padded = PaddedCollator(pad_id=0)
     b = args.baseline_batch_size
-    base_batches = [padded(docs[i:i + b]) for i in range(0, len(docs), b)]
+    base_rows = rows[:args.baseline_rows] if args.baseline_rows else rows
+    base_docs = [d for r in base_rows for d in split_row(r)]
+    workloads = {
+        "packed": Workload([packed([r]) for r in rows], docs, packed(rows[:1])),
+        "flattened": Workload([hf_flattened(split_row(r)) for r in rows], docs, hf_flattened(split_row(rows[0]))),
+        "samples": Workload([padded(base_docs[i:i + b]) for i in range(0, len(base_docs), b)], base_docs, None),
+    }
+    tokens = workloads["packed"].tokens
     say(f"[bench] data: {len(docs)} samples, {tokens} tokens ({tokens / len(rows) / args.max_length:.1%} of "
-        f"{len(rows)} rows of {args.max_length}), longest {max(doc_lengths)}, "
-        f"{flops / tokens / 1e9:.1f} GFLOP/token (model FLOPs, training)")
+        f"{len(rows)} rows of {args.max_length}; {workloads['packed'].trained} trained), longest "
+        f"{max(workloads['packed'].doc_lengths)}, "
+        f"{model_flops(config, workloads['packed'].doc_lengths) / tokens / 1e9:.1f} GFLOP/token with the lm_head "
+        f"on every token, {model_flops(config, workloads['packed'].doc_lengths, workloads['packed'].trained) / tokens / 1e9:.1f} "
+        f"on trained tokens only (model FLOPs, training)"
+        + (f"; the baseline times the {len(base_docs)} samples of {len(base_rows)} rows" if args.baseline_rows else ""))
     fast = FastPath(chunk_size=args.chunk_size)  # its one line goes to the zhtune logger (stderr)
 
     class _Args:
@@ -306,50 +429,72 @@ def main(argv=None) -> int:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(model, device_ids=[local] if cuda else None, find_unused_parameters=False)
 
-    # -- agreement: the same first row, baseline (per sample, eager) vs fast (packed, flex, chunked)
-    if world == 1 and "baseline" in variants:
-        results["agreement"] = agreement(model, rows[0], fast, device, autocast, attn_fast, args.max_length)
-        a = results["agreement"]
-        say(f"[bench] agreement on one row ({a['samples']} samples, {a['trained_tokens']} trained tokens): "
-            f"loss baseline {a['loss_baseline']:.5f} fast {a['loss_fast']:.5f} |diff| {a['loss_abs_diff']:.2e}; "
-            f"grad cosine {a['grad_cosine']:.5f} (LoRA only {a['grad_cosine_lora']:.5f}), "
-            f"norm ratio {a['grad_norm_ratio']:.4f}")
+    # -- the exactness reference: the first packed row, per sample, eager, transformers' loss, dropout off
+    reference = None
+    if world == 1 and args.check == "true" and any(v != "baseline" for v in variants):
+        reference = make_reference(model, rows[0], device, autocast, attn_fast)
+        results["reference"] = {k: v for k, v in reference.items() if k not in ("grads", "lora_mask")}
+        say(f"[bench] reference (first row, {reference['samples']} samples, {reference['trained_tokens']} trained "
+            f"tokens, per sample, eager, dropout off): loss {reference['loss']:.5f}")
 
     for name in variants:
         elapsed = time.perf_counter() - t0
         if elapsed > args.time_budget_s:
             say(f"[bench] {name}: skipped (time budget: {elapsed:.0f}s used of {args.time_budget_s:.0f}s)")
+            results["variants"][name] = {"skipped": "time budget"}
             continue
+        spec = spec_of(name)
+        if spec["liger"] and not cuda:
+            say(f"[bench] {name}: skipped on the CPU (liger-kernel's kernels need Triton on a GPU, and "
+                "flex_attention has no CPU backward)")
+            results["variants"][name] = {"skipped": "needs a GPU"}
+            continue
+        work = workloads[spec["data"]]
+
+        def record(r, name=name, spec=spec, work=work):
+            """Tokens/s, MFU and ratios of a timed variant, into the results file (also before its check:
+            a run cut short keeps the timing)."""
+            if "passes" in r:
+                head_tokens = work.trained if spec["loss"] == "chunked" else None
+                flops = model_flops(config, work.doc_lengths, head_tokens)
+                passes = r.pop("passes")
+                tok, fl = work.tokens * passes, flops * passes
+                if world > 1:
+                    import torch.distributed as dist
+                    t = torch.tensor([tok, fl, r["seconds"], r["peak_gib"]], dtype=torch.float64, device=device)
+                    parts = [torch.zeros_like(t) for _ in range(world)]
+                    dist.all_gather(parts, t)
+                    tok, fl = sum(float(p[0]) for p in parts), sum(float(p[1]) for p in parts)
+                    r["seconds"] = max(float(p[2]) for p in parts)
+                    r["peak_gib"] = max(float(p[3]) for p in parts)
+                r["tokens"] = int(tok)
+                r["lm_head_tokens"] = "trained" if head_tokens is not None else "all"
+                r["gflop_per_token"] = flops / work.tokens / 1e9
+                r["tokens_per_s"] = tok / r["seconds"]
+                r["mfu"] = fl / r["seconds"] / (H100_BF16_PEAK * world)
+            results["variants"][name] = r
+            add_ratios(results)
+            if rank == 0 and args.out:
+                Path(args.out).write_text(json.dumps(results, indent=1))
+
         try:
-            r = run_variant(name, train_model, model, fast, fast_batches, base_batches, device, autocast, timer,
-                            args, attn_fast, say)
+            r = run_variant(name, spec, train_model, model, fast, work, device, autocast, timer, args, attn_fast,
+                            say, reference, on_timed=record)
         except Exception as e:  # noqa: BLE001 - a failed lever is a result, the others still run
             import traceback
             traceback.print_exc()
             r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             if cuda:
                 torch.cuda.empty_cache()
-        if "seconds" in r:
-            tok = tokens * r.pop("passes")
-            fl = flops * (tok / tokens)
-            if world > 1:
-                import torch.distributed as dist
-                t = torch.tensor([tok, fl, r["seconds"], r["peak_gib"]], dtype=torch.float64, device=device)
-                parts = [torch.zeros_like(t) for _ in range(world)]
-                dist.all_gather(parts, t)
-                tok, fl = sum(float(p[0]) for p in parts), sum(float(p[1]) for p in parts)
-                r["seconds"] = max(float(p[2]) for p in parts)
-                r["peak_gib"] = max(float(p[3]) for p in parts)
-            r["tokens"] = int(tok)
-            r["tokens_per_s"] = tok / r["seconds"]
-            r["mfu"] = fl / r["seconds"] / (H100_BF16_PEAK * world)
+        record(r)
+        if "tokens_per_s" in r:
+            check = r.get("check") or {}
             say(f"[bench] {name:15s} {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:6.1%}  peak {r['peak_gib']:6.2f} GiB"
+                + (f"  |dloss| {check['loss_abs_diff']:.1e} cos {check['grad_cosine']:.5f}"
+                   if "loss_abs_diff" in check else f"  check: {check['error']}" if check else "")
                 + (f"  ({r['note']})" if r.get("note") else ""))
         else:
             say(f"[bench] {name}: {r}")
-        results["variants"][name] = r
-        if rank == 0 and args.out:  # after every variant: a run cut short keeps what it measured
-            Path(args.out).write_text(json.dumps(results, indent=1))
 
     results["seconds_total"] = time.perf_counter() - t0
     if rank == 0:
@@ -362,56 +507,93 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_variant(name, train_model, model, fast, fast_batches, base_batches, device, autocast, timer, args,
-                attn_fast, say):
-    repeat = args.repeat
-    if name == "baseline":
-        set_attention(model, "eager")
-        try:
-            secs, peak = run_steps(train_model, baseline_step, base_batches[:1] + base_batches, device, autocast,
-                                   timer)
-        finally:
-            set_attention(model, attn_fast)
-        return {"seconds": secs, "peak_gib": peak, "passes": 1}
-    if name == "packed_full":
-        secs, peak = run_steps(train_model, packed_full_step, fast_batches[:1] + fast_batches * repeat, device,
-                               autocast, timer)
-        return {"seconds": secs, "peak_gib": peak, "passes": repeat}
-    step = make_chunked_step(fast if name != "mem_lean" else FastPath(chunk_size=256, softcap=fast.softcap))
-    if name == "chunked":
-        set_lora_input_casting(model, True)
-    elif name in ("chunked_nocast", "mem_lean", "ckpt_auto", "compiled_all", "compiled", "compiled_nockpt"):
-        set_lora_input_casting(model, False)
-    note = ""
-    compiled = name in ("compiled_all", "compiled", "compiled_nockpt")
-    if compiled:
-        compile_decoder_layers(model, "layer")
-        start = time.perf_counter()
-        try:
-            run_steps(train_model, step, fast_batches[:2], device, autocast, timer, warmup=2)
-        except Exception:
-            _uncompile(model)
-            raise
-        note = f"compile warm-up {time.perf_counter() - start:.0f}s; "
-    try:
-        if name in ("ckpt_auto", "compiled"):
-            note += auto_checkpointing(train_model, model, step, fast_batches[0], device, autocast, timer,
-                                       args.mem_budget_gib, say)
-        if name == "compiled_nockpt":
+def run_variant(name, spec, train_model, model, fast, work: Workload, device, autocast, timer, args, attn_fast,
+                say, reference, on_timed=lambda r: None) -> dict:
+    """Time one variant on its workload (after a warm-up step; `on_timed(r)` then records it), then check
+    it against the reference."""
+    if spec["loss"] == "full":
+        step = baseline_step if spec["data"] == "samples" else packed_full_step
+    else:
+        step = make_chunked_step(fast if spec["chunk"] is None else FastPath(chunk_size=spec["chunk"],
+                                                                               softcap=fast.softcap))
+    repeat = 1 if spec["data"] == "samples" else args.slow_repeat if spec["loss"] == "full" else args.repeat
+    batches = work.batches[:1] + work.batches * repeat
+    n_layers = n_layers_of(model)
+    note = []
+    with contextlib.ExitStack() as undo:
+        if spec["attn"] == "eager":
+            set_attention(model, "eager")
+            undo.callback(set_attention, model, attn_fast)
+        set_lora_input_casting(model, spec["cast"])
+        undo.callback(set_lora_input_casting, model, True)
+        if spec["liger"]:
+            note.append(apply_liger(model, undo))
+        # fused LoRA-A and selective recomputation stay on (or off) from one variant to the next, not
+        # undone after each: the compiled variants then find their layers' graphs already compiled
+        if spec["fused"]:
+            fuse_lora_projections(model)
+            note.append("LoRA-A of q/k/v and gate/up fused")
+        else:
+            unfuse_lora_projections(model)
+        set_selective_recomputation(model, spec["selective"])
+        undo.callback(set_checkpointed_layers, model, n_layers)
+        if spec["compiled"]:
+            compile_decoder_layers(model, "layer", backend=args.compile_backend)
+            undo.callback(_uncompile, model)
+            start = time.perf_counter()
+            run_steps(train_model, step, work.batches[:2], device, autocast, timer, warmup=2)
+            note.append(f"compile warm-up {time.perf_counter() - start:.0f}s")
+        if spec["ckpt"] == "plan":
+            note.append(auto_checkpointing(train_model, model, step, work.batches[0], device, autocast, timer,
+                                           args.mem_budget_gib, say))
+        elif spec["ckpt"] == "none":
             set_checkpointed_layers(model, 0)
-            note += f"0/{len(model.get_base_model().model.layers)} layers checkpointed"
-        secs, peak = run_steps(train_model, step, fast_batches[:1] + fast_batches * repeat, device, autocast, timer)
-    finally:
-        if compiled:
-            _uncompile(model)
-        set_checkpointed_layers(model, len(model.get_base_model().model.layers))
-    return {"seconds": secs, "peak_gib": peak, "passes": repeat, "note": note.strip("; ")}
+            note.append(f"0/{n_layers} layers checkpointed")
+        secs, peak = run_steps(train_model, step, batches, device, autocast, timer)
+        r = {"seconds": secs, "peak_gib": peak, "passes": 1 if spec["data"] == "samples" else repeat,
+             "note": "; ".join(n for n in note if n)}
+        on_timed(r)
+        if reference is not None and name != "baseline" and (not spec["compiled"] or args.check_compiled == "true"):
+            try:
+                r["check"] = check_variant(model, step, work.check_batch, reference, device, autocast)
+            except Exception as e:  # noqa: BLE001 - the timing stands; the check's failure is reported
+                import traceback
+                traceback.print_exc()
+                r["check"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return r
+
+
+def apply_liger(model, undo: contextlib.ExitStack) -> str:
+    """liger-kernel's Gemma 2 kernels that keep the seed's LoRA (see the module docstring), on this model
+    instance; everything it patches (module globals, torch.nn.functional.cross_entropy, instance
+    attributes) is put back when `undo` closes."""
+    import torch.nn.functional as F
+    from liger_kernel.transformers import apply_liger_kernel_to_gemma2
+    from transformers.models.gemma2 import modeling_gemma2
+    base = model.get_base_model()
+    saved_globals = {name: getattr(modeling_gemma2, name) for name in
+                     ("apply_rotary_pos_emb", "Gemma2RMSNorm", "Gemma2MLP")}
+    saved_ce = F.cross_entropy
+    saved_dicts = {m: set(m.__dict__) for m in base.modules()}
+
+    def restore():
+        for name, value in saved_globals.items():
+            setattr(modeling_gemma2, name, value)
+        F.cross_entropy = saved_ce
+        for m, keys in saved_dicts.items():
+            for key in set(m.__dict__) - keys:
+                del m.__dict__[key]
+
+    undo.callback(restore)
+    apply_liger_kernel_to_gemma2(rope=True, rms_norm=True, geglu=True, cross_entropy=True,
+                                 fused_linear_cross_entropy=False, model=base)
+    return "liger-kernel: rope, rms_norm, geglu, cross_entropy"
 
 
 def auto_checkpointing(train_model, model, step, batch, device, autocast, timer, budget_gib, say) -> str:
     """Checkpoint only as many layers as the memory budget needs: measure the peak with every layer
     checkpointed and with 4 fewer, and leave out as many as the per-layer cost allows."""
-    n_layers = len(model.get_base_model().model.layers)
+    n_layers = n_layers_of(model)
     if not timer.cuda:
         set_checkpointed_layers(model, n_layers - 1)
         return "cpu: one layer not checkpointed"
@@ -426,7 +608,7 @@ def auto_checkpointing(train_model, model, step, batch, device, autocast, timer,
     set_checkpointed_layers(model, keep)
     note = (f"{keep}/{n_layers} layers checkpointed (peak {peak_all:.1f} GiB with all, "
             f"+{per_layer:.2f} GiB per layer left out, budget {budget_gib:.0f} GiB)")
-    say(f"[bench] ckpt_auto: {note}")
+    say(f"[bench] plan: {note}")
     return note
 
 
@@ -435,53 +617,92 @@ def _uncompile(model):
         layer._compiled_call_impl = None
 
 
-def agreement(model, row, fast, device, autocast, attn_fast, max_length) -> dict:
-    """Loss and LoRA/norm gradients of one packed row: per-sample eager baseline vs the fast path,
-    dropout off, same weights."""
+def _raise_recompile_limits():
+    import torch._dynamo
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(512, torch._dynamo.config.accumulated_cache_size_limit)
+
+
+def make_reference(model, row, device, autocast, attn_fast) -> dict:
+    """Loss and trainable gradients of one packed row through the per-sample eager baseline (PEFT's
+    default LoRA input cast, every layer checkpointed), dropout off."""
     set_dropout(model, 0.0)
     docs = split_row(row)
     n_items = sum(trained_count(d["labels"]) for d in docs)
     padded = PaddedCollator(pad_id=0)
     model.zero_grad(set_to_none=True)
     set_attention(model, "eager")
-    loss_base = 0.0
+    set_lora_input_casting(model, True)
+    set_checkpointed_layers(model, n_layers_of(model))
+    loss = 0.0
     try:
         for d in docs:
             with autocast():
-                loss_base += float(baseline_step(model, to_device(padded([d]), device), num_items=n_items))
+                loss += float(baseline_step(model, to_device(padded([d]), device), num_items=n_items))
     finally:
         set_attention(model, attn_fast)
-    g_base = trainable_grads(model)
-    lora_mask = torch.cat([torch.full((p.numel(),), "lora" in n, device=g_base.device)
+        set_dropout(model, 0.05)
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    lora_mask = torch.cat([torch.full((p.numel(),), "lora" in n, device=grads.device)
                            for n, p in model.named_parameters() if p.requires_grad])
+    return {"samples": len(docs), "trained_tokens": n_items, "loss": loss, "grads": grads, "lora_mask": lora_mask}
+
+
+def check_variant(model, step, batch, reference: dict, device, autocast) -> dict:
+    """The variant's loss and gradients on the reference row (in its own data form), dropout off,
+    against the reference."""
+    set_dropout(model, 0.0)
     model.zero_grad(set_to_none=True)
-    with autocast():
-        loss_fast = float(make_chunked_step(fast)(model, to_device(PackedCollator(0, max_length)([row]), device),
-                                                  num_items=n_items))
-    g_fast = trainable_grads(model)
-    model.zero_grad(set_to_none=True)
-    set_dropout(model, 0.05)
+    try:
+        with autocast():
+            loss = float(step(model, to_device(batch, device), reference["trained_tokens"]))
+        grads = trainable_grads(model)
+    finally:
+        model.zero_grad(set_to_none=True)
+        set_dropout(model, 0.05)
+    g_ref, mask = reference["grads"], reference["lora_mask"]
     cos = torch.nn.functional.cosine_similarity
-    return {"samples": len(docs), "trained_tokens": n_items, "loss_baseline": loss_base, "loss_fast": loss_fast,
-            "loss_abs_diff": abs(loss_base - loss_fast), "grad_cosine": float(cos(g_base, g_fast, dim=0)),
-            "grad_cosine_lora": float(cos(g_base[lora_mask], g_fast[lora_mask], dim=0)),
-            "grad_norm_ratio": float(g_fast.norm() / g_base.norm())}
+    return {"loss": loss, "loss_abs_diff": abs(loss - reference["loss"]),
+            "grad_cosine": float(cos(g_ref, grads, dim=0)),
+            "grad_cosine_lora": float(cos(g_ref[mask], grads[mask], dim=0)),
+            "grad_norm_ratio": float(grads.norm() / g_ref.norm())}
+
+
+def add_ratios(results: dict) -> None:
+    """x_<reference> = tokens/s over the reference variant's, for each reference measured."""
+    v = results["variants"]
+    for ref in REFERENCES:
+        base = v.get(ref, {}).get("tokens_per_s")
+        if not base:
+            continue
+        for r in v.values():
+            if "tokens_per_s" in r:
+                r[f"x_{ref}"] = r["tokens_per_s"] / base
 
 
 def summary(results: dict, say) -> None:
     v = results["variants"]
-    base = v.get("baseline", {}).get("tokens_per_s")
-    say("[bench] summary: variant, tokens/s, x baseline, MFU, peak GiB")
+    refs = [ref for ref in REFERENCES if v.get(ref, {}).get("tokens_per_s")]
+    say("[bench] summary: variant, tokens/s, " + ", ".join(f"x {ref}" for ref in refs)
+        + ", MFU, peak GiB, |dloss|, grad cosine")
     for name, r in v.items():
         if "tokens_per_s" not in r:
-            say(f"  {name:15s} {r.get('error', 'skipped')}")
+            say(f"  {name:24s} {r.get('error') or r.get('skipped') or 'skipped'}")
             continue
-        speedup = f"{r['tokens_per_s'] / base:5.2f}x" if base else "   - "
-        say(f"  {name:15s} {r['tokens_per_s']:9.0f} {speedup} {r['mfu']:6.1%} {r['peak_gib']:7.2f}")
+        ratios = " ".join(f"{r[f'x_{ref}']:6.2f}x" for ref in refs)
+        check = r.get("check")
+        exact = f"{check['loss_abs_diff']:.1e} {check['grad_cosine']:.5f}" if check and "loss_abs_diff" in check \
+            else f"check: {check['error']}" if check else "   -"
+        say(f"  {name:24s} {r['tokens_per_s']:9.0f} {ratios} {r['mfu']:6.1%} {r['peak_gib']:7.2f} {exact}")
     say("[bench] json " + json.dumps({k: results[k] for k in ("date", "device", "world_size", "versions")}
-                                     | {"agreement": results.get("agreement"),
+                                     | {"reference": results.get("reference"),
                                         "variants": {n: {k: r.get(k) for k in ("tokens_per_s", "mfu", "peak_gib",
-                                                                               "note", "error")}
+                                                                               "note", "error", "skipped", "check")
+                                                         + tuple(f"x_{ref}" for ref in refs)}
                                                      for n, r in v.items()}}))
 
 
@@ -489,11 +710,12 @@ def _versions() -> dict:
     import peft
     import transformers
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
+    from importlib.metadata import PackageNotFoundError, version
+    for name in ("triton", "liger-kernel"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
     return out
 
 

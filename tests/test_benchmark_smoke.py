@@ -1,8 +1,12 @@
-"""benchmarks/sft_speed.py --smoke: the whole benchmark on a tiny Gemma 2 on the CPU."""
+"""benchmarks/sft_speed.py --smoke: the whole benchmark on a tiny Gemma 2 on the CPU, and the pieces of
+its GPU-only variants that a CPU can check."""
 
 import json
+import sys
+import types
 
 import pytest
+import torch
 from helpers import load_benchmark
 
 
@@ -12,15 +16,23 @@ def test_sft_speed_smoke(tmp_path, capsys):
     out = tmp_path / "results.json"
     assert bench.main(["--smoke", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    agreement = results["agreement"]
-    assert agreement["loss_abs_diff"] <= 1e-4
-    assert agreement["grad_cosine"] > 0.9999 and agreement["grad_cosine_lora"] > 0.9999
     variants = results["variants"]
-    assert set(variants) == {"baseline", "packed_full", "chunked", "chunked_nocast", "mem_lean", "ckpt_auto"}
+    assert set(variants) == {"baseline", "eager_packed", "hf_best", "packed_full", "chunked", "chunked_nocast",
+                             "mem_lean", "ckpt_auto", "fused_lora", "selective", "fused_selective"}
+    assert variants["hf_best"] == {"skipped": "needs a GPU"}
     for name, r in variants.items():
+        if name == "hf_best":
+            continue
         assert r.get("tokens_per_s", 0) > 0, (name, r)
+        assert r["x_baseline"] > 0 and r["x_eager_packed"] > 0
+        assert r["lm_head_tokens"] == ("all" if name in ("baseline", "eager_packed", "packed_full") else "trained")
+        if name != "baseline":  # every other variant against the per-sample eager reference (fp32 here)
+            assert r["check"]["loss_abs_diff"] <= 1e-4, name
+            assert r["check"]["grad_cosine"] > 0.9999 and r["check"]["grad_cosine_lora"] > 0.9999, name
+    assert "LoRA-A of q/k/v and gate/up fused" in variants["fused_lora"]["note"]
     printed = capsys.readouterr()
     assert "[zhtune] training path: fast (packing + eager with softcap + chunked softcapped loss)" in printed.err
+    assert "hf_best: skipped on the CPU" in printed.out
     assert "[bench] summary" in printed.out
 
 
@@ -28,3 +40,62 @@ def test_flops_per_token_of_gemma2_9b():
     bench = load_benchmark("sft_speed")
     per_token = bench.model_flops(bench.GEMMA2_9B, [1]) / 1  # one token: no attention context to speak of
     assert 36.8e9 < per_token < 37.0e9  # 2 x 2 x (8.31B decoder linear + 0.92B lm_head) parameters
+    # the chunked loss runs the lm_head on trained tokens only: 2 x 2 x 3584 x 256000 FLOPs per untrained token less
+    head = 2 * 2 * 3584 * 256000
+    assert bench.model_flops(bench.GEMMA2_9B, [1000], head_tokens=0) == \
+        pytest.approx(bench.model_flops(bench.GEMMA2_9B, [1000]) - 1000 * head)
+    assert bench.model_flops(bench.GEMMA2_9B, [1000], head_tokens=1000) == bench.model_flops(bench.GEMMA2_9B, [1000])
+
+
+def test_hf_flattened_rows_train_what_the_reference_trains():
+    """hf_best's data form (transformers' DataCollatorWithFlattening, padded to the flex block) gives the
+    per-sample reference's loss and gradients (eager attention here; flex and liger need a GPU)."""
+    bench = load_benchmark("sft_speed")
+    torch.manual_seed(0)
+    model = bench.build_model(bench.SMOKE, "cpu", torch.float32, "eager")
+    rows = bench.pack_encoded(bench.make_samples(512, 256, scale=0.25, n_long=6), 256, seed=0)
+    batch = bench.hf_flattened(bench.split_row(rows[0]))
+    assert batch["input_ids"].shape[1] % 128 == 0 and batch["input_ids"].shape[1] >= len(rows[0]["input_ids"])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    reference = bench.make_reference(model, rows[0], "cpu", no_autocast, "eager")
+    check = bench.check_variant(model, bench.packed_full_step, batch, reference, "cpu", no_autocast)
+    assert check["loss_abs_diff"] < 1e-5 and check["grad_cosine"] > 0.99999
+
+
+def test_liger_patches_are_undone(monkeypatch):
+    """apply_liger puts back what liger-kernel's apply function patches (module globals, torch's
+    cross_entropy, instance attributes), here with a stand-in for liger (it needs Triton)."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from transformers.models.gemma2 import modeling_gemma2
+    bench = load_benchmark("sft_speed")
+    model = bench.build_model(bench.SMOKE, "cpu", torch.float32, "eager")
+    before_globals = {n: getattr(modeling_gemma2, n) for n in ("apply_rotary_pos_emb", "Gemma2RMSNorm", "Gemma2MLP")}
+    before_ce = F.cross_entropy
+    before_dicts = {m: dict(m.__dict__) for m in model.get_base_model().modules()}
+    calls = {}
+
+    def fake_apply(rope, rms_norm, geglu, cross_entropy, fused_linear_cross_entropy, model):
+        calls.update(rope=rope, rms_norm=rms_norm, geglu=geglu, cross_entropy=cross_entropy,
+                     fused_linear_cross_entropy=fused_linear_cross_entropy)
+        modeling_gemma2.apply_rotary_pos_emb = modeling_gemma2.Gemma2RMSNorm = modeling_gemma2.Gemma2MLP = object()
+        F.cross_entropy = lambda *a, **k: None
+        for layer in model.model.layers:
+            layer.mlp.forward = lambda x: x
+            layer.input_layernorm.offset = 1.0
+            layer.input_layernorm.forward = lambda x: x
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_gemma2 = fake_apply
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    with contextlib.ExitStack() as undo:
+        bench.apply_liger(model, undo)
+        assert F.cross_entropy is not before_ce
+    assert calls == {"rope": True, "rms_norm": True, "geglu": True, "cross_entropy": True,
+                     "fused_linear_cross_entropy": False}  # liger's FLCE would drop the lm_head's LoRA
+    assert {n: getattr(modeling_gemma2, n) for n in before_globals} == before_globals
+    assert F.cross_entropy is before_ce
+    assert all(set(m.__dict__) == set(d) for m, d in before_dicts.items())

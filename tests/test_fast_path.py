@@ -235,11 +235,14 @@ def test_decide_logs_one_line_and_falls_back(zhtune_log):
     A.fast_path, A.deepspeed = None, "default-zero3"
     model.config._attn_implementation = "flex_attention"
     assert fast.decide(model.config, "cuda", A())[0] is False
-    A.deepspeed = None
+    A.deepspeed, A.fsdp = None, "fsdp2"
+    assert fast.decide(model.config, "cuda", A()) == (
+        False, "FSDP shards the lm_head the chunked loss calls outside the model's forward")
+    A.fsdp = None
     llama = type("Cfg", (), {"model_type": "llama", "_attn_implementation": "sdpa"})()
     enabled, reason = fast.decide(llama, "cuda", A())
     assert not enabled and "llama" in reason
-    assert len(zhtune_log.messages) == 6
+    assert len(zhtune_log.messages) == 7
 
 
 def test_prepare_model_and_data_levers():
@@ -260,6 +263,17 @@ def test_prepare_model_and_data_levers():
         assert fast.prepare_data(items, _Args())[1](pack_encoded(items, 256))["input_ids"].shape == (1, 256)
     finally:
         _Args.max_length = 64
+
+
+def test_fused_lora_and_selective_recompute_levers_apply_and_undo():
+    model = tiny_model("gemma2")
+    fast = FastPath(fused_lora=True, selective_recompute=True)
+    fast.decide(model.get_base_model().config, "cpu", _Args())
+    assert fast.prepare_model(model) == ["fused LoRA-A", "selective recomputation"]
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 2 * (3 + 2 + 4 + 1)
+    fast.restore_model(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert FastPath().fused_lora is False and FastPath().selective_recompute is False  # off until measured
 
 
 def test_checkpoint_planner_leaves_out_what_memory_allows(zhtune_log):

@@ -133,6 +133,42 @@ def test_two_processes_through_nproc_per_node(tiny_models, tmp_path):
     assert not (run_dirs[0] / ".tmp-checkpoint").exists()
 
 
+@pytest.mark.slow
+def test_two_nodes_on_loopback(tiny_models, tmp_path):
+    """ms-swift's multi-node variables: two launchers (NNODES=2, NODE_RANK 0 and 1, one process each)
+    meet through torchrun at MASTER_ADDR:MASTER_PORT; both ranks train, and one checkpoint is written,
+    into rank 0's run folder although node 1's launcher named its own (it starts later)."""
+    import socket
+    import time
+    from helpers import write_chat_jsonl
+    data = write_chat_jsonl(tmp_path / "d.jsonl", 12)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "zhtune", "sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset",
+            str(data), "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--output_dir",
+            str(tmp_path / "out")]
+    nodes = []
+    for rank in (0, 1):
+        env = {**os.environ, "NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        nodes.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(2.0)  # node 1's launcher names a later run folder (v<N>-<time>) than node 0's
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, out[-3000:] + err[-3000:]
+        assert "launching 1 processes per node" in err
+    run_dirs = [p for p in (tmp_path / "out" / "gemma2-9b-instruct").glob("v*-*") if p.is_dir()]
+    assert len(run_dirs) == 1, f"both ranks write into rank 0's run folder: {run_dirs}"
+    ckpt = run_dirs[0] / "checkpoint-2"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 2
+    # each rank saved its random state into the one checkpoint: rank 1 (node 1) trained both steps with rank 0
+    assert {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    steps = [json.loads(line) for line in (run_dirs[0] / "logging.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2]
+    assert not (run_dirs[0] / ".tmp-checkpoint").exists()
+
+
 def test_bad_sft_input(tmp_path):
     assert main(["sft", "--model_type", "gemma3-270m"]) == 2
     assert main(["sft", "--dataset", "x.jsonl", "--resume_from_checkpoint", str(tmp_path / "nope")]) == 2
@@ -151,4 +187,21 @@ def test_deepspeed_without_deepspeed_is_one_line(tmp_path, capsys):
                  "--output_dir", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'zhtune[deepspeed]'" in err[0]
+    assert not out.exists(), "nothing written"
+
+
+def test_fsdp_bad_values_and_cpu_are_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["sft", "--model_type", "gemma3-270m", "--dataset", "self-cognition#4", "--model_name", "小黄",
+            "Xiao Huang", "--model_author", "魔搭", "ModelScope", "--output_dir", str(out)]
+    cases = {("--fsdp", "hybrid_shard"): "only FSDP1",
+             ("--fsdp", "fsdp2", "--deepspeed", "default-zero2"): "give one of them",
+             ("--fsdp", "fsdp2"): "--fsdp needs CUDA GPUs"}
+    import torch
+    if torch.cuda.is_available():
+        del cases[("--fsdp", "fsdp2")]
+    for extra, message in cases.items():
+        assert main(base + list(extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
     assert not out.exists(), "nothing written"

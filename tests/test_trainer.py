@@ -10,7 +10,7 @@ import transformers
 
 from zhtune.args import SftArguments, parse_args
 from zhtune.errors import UserError
-from zhtune.train.trainer import PRIVATE_API, deepspeed_config, training_arguments
+from zhtune.train.trainer import PRIVATE_API, deepspeed_config, fsdp_config, training_arguments
 
 
 def _sft(*argv) -> SftArguments:
@@ -82,6 +82,53 @@ def test_deepspeed_presets_and_files(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="default-zero2, default-zero3 or a JSON config file"):
         deepspeed_config("default-zero4")
     assert _kwargs(monkeypatch, _sft("--deepspeed", "default-zero3"))["deepspeed"] == zero3
+
+
+def test_fsdp_maps_onto_fsdp2(monkeypatch, tmp_path):
+    preset = fsdp_config("fsdp2")  # ms-swift's preset name: full_shard auto_wrap, FSDP2
+    assert preset == {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                      "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+                      "activation_checkpointing": True}
+    assert fsdp_config(None) is None and fsdp_config("") is None
+    assert fsdp_config("fsdp2", gradient_checkpointing=False)["activation_checkpointing"] is False
+    # transformers' legacy option words, translated here (transformers 5.17 deprecates the string form)
+    assert fsdp_config("full_shard auto_wrap") == preset
+    grad_op = fsdp_config("shard_grad_op auto_wrap offload")
+    assert grad_op["reshard_after_forward"] is False and grad_op["cpu_offload"] is True
+    with pytest.raises(UserError, match="only FSDP1"):
+        fsdp_config("hybrid_shard")
+    with pytest.raises(UserError, match="unknown option 'full_shrad'"):
+        fsdp_config("full_shrad auto_wrap")
+    # ms-swift's JSON form: {"fsdp": options, "fsdp_config": {...}}; its keys win, fsdp_ prefixes dropped
+    own = tmp_path / "fsdp2.json"
+    own.write_text(json.dumps({"_description": "x", "fsdp": "shard_grad_op auto_wrap", "fsdp_config": {
+        "fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT", "activation_checkpointing": False,
+        "_note": "ignored"}}))
+    mine = fsdp_config(str(own))
+    assert mine["reshard_after_forward"] is False and mine["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert mine["activation_checkpointing"] is False and "_note" not in mine and "fsdp_version" not in mine
+    own.write_text(json.dumps({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 1}}))
+    with pytest.raises(UserError, match="FSDP2 only"):
+        fsdp_config(str(own))
+    with pytest.raises(UserError, match="no such file"):
+        fsdp_config(str(tmp_path / "missing.json"))
+    # into TrainingArguments: fsdp=True + the config; transformers' own checkpointing off (FSDP's instead)
+    kwargs = _kwargs(monkeypatch, _sft("--fsdp", "fsdp2"))
+    assert kwargs["fsdp"] is True and kwargs["fsdp_config"] == preset
+    assert not kwargs.get("gradient_checkpointing", kwargs.get("activation_checkpointing"))
+    assert "fsdp" not in {k for k, v in _kwargs(monkeypatch, _sft()).items() if v is True}
+    with pytest.raises(UserError, match="give one of them"):
+        _kwargs(monkeypatch, _sft("--fsdp", "fsdp2", "--deepspeed", "default-zero2"))
+
+
+def test_fsdp_reaches_accelerate_as_fsdp2(tmp_path):
+    """transformers turns the config into accelerate's FSDP plugin arguments, version 2."""
+    hf = training_arguments(_sft("--fsdp", "shard_grad_op"), tmp_path, world=1, bf16=False, has_val=False,
+                            on_gpu=False)
+    plugin = hf.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is False
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["activation_checkpointing"] is True
 
 
 def _resolve_private(name: str):

@@ -118,6 +118,9 @@ class SftArguments(ModelArguments, DataArguments):
     gradient_checkpointing: bool = True
     resume_from_checkpoint: str | None = None
     deepspeed: str | None = field(default=None, metadata={"help": "default-zero2, default-zero3 or a JSON file"})
+    fsdp: str | None = field(default=None, metadata={"help": "PyTorch FSDP2 (ms-swift's flag): fsdp2 (preset), a JSON "
+                                                     "file {fsdp, fsdp_config} as ms-swift's, or options such as "
+                                                     "'full_shard auto_wrap' / 'shard_grad_op' / '... offload'"})
     packing: bool | None = field(default=None, metadata={"help": "padding-free packing; default: on for the GPU fast path"})
     fast_path: bool | None = field(default=None, metadata={"help": "GPU fast path (packing, chunked softcapped loss); "
                                                            "default: on where supported"})

@@ -5,13 +5,14 @@ padded batches) on the same tokens; benchmarks/sft_speed.py measures both, and R
 records each switch's effect.
 
 Where it runs: on a GPU, for Gemma 2, Gemma 3 (text) and Qwen2, unless --fast_path false. Elsewhere
-(CPU, other models, DeepSpeed ZeRO-3) the exact plain path runs. `--fast_path true` forces it on a
+(CPU, other models, DeepSpeed ZeRO-3, FSDP) the exact plain path runs. `--fast_path true` forces it on a
 CPU too (with eager attention: exact, slower; useful for tests). One log line says which path runs.
 
 Switches (each measured in benchmarks/RESULTS.md): `packing` (--packing), `chunk_size` of the loss,
-and two levers on the model that `prepare_model` applies and `restore_model` undoes:
-`compile` (torch.compile of each decoder layer; GPU only) and `bf16_lora_inputs` (no fp32 copy of
-each LoRA input under bf16 autocast). `set_checkpointed_layers` checkpoints only as many decoder
+and levers on the model that `prepare_model` applies and `restore_model` undoes:
+`compile` (torch.compile of each decoder layer; GPU only), `bf16_lora_inputs` (no fp32 copy of
+each LoRA input under bf16 autocast), and, off until measured on a GPU (issue 16), `fused_lora`
+(train/fused_lora.py) and `selective_recompute` (train/recompute.py). `set_checkpointed_layers` checkpoints only as many decoder
 layers as memory needs.
 """
 
@@ -52,6 +53,8 @@ class FastPath:
     pad_to_multiple_of: int | None = None  # None: --max_length when compiling (one shape), else 128
     compile: bool | None = None  # None: on a GPU
     bf16_lora_inputs: bool = True
+    fused_lora: bool = False  # one matmul for the LoRA-A of q/k/v and of gate/up (train/fused_lora.py)
+    selective_recompute: bool = False  # norms/activations recomputed in un-checkpointed layers (train/recompute.py)
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
     device: str = "cpu"  # set by decide()
 
@@ -85,6 +88,8 @@ class FastPath:
             return False, f"the fast path supports {names}, not {arch}"
         if _zero3(getattr(args, "deepspeed", None)):
             return False, "DeepSpeed ZeRO-3 partitions the lm_head the chunked loss calls"
+        if getattr(args, "fsdp", None):
+            return False, "FSDP shards the lm_head the chunked loss calls outside the model's forward"
         if self.packing and attn not in ("flex_attention", "eager", "sdpa", "flash_attention_2"):
             return False, f"packing needs flex_attention, eager, sdpa or flash_attention_2, not {attn}"
         softcap_attn = getattr(config, "attn_logit_softcapping", None) is not None
@@ -128,6 +133,14 @@ class FastPath:
         applied = []
         if self.bf16_lora_inputs and _is_bf16(model) and set_lora_input_casting(model, False):
             applied.append("bf16 LoRA inputs")
+        if self.fused_lora:
+            from zhtune.train.fused_lora import fuse_lora_projections
+            if fuse_lora_projections(model):
+                applied.append("fused LoRA-A")
+        if self.selective_recompute:
+            from zhtune.train.recompute import set_selective_recomputation
+            if set_selective_recomputation(model):
+                applied.append("selective recomputation")
         if self._compiling():
             compile_decoder_layers(model, "layer")
             applied.append("torch.compile per decoder layer")
@@ -135,7 +148,11 @@ class FastPath:
 
     def restore_model(self, model) -> None:
         """Undo `prepare_model` (for evaluation or generation outside the training loop)."""
+        from zhtune.train.fused_lora import unfuse_lora_projections
+        from zhtune.train.recompute import set_selective_recomputation
         set_lora_input_casting(model, True)
+        unfuse_lora_projections(model)
+        set_selective_recomputation(model, False)
         for layer in decoder_layers(model):
             layer._compiled_call_impl = None
             layer.mlp._compiled_call_impl = None

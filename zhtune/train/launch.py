@@ -38,6 +38,25 @@ def new_run_dir(output_dir: str, model_type: str, add_suffix: bool = True) -> Pa
     return base / f"v{n}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def shared_run_dir(run_dir: Path) -> Path:
+    """The run folder every rank writes into: rank 0's. Each node's launcher names its own folder
+    (v<N>-<time> differs between nodes), so under torchrun rank 0 publishes its folder in torchrun's
+    own key-value store (the agent's TCPStore at MASTER_ADDR:MASTER_PORT) and every other rank reads
+    it there. Outside torchrun (one process) the folder is returned as it is."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return run_dir
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=10))
+    key = f"zhtune/run_dir/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if is_main_process():
+        store.set(key, str(run_dir))
+        return run_dir
+    return Path(store.get(key).decode())
+
+
 def relaunch_with_torchrun(argv: list[str], run_dir: Path) -> int:
     """Run `zhtune sft argv` in NPROC_PER_NODE processes; every rank writes into the same run_dir."""
     world = env_world()

@@ -29,9 +29,10 @@ def sft_main(args) -> int:
         run_dir = Path(args.resume_from_checkpoint).resolve().parent
     else:
         run_dir = launch.new_run_dir(args.output_dir, resolved.model_type, args.add_output_dir_suffix)
-    if launch.world_size() > 1 and not launch.is_distributed_child():
+    # FSDP and DeepSpeed need a process group, also on one GPU: torchrun makes it
+    if (launch.world_size() > 1 or args.fsdp or args.deepspeed) and not launch.is_distributed_child():
         return launch.relaunch_with_torchrun(getattr(args, "argv", None) or sys.argv[2:], run_dir)
-    return train(args, resolved, run_dir)
+    return train(args, resolved, launch.shared_run_dir(run_dir))
 
 
 def _check(args) -> None:
@@ -39,6 +40,15 @@ def _check(args) -> None:
         raise UserError("zhtune sft needs --dataset, e.g. --dataset self-cognition#500 my_data.jsonl.")
     if args.resume_from_checkpoint:
         _check_resume_checkpoint(Path(args.resume_from_checkpoint))
+    if args.fsdp:
+        from zhtune.train.trainer import fsdp_config
+        fsdp_config(args.fsdp, args.gradient_checkpointing)  # a bad value is one line before anything loads
+        if args.deepspeed:
+            raise UserError("--fsdp and --deepspeed are two ways to shard the model: give one of them.")
+        import torch
+        if not torch.cuda.is_available():  # accelerate would quietly run plain DDP instead
+            raise UserError("--fsdp needs CUDA GPUs: accelerate runs FSDP on GPUs only (on a CPU it would train "
+                            "with plain data parallelism instead). Drop --fsdp to train on the CPU.")
     if args.deepspeed:
         try:
             import deepspeed  # noqa: F401
@@ -196,6 +206,9 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
     trainer = ZhTrainer(model=model, args=hf_args, train_dataset=train_rows, eval_dataset=val_rows or None,
                         data_collator=collator, compute_metrics=token_accuracy,
                         preprocess_logits_for_metrics=argmax_logits, sft_args=sft_args, fast_path=fast_path)
+    if args.fsdp and not trainer.is_fsdp_enabled:
+        raise UserError(f"--fsdp {args.fsdp}: accelerate did not turn FSDP on (it chose "
+                        f"{trainer.accelerator.distributed_type}); nothing was trained.")
     trainer.add_callback(JsonlLogger(run_dir, trainer))
     if fast_path is not None and args.gradient_checkpointing and device.startswith("cuda"):
         from zhtune.train.memory_plan import CheckpointPlanner

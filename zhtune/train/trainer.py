@@ -29,6 +29,9 @@ PRIVATE_API = {"Trainer._get_output_dir": ("self", "trial"), "Trainer._save_chec
 def training_arguments(args, run_dir, *, world: int, bf16: bool, has_val: bool, on_gpu: bool):
     """transformers TrainingArguments for `zhtune sft` arguments (ms-swift v2 names and defaults)."""
     from transformers import TrainingArguments
+    fsdp = fsdp_config(getattr(args, "fsdp", None), args.gradient_checkpointing)
+    if fsdp and args.deepspeed:
+        raise UserError("--fsdp and --deepspeed are two ways to shard the model: give one of them.")
     return TrainingArguments(
         output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
@@ -40,12 +43,15 @@ def training_arguments(args, run_dir, *, world: int, bf16: bool, has_val: bool, 
         eval_strategy="steps" if has_val else "no", eval_steps=args.eval_steps, save_strategy="steps",
         save_steps=args.save_steps or args.eval_steps,
         save_total_limit=None if args.save_total_limit < 0 else args.save_total_limit,
-        logging_steps=args.logging_steps, logging_first_step=True, gradient_checkpointing=args.gradient_checkpointing,
+        logging_steps=args.logging_steps, logging_first_step=True,
+        # under FSDP the checkpointing is FSDP's own (fsdp_config activation_checkpointing), as ms-swift does
+        gradient_checkpointing=args.gradient_checkpointing and not fsdp,
         gradient_checkpointing_kwargs={"use_reentrant": False}, seed=args.seed, data_seed=args.seed, bf16=bf16,
         report_to=["tensorboard"], remove_unused_columns=False, dataloader_num_workers=0,
         metric_for_best_model="loss" if has_val else None, greater_is_better=False if has_val else None,
         ddp_backend="gloo" if world > 1 and not on_gpu else None, ddp_find_unused_parameters=False,
         deepspeed=deepspeed_config(args.deepspeed), use_cpu=not on_gpu, save_only_model=False,
+        **({"fsdp": True, "fsdp_config": fsdp} if fsdp else {}),
     )
 
 
@@ -63,6 +69,66 @@ def deepspeed_config(value: str | None):
     if not Path(value).is_file():
         raise UserError(f"--deepspeed {value}: give default-zero2, default-zero3 or a JSON config file.")
     return value
+
+
+FSDP_OPTIONS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": {"reshard_after_forward": False},
+                "offload": {"cpu_offload": True}, "auto_wrap": {}}
+FSDP_ONLY_V1 = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")
+
+
+def fsdp_config(value: str | None, gradient_checkpointing: bool = True) -> dict | None:
+    """--fsdp (ms-swift's flag) -> transformers' fsdp_config for PyTorch FSDP2 (TrainingArguments
+    fsdp=True), or None.
+
+    - `fsdp2`: ms-swift's preset: full_shard auto_wrap, i.e. parameters, gradients and optimizer state
+      sharded, each decoder layer its own FSDP unit (TRANSFORMER_BASED_WRAP); parameters resharded after
+      the forward. Unlike ms-swift's preset the state dict is FULL_STATE_DICT (the checkpoint holds the
+      PEFT adapter files that `zhtune infer/export` read, not per-rank shards) and loading is not
+      rank-0-only (zhtune loads the model on every rank).
+    - a JSON file as ms-swift's: {"fsdp": "full_shard auto_wrap", "fsdp_config": {...}}; its
+      fsdp_config keys win (`fsdp_` prefixes are dropped, as transformers does).
+    - options, transformers' legacy words: full_shard | shard_grad_op (reshard after forward or not),
+      offload (CPU offload), auto_wrap (the default wrapping). FSDP1-only strategies are refused.
+    Activation checkpointing is FSDP's own (`activation_checkpointing`: --gradient_checkpointing),
+    replacing transformers' gradient_checkpointing, which under FSDP gathers every layer's parameters
+    once more in the backward.
+    """
+    if not value:
+        return None
+    config = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+              "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
+              "activation_checkpointing": bool(gradient_checkpointing)}
+    if value == "fsdp2":
+        return config
+    own = {}
+    options = value
+    if value.endswith(".json"):
+        import json
+        if not Path(value).is_file():
+            raise UserError(f"--fsdp {value}: no such file. Give fsdp2, a JSON file or options such as "
+                            "'full_shard auto_wrap'.")
+        try:
+            data = json.loads(Path(value).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"--fsdp {value}: not a readable JSON file ({type(e).__name__}).") from e
+        if not isinstance(data, dict) or not isinstance(data.get("fsdp_config", {}), dict):
+            raise UserError(f"--fsdp {value}: expected {{\"fsdp\": \"full_shard auto_wrap\", \"fsdp_config\": {{...}}}}.")
+        options = data.get("fsdp", "full_shard auto_wrap")
+        own = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in data.get("fsdp_config", {}).items()
+               if not k.startswith("_")}
+    words = options.split() if isinstance(options, str) else list(options)
+    for word in words:
+        if word in FSDP_ONLY_V1:
+            raise UserError(f"--fsdp {word}: only FSDP1 has it, and zhtune runs FSDP2 (transformers drops FSDP1); "
+                            "use full_shard or shard_grad_op.")
+        if word not in FSDP_OPTIONS:
+            raise UserError(f"--fsdp: unknown option '{word}'; give fsdp2, a JSON file, or some of "
+                            f"{', '.join(FSDP_OPTIONS)}.")
+        config.update(FSDP_OPTIONS[word])
+    config.update(own)
+    if int(config.get("version", 2)) != 2:
+        raise UserError(f"--fsdp {value}: fsdp_version {config['version']}; zhtune runs FSDP2 only.")
+    return config
 
 
 class ZhTrainer(Trainer):

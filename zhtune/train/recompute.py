@@ -1,0 +1,120 @@
+"""Selective recomputation: inside the decoder layers that are not checkpointed whole, recompute only
+the cheap, memory-heavy parts in the backward pass instead of keeping their activations.
+
+What a decoder layer keeps for the backward is dominated by a few elementwise pieces: every Gemma
+RMSNorm computes in fp32 and keeps two fp32 copies of its [tokens, hidden] input (4 norms per
+Gemma 2 layer: about a third of the layer's activations), and the gated MLP keeps act(gate) beside
+gate and up, and the LoRA of down_proj keeps its dropped-out [tokens, intermediate] input and mask.
+Recomputing those costs a few memory-bound elementwise kernels; recomputing a whole layer (gradient
+checkpointing) costs its whole forward, matmuls included.
+
+`set_selective_recomputation(model)` wraps, in every decoder layer, each *RMSNorm module and the
+MLP's `act_fn(gate) * up` in a non-reentrant `torch.utils.checkpoint`, and runs down_proj's LoRA-A
+(dropout and the thin A matmul) in another one from gate and up (the big matmuls stay outside: their
+outputs are kept as before; down_proj's frozen base weight keeps nothing of its input). A layer that is checkpointed whole at the time of the call
+(`layer.gradient_checkpointing`, see fast_path.set_checkpointed_layers) runs unchanged, so the two
+combine: checkpoint some layers whole, the others selectively. The computation is the same
+operations in the same order (the MLP calls gate_proj before up_proj, as transformers does), so the
+loss and gradients equal the plain layer's (tests/test_recompute.py), dropout included.
+`set_selective_recomputation(model, False)` restores the modules' own forwards.
+"""
+
+import types
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from zhtune.train.fast_path import decoder_layers
+from zhtune.train.fused_lora import _plain
+
+_ATTR = "_zhtune_recompute"
+
+
+class _Layer:
+    """The decoder layer a wrapped module belongs to (a plain object: a Module attribute would
+    register the layer as a submodule of its own child)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+
+def _selective(self) -> bool:
+    return self.training and torch.is_grad_enabled() and not getattr(self, _ATTR).layer.gradient_checkpointing
+
+
+def _norm_forward(self, *args, **kwargs):
+    if not _selective(self):
+        return type(self).forward(self, *args, **kwargs)
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def _act_mul(act_fn, gate, up):
+    return act_fn(gate) * up
+
+
+def _lora_a_of_act(down, adapter, act_fn, gate, up):
+    hidden = act_fn(gate) * up
+    hidden = down._cast_input_dtype(hidden, down.lora_A[adapter].weight.dtype)
+    return down.lora_A[adapter](down.lora_dropout[adapter](hidden))
+
+
+def _mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not _selective(self):
+        return self.down_proj(self.act_fn(gate) * up)
+    hidden = checkpoint(_act_mul, self.act_fn, gate, up, use_reentrant=False)
+    down = self.down_proj
+    adapter = _single_lora(down)
+    if adapter is None:
+        return down(hidden)
+    # PEFT's LoRA of down_proj, its input recomputed from gate and up: the frozen base matmul keeps
+    # nothing of `hidden`, and the LoRA keeps its [tokens, r] output instead of the dropped-out
+    # [tokens, intermediate] input and its mask
+    result = down.base_layer(hidden)
+    a = checkpoint(_lora_a_of_act, down, adapter, self.act_fn, gate, up, use_reentrant=False)
+    return (result + down.lora_B[adapter](a) * down.scaling[adapter]).to(result.dtype)
+
+
+def _single_lora(module) -> str | None:
+    """The one active adapter of a plain PEFT LoRA Linear, else None (PEFT's own forward then)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    if type(module) is not LoraLinear or "forward" in module.__dict__ or len(module.active_adapters) != 1:
+        return None
+    adapter = module.active_adapters[0]
+    return adapter if _plain(module, adapter) else None
+
+
+def _is_norm(module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and "forward" not in module.__dict__
+
+
+def _is_gated_mlp(module) -> bool:
+    return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")) and \
+        "forward" not in module.__dict__
+
+
+def set_selective_recomputation(model, enabled: bool = True) -> int:
+    """Recompute the norms and the MLP activation of every decoder layer in the backward (enabled),
+    or restore the modules' own forwards. Returns the number of modules changed."""
+    n = 0
+    for layer in decoder_layers(model):
+        holder = _Layer(layer)
+        for module in layer.modules():
+            if not enabled:
+                if hasattr(module, _ATTR):
+                    delattr(module, _ATTR)
+                    module.__dict__.pop("forward", None)
+                    n += 1
+                continue
+            if hasattr(module, _ATTR):
+                continue
+            if _is_norm(module):
+                forward = _norm_forward
+            elif _is_gated_mlp(module) and module is getattr(layer, "mlp", None):
+                forward = _mlp_forward
+            else:
+                continue
+            setattr(module, _ATTR, holder)
+            module.forward = types.MethodType(forward, module)
+            n += 1
+    return n
