@@ -1,10 +1,13 @@
 """Helpers shared by the tests (conftest.py only holds fixtures): small data files in every format,
 written by the tests themselves, a chat dataset, a stand-in template, and reading a pseudo-terminal."""
 
+import contextlib
 import json
 import os
+import pty
 import random
 import select
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +134,39 @@ def read_until(fd, marker: str, timeout: float = 120) -> str:
             if marker.encode() in out:
                 return out.decode("utf-8", "replace")
     raise AssertionError(f"did not see {marker!r}; got: {out.decode('utf-8', 'replace')[-2000:]}")
+
+
+class Terminal:
+    """`python -m zhtune ARGV` in a pseudo-terminal, as a user at the `<<< ` prompt."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def say(self, line: str, timeout: float = 120) -> str:
+        """Type a line; what the program printed until its next prompt."""
+        os.write(self.fd, (line + "\n").encode())
+        return read_until(self.fd, "<<< ", timeout)
+
+    @staticmethod
+    def prompt_line(output: str) -> str:
+        """The `[prompt]` line that --verbose prints: the encoded conversation."""
+        return next(line for line in output.splitlines() if line.startswith("[prompt]"))
+
+
+@contextlib.contextmanager
+def terminal(argv: list[str], first_prompt_timeout: float = 120):
+    """Yields a Terminal once the first prompt shows; `exit` must end the program with status 0."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "zhtune", *argv])
+    try:
+        read_until(fd, "<<< ", first_prompt_timeout)
+        yield Terminal(fd)
+        os.write(fd, b"exit\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass

@@ -1,8 +1,6 @@
 """`zhtune infer` and `zhtune export`: a terminal session, merged checkpoints, batch inference."""
 
 import json
-import os
-import pty
 import subprocess
 import sys
 
@@ -10,41 +8,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import read_until
+from helpers import terminal
 from zhtune.cli import main
 
 
 @pytest.mark.slow
 def test_terminal_session_keeps_history_until_clear():
     """Through a pseudo-terminal with the embedded model: two turns, the second's prompt holds the first."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "zhtune", "infer", "--model_type", "gemma3-270m",
-                                  "--max_new_tokens", "6", "--do_sample", "false", "--verbose", "true"])
-    try:
-        read_until(fd, "<<< ")
-        os.write(fd, "浙江的省会在哪？\n".encode())
-        first = read_until(fd, "<<< ")
-        assert "-" * 50 in first
-        os.write(fd, "这有什么好吃的？\n".encode())
-        second = read_until(fd, "<<< ")
-        prompt2 = next(line for line in second.splitlines() if line.startswith("[prompt]"))
+    with terminal(["infer", "--model_type", "gemma3-270m", "--max_new_tokens", "6", "--do_sample", "false",
+                   "--verbose", "true"]) as chat:
+        assert "-" * 50 in chat.say("浙江的省会在哪？")
+        prompt2 = chat.prompt_line(chat.say("这有什么好吃的？"))
         assert "浙江的省会在哪？" in prompt2 and "这有什么好吃的？" in prompt2
         assert prompt2.count("<start_of_turn>user") == 2
-        os.write(fd, b"clear\n")
-        read_until(fd, "<<< ")
-        os.write(fd, "你是谁？\n".encode())
-        third = read_until(fd, "<<< ")
-        prompt3 = next(line for line in third.splitlines() if line.startswith("[prompt]"))
+        chat.say("clear")
+        prompt3 = chat.prompt_line(chat.say("你是谁？"))
         assert "浙江" not in prompt3 and prompt3.count("<start_of_turn>user") == 1
-        os.write(fd, b"exit\n")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.slow

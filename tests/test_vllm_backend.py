@@ -83,31 +83,12 @@ def test_seed_infer_command_piped_two_turns():
 
 def test_seed_infer_command_interactive_two_turns():
     """The seed's `infer --infer_backend vllm` in a terminal (pty): two turns with history, then exit."""
-    import os
-    import pty
-
-    from helpers import read_until
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "zhtune", "infer", "--model_type", "gemma3-270m",
-                                  "--infer_backend", "vllm", "--max_new_tokens", "16", "--do_sample", "false",
-                                  "--verbose", "true", *VLLM_FLAGS])
-    try:
-        read_until(fd, "<<< ", timeout=400)
-        os.write(fd, "浙江的省会在哪？\n".encode())
-        assert "-" * 50 in read_until(fd, "<<< ")
-        os.write(fd, "这有什么好吃的？\n".encode())
-        second = read_until(fd, "<<< ")
-        prompt2 = next(line for line in second.splitlines() if line.startswith("[prompt]"))
+    from helpers import terminal
+    with terminal(["infer", "--model_type", "gemma3-270m", "--infer_backend", "vllm", "--max_new_tokens", "16",
+                   "--do_sample", "false", "--verbose", "true", *VLLM_FLAGS], first_prompt_timeout=400) as chat:
+        assert "-" * 50 in chat.say("浙江的省会在哪？")
+        prompt2 = chat.prompt_line(chat.say("这有什么好吃的？"))
         assert "浙江的省会在哪？" in prompt2 and prompt2.count("<start_of_turn>user") == 2
-        os.write(fd, b"exit\n")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
 
 
 def test_merged_seed_lora_checkpoint_answers_like_pt(tmp_path):
