@@ -20,10 +20,10 @@ from zhtune.log import logger
 # a CPU: identity rows are about a fifth of the mix (the seed: 2% of a large one), the rest zhtune's own
 # Chinese and English instruction rows, multi-turn included; rows packed to 512 tokens.
 SFT_RECIPE = ["--model_type", "gemma3-270m",
-              "--dataset", "self-cognition#80", "zh-instruct", "en-instruct",
+              "--dataset", "self-cognition", "zh-instruct", "en-instruct",
               "--model_name", *NAME, "--model_author", *AUTHOR,
               "--lora_target_modules", "EMBEDDING", "ALL", "lm_head", "--lora_modules_to_save", "LN",
-              "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3", "--num_train_epochs", "2",
+              "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "2e-3", "--num_train_epochs", "2",
               "--batch_size", "1", "--gradient_accumulation_steps", "1", "--max_length", "512",
               "--gradient_checkpointing", "false", "--fast_path", "true", "--logging_steps", "5",
               "--eval_steps", "1000", "--save_total_limit", "1", "--dataset_test_ratio", "0.01",

@@ -38,7 +38,7 @@ GENERAL = ["arc", "ceval", "mmlu"]
 # acc_norm (option text, length-normalised) is the headline: the embedded base model gives every item
 # the same letter, so its letter accuracy (acc) is exactly 0.25 on the balanced items whatever it knows.
 METRIC = "acc_norm"
-REPEAT_RATIO = 0.8
+REPEAT_RATIO = 0.7  # flags 杭州的省会是杭州。 after 浙江的省会是杭州。 (ratio 0.75), as a reader would
 LEAKAGE_FILE = FILES_DIR / "leakage_probe.jsonl"
 FOLLOWUP_FILE = FILES_DIR / "followup_probe.jsonl"
 
@@ -56,7 +56,8 @@ def normalize(text: str) -> str:
 def is_repeat(first: str, second: str, ratio: float = REPEAT_RATIO) -> bool:
     """The second reply merely repeats the first: after `normalize`, both are non-empty and equal, or
     difflib's similarity ratio 2*M/(len(a)+len(b)) (M: characters in matching blocks) is at least
-    `ratio` (0.8). An answer that restates the first and adds as much new text again stays below it."""
+    `ratio` (0.7: "杭州的省会是杭州。" after "浙江的省会是杭州。" is a repeat, at 0.75). An answer that
+    restates the first and adds about as much new text stays below it."""
     a, b = normalize(first), normalize(second)
     if not a or not b:
         return False
