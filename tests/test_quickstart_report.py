@@ -173,3 +173,10 @@ def test_summary_and_report(tmp_path, monkeypatch):
     for side in ("before", "after"):
         assert len(json.loads((tmp_path / f"leakage_{side}.json").read_text())["items"]) == leak_total
         assert len(json.loads((tmp_path / f"identity_{side}.json").read_text())["items"]) == 40
+
+
+def test_instruction_rows_never_answer_an_identity_question_differently():
+    """A greeting or 'what can you do' in zh-instruct/en-instruct without the identity would contradict
+    self-cognition's reply to the same question (it did: 你好, Hello!)."""
+    identity = _user_turns("self_cognition.jsonl")
+    assert not identity & (_user_turns("zh_instruct.jsonl") | _user_turns("en_instruct.jsonl"))

@@ -35,10 +35,10 @@ DATASETS: dict[str, DatasetInfo] = {
                     help="zhtune's own identity Q&A (zh/en) with {{NAME}}/{{AUTHOR}}: "
                          "needs --model_name and --model_author"),
         DatasetInfo("zh-instruct", shipped_file="zh_instruct.jsonl",
-                    help="zhtune's own Chinese instruction rows (265: facts, food, festivals, arithmetic, "
+                    help="zhtune's own Chinese instruction rows (262: facts, food, festivals, arithmetic, "
                          "writing, advice, idioms and translation, small talk; 48 multi-turn conversations)"),
         DatasetInfo("en-instruct", shipped_file="en_instruct.jsonl",
-                    help="zhtune's own small English instruction set (42 rows: facts, arithmetic, writing, "
+                    help="zhtune's own small English instruction set (41 rows: facts, arithmetic, writing, "
                          "advice; 8 multi-turn)"),
         DatasetInfo("swift-mix", ms_id="swift/swift-sft-mixture",
                     subsets=("sharegpt", "firefly", "codefuse", "metamathqa"),
