@@ -136,7 +136,7 @@ def test_plan_counts_hub_entries_without_loading_them(monkeypatch):
     assert (plan.train_rows, plan.val_rows) == (15345, 155)
     unknown = plan_datasets(["alpaca-zh", "zh-instruct"])
     assert unknown.entries[0]["train"] is None and unknown.train_rows is None
-    assert unknown.entries[1] == {"name": "zh-instruct", "subset": None, "requested": None, "train": 268, "val": 2}
+    assert unknown.entries[1] == {"name": "zh-instruct", "subset": None, "requested": None, "train": 297, "val": 3}
 
 
 # -- self-cognition --------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_self_cognition_needs_name_and_author(kwargs, match):
 
 def test_zh_instruct_and_en_instruct_are_shipped():
     split = load_datasets(["zh-instruct"], test_ratio=0)
-    assert len(split.train) == 270
+    assert len(split.train) == 300
     assert any(r["messages"][-1]["content"] == "浙江的省会是杭州。" for r in split.train)
     assert sum(len(r["messages"]) > 2 for r in split.train) >= 40  # multi-turn conversations
     english = load_datasets(["en-instruct"], test_ratio=0).train

@@ -35,8 +35,8 @@ DATASETS: dict[str, DatasetInfo] = {
                     help="zhtune's own identity Q&A (zh/en) with {{NAME}}/{{AUTHOR}}: "
                          "needs --model_name and --model_author"),
         DatasetInfo("zh-instruct", shipped_file="zh_instruct.jsonl",
-                    help="zhtune's own Chinese instruction rows (270: facts, food, festivals, arithmetic, "
-                         "writing, advice, idioms and translation, small talk; 56 multi-turn conversations)"),
+                    help="zhtune's own Chinese instruction rows (300: facts, food, festivals, arithmetic, "
+                         "writing, advice, idioms and translation, small talk; 86 multi-turn conversations)"),
         DatasetInfo("en-instruct", shipped_file="en_instruct.jsonl",
                     help="zhtune's own English instruction rows (79: facts, arithmetic, writing, "
                          "advice; 16 multi-turn)"),
