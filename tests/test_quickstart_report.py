@@ -53,14 +53,20 @@ def test_quickstart_items_say_they_are_not_the_official_sets():
 
 # -- the probes ----------------------------------------------------------------------------------
 
-def _user_turns(name):
-    turns = set()
+def _turns(name):
+    """(user, reply) pairs of a training file (messages, or query/response with history)."""
+    pairs = []
     for row in qr.read_jsonl(FILES_DIR / name):
         if "messages" in row:
-            turns |= {m["content"] for m in row["messages"] if m["role"] == "user"}
+            msgs = row["messages"]
+            pairs += [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2])]
         else:
-            turns.add(row["query"])
-    return turns
+            pairs += [tuple(p) for p in row.get("history") or []] + [(row["query"], row["response"])]
+    return pairs
+
+
+def _user_turns(name):
+    return {user for user, _ in _turns(name)}
 
 
 def test_probes_are_held_out_and_cover_what_the_report_claims():
@@ -178,5 +184,5 @@ def test_summary_and_report(tmp_path, monkeypatch):
 def test_instruction_rows_never_answer_an_identity_question_differently():
     """A greeting or 'what can you do' in zh-instruct/en-instruct without the identity would contradict
     self-cognition's reply to the same question (it did: 你好, Hello!)."""
-    identity = _user_turns("self_cognition.jsonl")
+    identity = {user for user, reply in _turns("self_cognition.jsonl") if "{{NAME}}" in reply}
     assert not identity & (_user_turns("zh_instruct.jsonl") | _user_turns("en_instruct.jsonl"))
