@@ -175,6 +175,7 @@ def summary(before: Measurement, after: Measurement, *, seconds: float, checkpoi
                      "count": after.followup["count"], "total": after.followup["total"],
                      "rule": f"normalized equal, or difflib ratio >= {REPEAT_RATIO}"},
         "general": general, "dtype": dtype, "recipe": recipe, "phases": phases,
+        "measure_seconds": {"before": before.seconds, "after": after.seconds},
     }
 
 
