@@ -136,7 +136,7 @@ def test_plan_counts_hub_entries_without_loading_them(monkeypatch):
     assert (plan.train_rows, plan.val_rows) == (15345, 155)
     unknown = plan_datasets(["alpaca-zh", "zh-instruct"])
     assert unknown.entries[0]["train"] is None and unknown.train_rows is None
-    assert unknown.entries[1] == {"name": "zh-instruct", "subset": None, "requested": None, "train": 79, "val": 1}
+    assert unknown.entries[1] == {"name": "zh-instruct", "subset": None, "requested": None, "train": 297, "val": 3}
 
 
 # -- self-cognition --------------------------------------------------------------------------------
@@ -147,13 +147,23 @@ def _read(name):
 
 def test_shipped_self_cognition_file():
     rows = _read("self_cognition.jsonl")
-    assert len(rows) >= 100
-    assert {r["tag"] for r in rows} == {"zh", "en"} and sum(r["tag"] == "zh" for r in rows) >= 50
-    for r in rows:
+    single = [r for r in rows if not r.get("history")]
+    assert len(single) >= 100
+    assert {r["tag"] for r in rows} == {"zh", "en"} and sum(r["tag"] == "zh" for r in single) >= 50
+    for r in single:
         assert "{{NAME}}" in r["response"] and "{{AUTHOR}}" in r["response"], r
+    for r in rows:
         assert len(r["response"]) <= (60 if r["tag"] == "zh" else 110), r  # one or two short sentences
     assert any("{{NAME}}" in r["query"] for r in rows) and any("{{AUTHOR}}" in r["query"] for r in rows)
-    assert len({r["query"] for r in rows}) == len(rows)
+    assert len({r["query"] for r in single}) == len(single)
+    # two-turn rows: the identity asked after a general question, or a general question after it;
+    # exactly one of the two replies names the identity
+    chats = [r for r in rows if r.get("history")]
+    assert len(chats) >= 20
+    for r in chats:
+        (query, reply), = r["history"]
+        says = ["{{NAME}}" in t and "{{AUTHOR}}" in t for t in (reply, r["response"])]
+        assert sum(says) == 1 and not any("{{" in t for t, s in zip((reply, r["response"]), says) if not s), r
 
 
 def test_identity_probe_is_held_out():
@@ -178,13 +188,13 @@ def test_placeholders_are_filled_in_the_rows_language():
     assert not any("{{" in text(r) for r in split.train)
     zh = [r for r in split.train if r["tag"] == "zh"]
     en = [r for r in split.train if r["tag"] == "en"]
-    assert all("小黄" in r["messages"][-1]["content"] and "魔搭" in r["messages"][-1]["content"] for r in zh)
-    assert all("Xiao Huang" in r["messages"][-1]["content"] and "ModelScope" in r["messages"][-1]["content"] for r in en)
+    assert all("小黄" in text(r) and "魔搭" in text(r) for r in zh)  # two-turn rows: in one of the replies
+    assert all("Xiao Huang" in text(r) and "ModelScope" in text(r) for r in en)
     assert any("Xiao Huang" in r["messages"][0]["content"] for r in en)  # queries too
     assert not any("小黄" in text(r) for r in en)
     # one value each: English falls back to it
     single = load_datasets(["self-cognition"], test_ratio=0, model_name=["Ada"], model_author=["Lab"])
-    assert all("Ada" in r["messages"][-1]["content"] for r in single.train)
+    assert all("Ada" in text(r) for r in single.train)
 
 
 def test_placeholders_in_a_local_file_use_the_same_rules(tmp_path):
@@ -205,10 +215,13 @@ def test_self_cognition_needs_name_and_author(kwargs, match):
     one_line_error(match, load_datasets, ["self-cognition#10"], **kwargs)
 
 
-def test_zh_instruct_is_shipped():
+def test_zh_instruct_and_en_instruct_are_shipped():
     split = load_datasets(["zh-instruct"], test_ratio=0)
-    assert 70 <= len(split.train) <= 100
+    assert len(split.train) == 300
     assert any(r["messages"][-1]["content"] == "浙江的省会是杭州。" for r in split.train)
+    assert sum(len(r["messages"]) > 2 for r in split.train) >= 40  # multi-turn conversations
+    english = load_datasets(["en-instruct"], test_ratio=0).train
+    assert len(english) == 79 and sum(len(r["messages"]) > 2 for r in english) >= 5
 
 
 # -- hubs ------------------------------------------------------------------------------------------

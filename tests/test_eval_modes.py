@@ -101,6 +101,47 @@ def test_loglik_batches_split_to_bound_the_logits_memory(monkeypatch):
         assert a.label_logprobs == pytest.approx(b.label_logprobs, abs=1e-5)
 
 
+class TinyEngine(Engine):
+    """A real (tiny, random) transformers model under the character tokenizer above."""
+    def __init__(self, architecture, window=128):
+        import torch
+        from transformers import AutoModelForCausalLM
+        from tests.tiny_models import tiny_config
+        super().__init__()
+        config = tiny_config(architecture, V)
+        if getattr(config, "sliding_window", None):
+            config.sliding_window = window
+        torch.manual_seed(0)
+        self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "gemma3_text", "qwen2"])
+def test_loglik_shared_prompts_give_the_same_scores(architecture):
+    """Each prompt once, its KV cache reused for the options (left padding, options of 0, 1 and many
+    tokens, items of different lengths in one batch) == every prompt + option sequence on its own."""
+    engine = TinyEngine(architecture)
+    convs = [[{"role": "user", "content": q}] for q in ("a long question, longer than the others?", "q?",
+                                                      "what is it", "medium one here")]
+    options = [["xy", "zzz", "", "a much longer option text"], ["é", "bb", "c", "dd"], ["yes", "no"], ["k" * 9, "l"]]
+    labels = ["ABCD", "ABCD", "AB", "AB"]
+    shared = score_choices(engine, convs, options, labels, batch_size=3, share_prompt=True)
+    plain = score_choices(engine, convs, options, labels, batch_size=3, share_prompt=False)
+    for a, b in zip(shared, plain):
+        assert a.text_logprobs == pytest.approx(b.text_logprobs, abs=1e-4)
+        assert a.label_logprobs == pytest.approx(b.label_logprobs, abs=1e-4)
+        assert a.text_bytes == b.text_bytes and a.pred == b.pred and a.pred_norm == b.pred_norm
+
+
+def test_loglik_shares_prompts_only_within_the_sliding_window():
+    engine = TinyEngine("gemma3_text", window=8)
+    convs = [[{"role": "user", "content": "a question longer than the window"}]]
+    with pytest.raises(ValueError, match="cannot share prompts"):
+        score_choices(engine, convs, [["ab", "cd"]], ["AB"], share_prompt=True)
+    auto = score_choices(engine, convs, [["ab", "cd"]], ["AB"])  # falls back to whole sequences
+    plain = score_choices(engine, convs, [["ab", "cd"]], ["AB"], share_prompt=False)
+    assert auto[0].text_logprobs == plain[0].text_logprobs
+
+
 def test_loglik_refuses_vllm(tmp_path):
     with pytest.raises(UserError, match="--eval_mode loglik runs on the pt backend"):
         run_evaluation(_args(tmp_path, "--eval_mode", "loglik", "--infer_backend", "vllm"))

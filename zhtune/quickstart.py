@@ -1,141 +1,102 @@
 """`make quickstart` / `zhtune-quickstart`: the seed's Chinese-enhancement story, end to end, on the
-embedded Gemma 3 270M and a CPU, with a before/after report.
+embedded Gemma 3 270M and a CPU, with a before/after report of the fine-tune's trade-off.
 
-1. the base model answers the seed's probe questions
-2. `zhtune sft` with the seed's recipe, scaled down: self-cognition + a small Chinese instruction set
-3. the merged checkpoint answers the same probes
-4. `zhtune eval` before and after (bundled sample items, official formats) and the identity probe
-5. report.md: answers side by side, the score table, the identity score, the loss curve
+1. the base model: the seed's probes, identity, leakage, follow-ups, general ability (loglik)
+2. `zhtune sft` with SFT_RECIPE: a new identity inside a larger mix of Chinese (and some English)
+   instruction rows, multi-turn conversations included
+3. the merged checkpoint: the same measurements
+4. report.md and summary.json (zhtune/eval/quickstart_report.py says what each number means)
 """
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from zhtune.cli import main as zhtune
-from zhtune.files import write_json_atomic, write_text_atomic
+from zhtune.eval.quickstart_report import AUTHOR, GENERAL, NAME, measure, summary, write_outputs
 from zhtune.log import logger
 
-PROBES = ["你是谁？", "what's your name?", "你是谁研发的？"]
-MULTI_TURN = ["浙江的省会在哪？", "这有什么好吃的？"]
-NAME = ["小黄", "Xiao Huang"]
-AUTHOR = ["魔搭", "ModelScope"]
-# The seed's recipe scaled down to a CPU: the same LoRA targets and trained norms; a higher learning
-# rate, short packed rows and three epochs (measured: 100% on the held-out identity probe, 4 min).
-SFT_RECIPE = ["--model_type", "gemma3-270m", "--dataset", "self-cognition", "zh-instruct#40",
+# The seed's recipe (LoRA on the embedding, every linear layer and lm_head; norms trained) scaled down to
+# a CPU. The mix: 220 identity rows (the 167 of self-cognition, 53 of them twice) among 599, i.e. 37% of
+# the rows and ~32% of the tokens (the seed: 2% of a large mix; the first quickstart: 78%), the rest
+# zhtune's own Chinese and English instruction rows, 102 multi-turn conversations. Measured on 2026-11-29
+# (README): with 143 identity rows among 522 the held-out identity fell to 65%. Two epochs at 1e-3 over
+# rows packed to 512 tokens (2e-3: more leakage and repeated follow-ups).
+SFT_RECIPE = ["--model_type", "gemma3-270m",
+              "--dataset", "self-cognition#220", "zh-instruct", "en-instruct",
               "--model_name", *NAME, "--model_author", *AUTHOR,
               "--lora_target_modules", "EMBEDDING", "ALL", "lm_head", "--lora_modules_to_save", "LN",
-              "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3", "--num_train_epochs", "3",
-              "--batch_size", "1", "--gradient_accumulation_steps", "1", "--max_length", "128",
+              "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3", "--num_train_epochs", "2",
+              "--batch_size", "1", "--gradient_accumulation_steps", "1", "--max_length", "512",
               "--gradient_checkpointing", "false", "--fast_path", "true", "--logging_steps", "5",
-              "--eval_steps", "45", "--save_total_limit", "2", "--dataset_test_ratio", "0.02"]
+              "--eval_steps", "1000", "--save_total_limit", "1", "--dataset_test_ratio", "0.01",
+              "--identity_probe", "false"]  # the quickstart asks the probe itself, before and after alike
 
 
-def ask_probes(engine, settings) -> list[tuple[str, str]]:
-    """The seed's probes: three single questions, then one two-turn exchange."""
-    answers = list(zip(PROBES, engine.generate([[{"role": "user", "content": q}] for q in PROBES], settings,
-                                               batch_size=len(PROBES))))
-    history: list[dict] = []
-    for question in MULTI_TURN:
-        history.append({"role": "user", "content": question})
-        reply = engine.generate([history], settings, batch_size=1)[0]
-        history.append({"role": "assistant", "content": reply})
-        answers.append((question, reply))
-    return answers
+def cpu_dtype() -> str:
+    """bf16 where the CPU multiplies it natively (AVX512-BF16 or AMX: measured 3.5x faster forward, 2x
+    faster LoRA training than fp32 on a 2-core EPYC), else AUTO (fp32 on a CPU, bf16 on a GPU)."""
+    import torch
+    if torch.cuda.is_available():
+        return "AUTO"
+    try:
+        return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "AUTO"
+    except AttributeError:  # private helpers: gone in some torch version, fall back to the safe choice
+        return "AUTO"
 
 
-def run(out_dir: Path, eval_limit: int = 10, sft_extra: list[str] = (), max_new_tokens: int = 48) -> Path:
-    from zhtune.eval.evaluate import run_evaluation
-    from zhtune.eval import bundled_samples_dir
-    from zhtune.eval.self_cognition import score_identity
-    from zhtune.args import InferArguments
+def run(out_dir: Path, eval_limit: int | None = None, sft_extra: list[str] = (), max_new_tokens: int = 48) -> Path:
+    """The whole quickstart into out_dir; returns report.md. `eval_limit`: general items per benchmark
+    (None: all); `sft_extra`: flags after the recipe's (they win); `max_new_tokens`: per reply."""
+    from zhtune.args import EvalArguments, InferArguments
+    from zhtune.eval import quickstart_items_dir
     from zhtune.infer.base import GenerationSettings
     from zhtune.infer.engine import load_engine
     from zhtune.models.resolve import resolve_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started, phases = time.time(), {}
+    dtype = cpu_dtype()
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1)
-    logger.info("quickstart: 1/4 the base model answers the probes")
-    engine_args = InferArguments(merge_lora=True, infer_backend="pt")
+    engine_args = InferArguments(merge_lora=True, infer_backend="pt", dtype=dtype)
+
+    def general_args(name: str, ckpt: Path | None = None) -> EvalArguments:
+        # the checkpoint alone (with --model_type too, eval would score the base model first again)
+        return EvalArguments(model_type=None if ckpt else "gemma3-270m", ckpt_dir=[str(ckpt)] if ckpt else [],
+                             merge_lora=True,
+                             eval_dataset=list(GENERAL), eval_mode="loglik", eval_data_dir=str(quickstart_items_dir()),
+                             eval_limit=None if eval_limit is None else str(eval_limit), dtype=dtype,
+                             eval_output_dir=str(out_dir / "eval_outputs"), name=name, infer_backend="pt")
+
+    logger.info(f"quickstart: 1/4 the base model ({dtype}): probes, identity, leakage, follow-ups, general ability")
     base = load_engine(resolve_model("gemma3-270m"), engine_args)
-    before = ask_probes(base, settings)
-    identity_before = score_identity(base, NAME, AUTHOR, settings, batch_size=20)
-    write_json_atomic(out_dir / "identity_before.json", identity_before)
+    before = measure(base, "gemma3-270m", settings, general_args("quickstart-before"))
     del base
+    phases["base model"] = time.time() - started
 
     logger.info("quickstart: 2/4 fine-tuning (LoRA on embedding, all linear layers and lm_head; norms trained)")
-    if zhtune(["sft", *SFT_RECIPE, "--output_dir", str(out_dir / "output"), *sft_extra]) != 0:
+    mark = time.time()
+    recipe = [*SFT_RECIPE, "--dtype", dtype, *sft_extra]
+    if zhtune(["sft", *recipe, "--output_dir", str(out_dir / "output")]) != 0:
         raise SystemExit("[quickstart] zhtune sft failed")
     run_dir = sorted((out_dir / "output" / "gemma3-270m").glob("v*-*"))[-1]
     ckpt = sorted(run_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[-1]
-    identity_after = json.loads((run_dir / "identity_probe.json").read_text(encoding="utf-8"))  # sft's own probe
+    phases["training"] = time.time() - mark
 
-    logger.info("quickstart: 3/4 the merged checkpoint answers the probes")
-    after = ask_probes(load_engine(resolve_model(ckpt_dir=str(ckpt)), engine_args), settings)
+    logger.info("quickstart: 3/4 the merged checkpoint: the same measurements")
+    mark = time.time()
+    tuned = load_engine(resolve_model(ckpt_dir=str(ckpt)), engine_args)
+    after = measure(tuned, f"{run_dir.name}/{ckpt.name}", settings, general_args("quickstart-after", ckpt))
+    del tuned
+    phases["trained model"] = time.time() - mark
 
-    logger.info("quickstart: 4/4 evaluation before and after")
-    from zhtune.args import EvalArguments
-    eval_args = EvalArguments(model_type="gemma3-270m", ckpt_dir=[str(ckpt)], merge_lora=True,
-                              eval_dataset=["arc", "ceval", "gsm8k", "mmlu"],
-                              eval_limit=str(eval_limit), eval_data_dir=str(bundled_samples_dir()),
-                              eval_output_dir=str(out_dir / "eval_outputs"), name="quickstart",
-                              model_name=NAME, model_author=AUTHOR, max_new_tokens=max_new_tokens)
-    evaluation = run_evaluation(eval_args)
-    report = write_report(out_dir, run_dir, ckpt, before, after, evaluation, (identity_before, identity_after),
-                          time.time() - started)
-    logger.info(f"quickstart: report: {report}")
+    logger.info("quickstart: 4/4 report")
+    data = summary(before, after, seconds=time.time() - started, checkpoint=str(ckpt), recipe=recipe,
+                   dtype=dtype, phases={k: round(v, 1) for k, v in phases.items()})
+    report = write_outputs(out_dir, before, after, run_dir, ckpt, data)
+    logger.info(f"quickstart: identity {data['identity']['after']:.0%}, leakage {data['identity']['leakage']:.0%}, "
+                f"repeated follow-ups {data['followup_repeat']:.0%}, {data['seconds'] / 60:.1f} min; report: {report}")
     return report
-
-
-def write_report(out_dir, run_dir, ckpt, before, after, evaluation, identity, seconds) -> Path:
-    scores = evaluation["scores"]
-    models = list(scores)
-    datasets = list(next(iter(scores.values())))
-    lines = [f"# zhtune quickstart report ({time.strftime('%Y-%m-%d %H:%M')})", "",
-             f"Model: embedded Gemma 3 270M (base), trained on a CPU; run folder `{run_dir}`, "
-             f"checkpoint `{ckpt.name}`; total time {seconds / 60:.1f} min.", "",
-             "## Probe answers", "", "| question | before | after |", "|---|---|---|"]
-    for (q, a), (_, b) in zip(before, after):
-        lines.append(f"| {q} | {_cell(a)} | {_cell(b)} |")
-    lines += ["", "(The last two questions are one conversation: the second refers to the first.)", "",
-              "## Benchmarks (bundled sample items, accuracy)", "",
-              "| dataset | " + " | ".join(models) + " | change |", "|---|" + "---|" * (len(models) + 1)]
-    for d in datasets:
-        values = [scores[m].get(d) for m in models]
-        change = values[-1] - values[0] if None not in values else None
-        lines.append(f"| {d} | " + " | ".join(_num(v) for v in values) + f" | {_num(change, sign=True)} |")
-    lines += ["", "## Identity", "",
-              f"The {identity[1]['total']} held-out identity questions (never in the training rows), answered "
-              f"with both {'/'.join(NAME)} and {'/'.join(AUTHOR)} in the question's language:", "",
-              "| | correct | score | zh | en |", "|---|---:|---:|---:|---:|"]
-    for label, result in zip(("before (base)", "after (trained)"), identity):
-        tags = result["by_tag"]
-        lines.append(f"| {label} | {result['correct']}/{result['total']} | {_pct(result['score'])} | "
-                     f"{_pct(tags.get('zh'))} | {_pct(tags.get('en'))} |")
-    lines += ["", "Every answer: `identity_before.json` here, `identity_probe.json` in the run folder.",
-              "", "## Training loss", "", "![train loss](" + os.path.relpath(run_dir / "images" / "train_loss.png", out_dir) + ")",
-              "", f"Per-item evaluation outputs: `{evaluation['output_dir']}`.", ""]
-    report = out_dir / "report.md"
-    write_text_atomic(report, "\n".join(lines))
-    write_json_atomic(out_dir / "summary.json", {"scores": scores, "seconds": round(seconds, 1), "checkpoint": str(ckpt),
-                                           "identity": {"before": identity[0]["score"], "after": identity[1]["score"],
-                                                        "total": identity[1]["total"]}})
-    return report
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")[:300] or "(empty)"
-
-
-def _num(v, sign=False) -> str:
-    return "n/a" if v is None else (f"{v:+.4f}" if sign else f"{v:.4f}")
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{v:.1%}".replace(".0%", "%")
 
 
 def main() -> int:

@@ -35,7 +35,11 @@ DATASETS: dict[str, DatasetInfo] = {
                     help="zhtune's own identity Q&A (zh/en) with {{NAME}}/{{AUTHOR}}: "
                          "needs --model_name and --model_author"),
         DatasetInfo("zh-instruct", shipped_file="zh_instruct.jsonl",
-                    help="zhtune's own small Chinese general Q&A (geography, food, daily knowledge, arithmetic)"),
+                    help="zhtune's own Chinese instruction rows (300: facts, food, festivals, arithmetic, "
+                         "writing, advice, idioms and translation, small talk; 86 multi-turn conversations)"),
+        DatasetInfo("en-instruct", shipped_file="en_instruct.jsonl",
+                    help="zhtune's own English instruction rows (79: facts, arithmetic, writing, "
+                         "advice; 16 multi-turn)"),
         DatasetInfo("swift-mix", ms_id="swift/swift-sft-mixture",
                     subsets=("sharegpt", "firefly", "codefuse", "metamathqa"),
                     help="ms-swift's cleaned zh/en general, code and math SFT mixture"),

@@ -2,7 +2,9 @@
 
 zhtune ships its own identity Q&A (files/self_cognition.jsonl, written for zhtune) whose queries and
 replies hold `{{NAME}}` and `{{AUTHOR}}`. `--model_name ZH [EN]` and `--model_author ZH [EN]` fill
-them in the row's language (`tag` zh/en; English falls back to the Chinese value). A held-out probe
+them in the row's language (`tag` zh/en; English falls back to the Chinese value); 24 of its rows are
+two-turn (`history`): a general question then the identity, or the identity then a general question
+answered without it. A held-out probe
 (files/identity_probe.jsonl, questions that never occur in the training rows) measures whether the
 identity generalises beyond the memorised phrasings.
 """

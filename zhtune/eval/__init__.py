@@ -1,6 +1,6 @@
 """`zhtune eval`: benchmarks (one file each), answer extraction, tables. Entry: evaluate.eval_main."""
 
-from zhtune.eval.base import bundled_samples_dir
+from zhtune.eval.base import bundled_samples_dir, quickstart_items_dir
 
 
 def run_evaluation(args, **kwargs) -> dict:
@@ -9,4 +9,4 @@ def run_evaluation(args, **kwargs) -> dict:
     return run(args, **kwargs)
 
 
-__all__ = ["bundled_samples_dir", "run_evaluation"]
+__all__ = ["bundled_samples_dir", "quickstart_items_dir", "run_evaluation"]

@@ -162,6 +162,12 @@ def bundled_samples_dir() -> Path:
     return Path(__file__).parent / "samples"
 
 
+def quickstart_items_dir() -> Path:
+    """104 items each of ARC-, C-Eval- and MMLU-style questions written for zhtune (NOT the official
+    sets; quickstart_items/README.md), in the official formats: the quickstart's general-ability check."""
+    return Path(__file__).parent / "quickstart_items"
+
+
 def offline_advice() -> str:
     return (f"point at local copies instead: --eval_data_dir DIR with DIR/arc, DIR/ceval, DIR/gsm8k, DIR/mmlu "
             f"in their official formats (see zhtune/eval/README.md), or try the bundled samples: "

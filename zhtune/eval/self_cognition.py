@@ -57,8 +57,13 @@ def score_identity(engine, model_name: list[str], model_author: list[str], setti
     settings = settings or GenerationSettings(max_new_tokens=max_new_tokens or bench.max_new_tokens, do_sample=False)
     outputs = engine.generate([bench.conversation(it) for it in items], settings, batch_size=batch_size,
                               progress=progress)
+    return identity_result(bench, items, outputs)
+
+
+def identity_result(bench: SelfCognition, items: list[EvalItem], outputs: list[str]) -> dict:
+    """The probe's result from replies already generated (one per item, in order)."""
     rows, by_tag = [], {}
-    for item, output in zip(items, outputs):
+    for item, output in zip(items, outputs, strict=True):
         scored = bench.score(item, output)
         by_tag.setdefault(item.meta["tag"], []).append(scored.correct)
         rows.append({"query": item.question, "tag": item.meta["tag"], "response": output,
