@@ -88,8 +88,8 @@ def _echoes(line: str, target: str, last: bool = False) -> bool:
 def remove_echo(reply: str, prompt: str, labels=None) -> str:
     """NFKC the reply and drop the lines that repeat the prompt (README step 0).
 
-    Option lines are dropped when the reply repeats two or more of them or the question; one option
-    line on its own is kept as a choice. A reply whose every line repeats the prompt (and that
+    Option lines are dropped when the reply repeats two or more of them or any other prompt line (the
+    question or the header above it); one option line on its own is kept as a choice. A reply whose every line repeats the prompt (and that
     repeats more than a single option line) gives "" ("no answer").
     """
     reply = nfkc(reply)
@@ -127,7 +127,7 @@ def remove_echo(reply: str, prompt: str, labels=None) -> str:
         kept.append((raw, False))
     if not plain and other_echoed:
         return ""  # the reply only repeats the prompt
-    drop_options = len(opt_echoed) >= 2 or question_echoed
+    drop_options = len(opt_echoed) >= 2 or other_echoed
     return "\n".join(raw for raw, is_opt in kept if not (is_opt and drop_options)).strip()
 
 

@@ -47,6 +47,14 @@ LETTER_TABLE = [
     ("Question: Which gas do plants take in from the air to make food?", EN, None),
     (ZH.strip(), ZH, None),
     ("问题：在TCP/IP协议中，负责把IP地址解析为物理地址的协议是____。\nA. ARP\nB. RARP", ZH, None),
+    # ... nor is the line the token limit cut inside the next prompt line (found by an independent
+    # re-scoring of the full sets: benchmarks/rescore.py)
+    ("A. oxygen\nB. carbon dioxide\nC. nitrogen\nD", EN, None),  # a bare label: the next option, cut
+    ("A. oxygen\nB. carbon dio", EN, None),  # one whole option, the next one cut
+    ("以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n问题：在TCP/IP", ZH, None),  # "在TCP/IP" holds no letter anyway
+    ("以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\nA. ARP\nB. RA", ZH, None),
+    ("The following is a multiple choice science question. Answer with the letter of the correct option."
+     "\nWhich is a planet?\nA. oxygen", EN, None),  # the header, an invented question, option A echoed
     # ... but an answer after the echo is one; and the first answer beats an invented continuation
     ("A. oxygen\nB. carbon dioxide\nC. nitrogen\nD. helium\nAnswer: B", EN, "B"),
     ("B\n\nQuestion: Which planet is red?\nA. Venus\nB. Mars\nAnswer: B", EN, "B"),

@@ -9,8 +9,10 @@ the prompt (the question, a header, the "Answer:" line), or is a 20+ character p
 truncated echo, "Question: <the question>"), is dropped; option lines ("B. Paris", or the start of one
 cut short by the token budget) are dropped when the reply repeats two or more of them or a non-option
 line of the prompt (an echo of the option list), while a single option line on its own is kept (that
-is how a model picks an option). A reply that only repeats the prompt is therefore "no answer", never a
-letter.
+is how a model picks an option). A reply that repeats prompt lines and then stops inside the next one
+(cut off by the token limit: "A. the frequen", a bare "D" after copied options, the question's first
+words) has that last line counted as echo too. A reply that only repeats the prompt is therefore "no
+answer", never a letter.
 
 Letters (`extract_choice`): only the labels the prompt showed (A-D; A-C / A-E for ARC items with 3 or 5
 options; with `--eval_prompt seed`, "1"-"4" for the ARC items labelled that way). A label counts only
@@ -80,14 +82,25 @@ def strip_echo(reply: str | None, prompt: str | None) -> str:
     lines = text.splitlines()
     echoed_options = {_key(line) for line in lines if _key(line) in options}
     echoed_other = any(_key(line) in others for line in lines)
+    # A reply that already repeats prompt lines and stops (at its token limit) inside the next one: that
+    # last line is part of the echo too ("A. the frequen", "注册会计师甲选择了A公司2017", a bare "D").
+    last = max((i for i, line in enumerate(lines) if _key(line)), default=None)
+    cut = None
+    if last is not None and (echoed_options or echoed_other):
+        key = _key(lines[last])
+        if any(p != key and p.startswith(key) for p in prompt_lines) and \
+                (len(key) >= 5 or (echoed_options and any(o.startswith(key) for o in options))):
+            cut = last
+            if _OPTION_LINE.match(key) or len(key) <= 2:
+                echoed_options.add(key)
     option_echo = len(echoed_options) >= 2 or echoed_other  # the option list, or options after the question
     kept = []
-    for line in lines:
+    for i, line in enumerate(lines):
         key = _key(line)
         if not key:
             kept.append(line)
             continue
-        if key in others or (option_echo and any(o.startswith(key) for o in options) and len(key) > 2):
+        if i == cut or key in others or (option_echo and any(o.startswith(key) for o in options) and len(key) > 2):
             continue
         if len(key) >= _MIN_PIECE and any(key in other for other in long_others):
             continue  # a truncated echo of a long line
