@@ -34,7 +34,7 @@ PY
 tests)
   shift
   PYTHONUNBUFFERED=1 timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -p no:cacheprovider --durations=0 \
-      tests/test_vllm_backend.py "$@" 2>&1 | grep -v it/s | tail -60 | tee -a "$OUT/vllm_tests.log" ;;
+      tests/test_vllm_backend.py "$@" 2>&1 | grep -v it/s | tee -a "$OUT/vllm_tests.log" | tail -60 ;;  # a cut run keeps its log
 eval)
   backend=$2; start=$(date +%s)
   extra=""; [ "$backend" = vllm ] && extra="--gpu_memory_utilization 0.8"
