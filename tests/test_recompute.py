@@ -36,8 +36,7 @@ def saved_bytes(model, tokens: int = 64) -> int:
 
 def test_same_loss_and_gradients_with_dropout():
     plain = lora_model(dropout=0.1, layers=3)
-    for m in (plain,):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     selective = copy.deepcopy(plain)
     assert set_selective_recomputation(selective) == 3 * 5  # 4 norms and the MLP in each of 3 layers
     ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -81,10 +81,13 @@ def _fused_forward(self, x, *args, **kwargs):
     a = group.take(index, x, adapter)
     if a is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    dtype = result.dtype
-    result = result + self.lora_B[adapter](a) * self.scaling[adapter]
-    return result.to(dtype)
+    return add_lora_b(self, adapter, self.base_layer(x), a)
+
+
+def add_lora_b(module, adapter: str, result: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """PEFT's LoRA output from the base output and the LoRA-A output `a`: result + B(a) * scaling, in
+    the base output's dtype."""
+    return (result + module.lora_B[adapter](a) * module.scaling[adapter]).to(result.dtype)
 
 
 def _fusable(members: list) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from zhtune.train.fast_path import decoder_layers
-from zhtune.train.fused_lora import _plain
+from zhtune.train.fused_lora import _plain, add_lora_b
 
 _ATTR = "_zhtune_recompute"
 
@@ -70,9 +70,8 @@ def _mlp_forward(self, x):
     # PEFT's LoRA of down_proj, its input recomputed from gate and up: the frozen base matmul keeps
     # nothing of `hidden`, and the LoRA keeps its [tokens, r] output instead of the dropped-out
     # [tokens, intermediate] input and its mask
-    result = down.base_layer(hidden)
     a = checkpoint(_lora_a_of_act, down, adapter, self.act_fn, gate, up, use_reentrant=False)
-    return (result + down.lora_B[adapter](a) * down.scaling[adapter]).to(result.dtype)
+    return add_lora_b(down, adapter, down.base_layer(hidden), a)
 
 
 def _single_lora(module) -> str | None:
@@ -97,15 +96,16 @@ def set_selective_recomputation(model, enabled: bool = True) -> int:
     """Recompute the norms and the MLP activation of every decoder layer in the backward (enabled),
     or restore the modules' own forwards. Returns the number of modules changed."""
     n = 0
+    if not enabled:
+        for module in model.modules():
+            if hasattr(module, _ATTR):
+                delattr(module, _ATTR)
+                module.__dict__.pop("forward", None)
+                n += 1
+        return n
     for layer in decoder_layers(model):
         holder = _Layer(layer)
         for module in layer.modules():
-            if not enabled:
-                if hasattr(module, _ATTR):
-                    delattr(module, _ATTR)
-                    module.__dict__.pop("forward", None)
-                    n += 1
-                continue
             if hasattr(module, _ATTR):
                 continue
             if _is_norm(module):

@@ -42,9 +42,8 @@ def _check(args) -> None:
         _check_resume_checkpoint(Path(args.resume_from_checkpoint))
     if args.fsdp:
         from zhtune.train.trainer import fsdp_config
-        fsdp_config(args.fsdp, args.gradient_checkpointing)  # a bad value is one line before anything loads
-        if args.deepspeed:
-            raise UserError("--fsdp and --deepspeed are two ways to shard the model: give one of them.")
+        # a bad value, or --deepspeed beside it, is one line before anything loads
+        fsdp_config(args.fsdp, args.gradient_checkpointing, args.deepspeed)
         import torch
         if not torch.cuda.is_available():  # accelerate would quietly run plain DDP instead
             raise UserError("--fsdp needs CUDA GPUs: accelerate runs FSDP on GPUs only (on a CPU it would train "

@@ -29,9 +29,7 @@ PRIVATE_API = {"Trainer._get_output_dir": ("self", "trial"), "Trainer._save_chec
 def training_arguments(args, run_dir, *, world: int, bf16: bool, has_val: bool, on_gpu: bool):
     """transformers TrainingArguments for `zhtune sft` arguments (ms-swift v2 names and defaults)."""
     from transformers import TrainingArguments
-    fsdp = fsdp_config(getattr(args, "fsdp", None), args.gradient_checkpointing)
-    if fsdp and args.deepspeed:
-        raise UserError("--fsdp and --deepspeed are two ways to shard the model: give one of them.")
+    fsdp = fsdp_config(getattr(args, "fsdp", None), args.gradient_checkpointing, args.deepspeed)
     return TrainingArguments(
         output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
@@ -76,7 +74,7 @@ FSDP_OPTIONS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": 
 FSDP_ONLY_V1 = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")
 
 
-def fsdp_config(value: str | None, gradient_checkpointing: bool = True) -> dict | None:
+def fsdp_config(value: str | None, gradient_checkpointing: bool = True, deepspeed: str | None = None) -> dict | None:
     """--fsdp (ms-swift's flag) -> transformers' fsdp_config for PyTorch FSDP2 (TrainingArguments
     fsdp=True), or None.
 
@@ -91,10 +89,12 @@ def fsdp_config(value: str | None, gradient_checkpointing: bool = True) -> dict 
       offload (CPU offload), auto_wrap (the default wrapping). FSDP1-only strategies are refused.
     Activation checkpointing is FSDP's own (`activation_checkpointing`: --gradient_checkpointing),
     replacing transformers' gradient_checkpointing, which under FSDP gathers every layer's parameters
-    once more in the backward.
+    once more in the backward. `deepspeed` (--deepspeed) given beside it is refused.
     """
     if not value:
         return None
+    if deepspeed:
+        raise UserError("--fsdp and --deepspeed are two ways to shard the model: give one of them.")
     config = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
               "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
               "activation_checkpointing": bool(gradient_checkpointing)}
