@@ -177,9 +177,9 @@ def _score_shared(engine, prompts, texts, label_tokens, options, batch_size: int
 
 def _forward_shared(engine, prompts, texts, label_tokens):
     """Per item: (log P(label) per option, summed log P(option text) per option), the prompt run once."""
-    import inspect
-
     import torch
+
+    from zhtune.infer.batching import cache_kwarg
 
     model = engine.model
     pad = engine.tokenizer.pad_token_id or 0
@@ -188,7 +188,7 @@ def _forward_shared(engine, prompts, texts, label_tokens):
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_kwarg(model)
     rows = [(i, j) for i, opts in enumerate(texts) for j, t in enumerate(opts) if len(t) > 1]
     with engine.lock, torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=bool(rows),

@@ -20,7 +20,6 @@ Every share comes with its 95% Wilson interval (report.wilson_interval).
 """
 
 import difflib
-import json
 import os
 import time
 import unicodedata
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from zhtune.data.registry import FILES_DIR
 from zhtune.eval.report import wilson_interval
-from zhtune.files import write_json_atomic, write_text_atomic
+from zhtune.files import read_records, write_json_atomic, write_text_atomic
 
 NAME = ["小黄", "Xiao Huang"]
 AUTHOR = ["魔搭", "ModelScope"]
@@ -44,7 +43,7 @@ FOLLOWUP_FILE = FILES_DIR / "followup_probe.jsonl"
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in read_records(path)]  # the project's one reader (clear errors per line)
 
 
 def normalize(text: str) -> str:
@@ -242,7 +241,7 @@ def render(out_dir, before: Measurement, after: Measurement, run_dir, ckpt, data
         (q1, q2), (a1, a2) = r["turns"], r["replies"]
         lines.append(f"| {q1} | {_cell(a1)} | {q2} | {_cell(a2)} | {'yes' if r['repeat'] else 'no'} |")
     lines += ["", "## General ability (loglik, own-written items)", "",
-              f"`zhtune eval --eval_mode loglik` on `zhtune/eval/quickstart_items`: ARC-, C-Eval- and MMLU-style "
+              "`zhtune eval --eval_mode loglik` on `zhtune/eval/quickstart_items`: ARC-, C-Eval- and MMLU-style "
               "questions written for zhtune, **not the official sets** (scores are not comparable with published "
               "ones; `--eval_data_dir` reads the official files). acc_norm: the option text's log-likelihood per "
               "byte; acc: the option letter's. The base model gives every item the same letter, so its acc is "

@@ -215,7 +215,7 @@ class Scheduler:
         self.cache_budget = cache_budget_bytes
         self.layer_types = sorted(set(getattr(c, "layer_types", None) or ["full_attention"]))
         self.sliding_window = getattr(c, "sliding_window", None)
-        self._cache_kwarg = _cache_kwarg(self.model)
+        self._cache_kwarg = cache_kwarg(self.model)
         register_grouped_attention()
         self._decode = self._forward_decode
         self._compiled = None
@@ -604,7 +604,7 @@ class Scheduler:
         return decode
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5.x renamed forward's past_key_values to cache (the old name is deprecated)."""
     import inspect
     params = inspect.signature(model.forward).parameters
