@@ -46,24 +46,15 @@ def prompt_text(row: dict) -> str:
     return re.sub(r"<[^<>\n]{1,40}>", "\n", text)  # <bos>, <start_of_turn>, <|im_start|> ...
 
 
-def _prompt_parts(prompt: str, labels) -> tuple[list[str], set[str], set[str]]:
-    """(all prompt lines, option lines, question lines); lines are NFKC'd and stripped."""
+def _prompt_parts(prompt: str, labels) -> tuple[list[str], set[str]]:
+    """(all prompt lines, option lines); lines are NFKC'd and stripped."""
     lines = [ln.strip() for ln in nfkc(prompt).split("\n")]
     options = set()
-    first_opt = None
-    for i, ln in enumerate(lines):
+    for ln in lines:
         m = _OPTION_LINE.match(ln)
         if m and labels and m.group(1) in labels:
             options.add(ln)
-            if first_opt is None:
-                first_opt = i
-    question = set()
-    if first_opt is not None:
-        j = first_opt - 1
-        while j >= 0 and lines[j]:  # the paragraph just above the options
-            question.add(lines[j])
-            j -= 1
-    return [ln for ln in lines if ln], options, question
+    return [ln for ln in lines if ln], options
 
 
 def _echoes(line: str, target: str, last: bool = False) -> bool:
@@ -93,13 +84,12 @@ def remove_echo(reply: str, prompt: str, labels=None) -> str:
     repeats more than a single option line) gives "" ("no answer").
     """
     reply = nfkc(reply)
-    plines, options, question = _prompt_parts(prompt, labels)
+    plines, options = _prompt_parts(prompt, labels)
     others = [p for p in plines if p not in options]
     lines = reply.split("\n")
     last_i = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
     kept: list[tuple[str, bool]] = []  # (line, is an option-line echo)
     opt_echoed: set[str] = set()
-    question_echoed = False
     other_echoed = False
     plain = False  # a non-empty line that repeats nothing
     for i, raw in enumerate(lines):
@@ -120,8 +110,6 @@ def remove_echo(reply: str, prompt: str, labels=None) -> str:
         hit = [p for p in others if _echoes(ln, p, i == last_i)]
         if hit:
             other_echoed = True
-            if any(p in question for p in hit):
-                question_echoed = True
             continue  # an echoed prompt line (header, question, "Answer:")
         plain = True
         kept.append((raw, False))
