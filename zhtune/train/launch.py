@@ -16,6 +16,15 @@ def is_distributed_child() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def close_process_group() -> None:
+    """Destroy the process group before the interpreter exits: left to the interpreter's shutdown, gloo's
+    threads can abort the process ("terminate called without an active exception", exit -6) after a
+    finished run, and torchrun then reports the rank as failed."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -32,7 +32,10 @@ def sft_main(args) -> int:
     # FSDP and DeepSpeed need a process group, also on one GPU: torchrun makes it
     if (launch.world_size() > 1 or args.fsdp or args.deepspeed) and not launch.is_distributed_child():
         return launch.relaunch_with_torchrun(getattr(args, "argv", None) or sys.argv[2:], run_dir)
-    return train(args, resolved, launch.shared_run_dir(run_dir))
+    try:
+        return train(args, resolved, launch.shared_run_dir(run_dir))
+    finally:
+        launch.close_process_group()
 
 
 def _check(args) -> None:
