@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch_size", type=int, default=None, help="scheduler slots = HF batch size (default 32; tiny 8)")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--hf_prompts", type=int, default=None, help="prompts for the HF baseline and the speedup")
-    ap.add_argument("--compile", default=None, help="torch.compile mode of the decode step (default: reduce-overhead "
+    ap.add_argument("--compile", default=None, help="torch.compile mode of the decode step (default: graphs "
                     "on CUDA, none on the CPU); 0 for none")
     ap.add_argument("--skip", nargs="*", default=[], choices=["bs1", "match", "batched", "hf"])
     ap.add_argument("--out", default=None)

@@ -8,10 +8,27 @@
 #   bash scripts/gpu_vllm_run.sh merged           # sft (seed LoRA) -> eval --ckpt_dir --merge_lora true, vllm and pt
 #   bash scripts/gpu_vllm_run.sh deploy           # zhtune deploy --infer_backend vllm answering the openai client
 #   bash scripts/gpu_vllm_run.sh speed            # benchmarks/infer_speed.py --quick + the GPU exactness test
-# Carry .carry (pytest wheels + the benchmark files as bench.tar.xz) in the call that runs a step.
+#   bash scripts/gpu_vllm_run.sh speed-start      # the same benchmark detached (setsid, CPUs 0-3), needs no staging:
+#                                                 # it runs while the staging calls copy (on the other CPUs)
+#   bash scripts/gpu_vllm_run.sh speed-collect N  # waits up to N s for it, then copies its log and JSON to $OUT
+# Carry .carry (pytest wheels + the benchmark files as bench.tar.xz) in the call that runs a step (not speed-*).
 set -uo pipefail
-. /root/keep/env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SPEED=/root/keep/speed
+case "$1" in
+speed-start)
+  mkdir -p $SPEED/repo && cp -r zhtune benchmarks $SPEED/repo/ && cd $SPEED/repo
+  pin=""; command -v taskset >/dev/null && pin="taskset -c 0-3"
+  PYTHONUNBUFFERED=1 setsid nohup $pin timeout ${SPEED_TIMEOUT:-900} python3 benchmarks/infer_speed.py --quick \
+      --out $SPEED/infer-speed-quick.json > $SPEED/infer-speed-quick.log 2>&1 < /dev/null &
+  echo "infer_speed --quick started detached (pid $!)"; exit 0 ;;
+speed-collect)
+  for _ in $(seq 1 "${2:-0}"); do pgrep -f benchmarks/infer_speed.py >/dev/null || break; sleep 1; done
+  pgrep -f benchmarks/infer_speed.py >/dev/null && echo "infer_speed still running: copying what it wrote so far"
+  cp $SPEED/infer-speed-quick.* "$OUT"/ 2>/dev/null
+  grep -v "it/s" "$OUT/infer-speed-quick.log" | grep "bench\|Error\|error" | tail -40; exit 0 ;;
+esac
+. /root/keep/env.sh
 if [ ! -d /root/keep/data/benchmarks ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/keep/site .carry/whl/*.whl
   mkdir -p /root/keep/data && tar -xJf .carry/bench.tar.xz -C /root/keep/data
@@ -61,7 +78,7 @@ merged)
   ckpt=$(grep -o "last checkpoint: .*" "$OUT/merged_sft.log" | tail -1 | cut -d' ' -f3)
   [ -d "$ckpt" ] || { echo "merged: no checkpoint found ($(find $run -maxdepth 3 | head))"; exit 1; }
   for backend in vllm pt; do
-    extra=""; [ "$backend" = vllm ] && extra="--gpu_memory_utilization 0.5"
+    extra=""; [ "$backend" = vllm ] && extra="--gpu_memory_utilization 0.25 --enforce_eager true"  # beside `tests`
     printf '你是谁？\n浙江的省会在哪？\n' | PYTHONUNBUFFERED=1 timeout 200 python3 -m zhtune infer --ckpt_dir $ckpt \
         --merge_lora true --infer_backend $backend --max_new_tokens 32 --do_sample false --dtype bf16 $extra \
         > "$OUT/merged_infer_$backend.txt" 2> >(grep -v "it/s\|INFO" | tail -5 >&2)
@@ -69,6 +86,7 @@ merged)
         --eval_limit 300 --infer_backend $backend $EVAL_COMMON $extra --eval_output_dir /root/keep/eval \
         --name merged-$backend 2>&1 | grep "zhtune" | tee "$OUT/merged_eval_$backend.log"
   done
+  grep -o '"tie_word_embeddings": [a-z]*' "$ckpt-merged/config.json" | tee -a "$OUT/merged_eval_vllm.log"
   diff "$OUT/merged_infer_vllm.txt" "$OUT/merged_infer_pt.txt" && echo "merged checkpoint: vllm and pt replies identical" ;;
 speed)
   PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-420} python3 benchmarks/infer_speed.py --quick --out "$OUT/infer-speed-quick.json" \

@@ -7,6 +7,7 @@ import pytest
 from zhtune import cli
 from zhtune.args import EvalArguments, parse_args
 from zhtune.errors import UserError
+from zhtune.infer.base import Completion
 from zhtune.eval import bundled_samples_dir, report, run_evaluation
 from zhtune.eval.extract import extract_choice, extract_number
 from zhtune.eval.report import format_table
@@ -31,9 +32,12 @@ class FakeEngine:
     def render_prompt(self, messages):
         return self.template.render(self.with_system(messages), add_generation_prompt=True)
 
-    def generate(self, conversations, settings, batch_size=8, progress=False):
+    def generate_completions(self, conversations, settings, batch_size=8, progress=False):
         self.calls.append((len(conversations), settings.max_new_tokens, settings.do_sample, batch_size))
-        return [self.answer(c[-1]["content"]) for c in conversations]
+        return [Completion(text, 10, len(text), "stop") for text in (self.answer(c[-1]["content"]) for c in conversations)]
+
+    def generate(self, conversations, settings, batch_size=8, progress=False):
+        return [c.text for c in self.generate_completions(conversations, settings, batch_size, progress)]
 
 
 def _args(tmp_path, *argv):
@@ -87,6 +91,8 @@ def test_one_model_table_files_and_batching(tmp_path, capsys):
     assert [(r["dataset"], r["total"], r["file"]) for r in summary] == [
         ("arc", 6, "arc.jsonl"), ("ceval", 6, "ceval.jsonl"), ("gsm8k", 6, "gsm8k.jsonl"), ("mmlu", 6, "mmlu.jsonl")]
     assert summary[2]["no_answer"] == 6 and summary[2]["accuracy"] == 0.0
+    # output tokens as the engine counted them (the stand-in counts characters), and their rate
+    assert summary[2]["output_tokens"] == 6 * len("I am not sure.") and summary[2]["output_tokens_per_s"] > 0
     # the per-item files are enough to re-score independently
     for r in summary:
         rows = [json.loads(line) for line in (stamp / r["file"]).read_text().splitlines()]
@@ -187,9 +193,9 @@ def test_few_shot_turns_reach_the_engine(tmp_path):
     seen = []
 
     class Recorder(FakeEngine):
-        def generate(self, conversations, settings, batch_size=8, progress=False):
+        def generate_completions(self, conversations, settings, batch_size=8, progress=False):
             seen.extend(conversations)
-            return super().generate(conversations, settings, batch_size)
+            return super().generate_completions(conversations, settings, batch_size)
 
     run_evaluation(_args(tmp_path, "--eval_dataset", "ceval", "--eval_few_shot", "2", "--eval_limit", "2"), load=_loader({None: Recorder("m", always_b)}))
     assert [m["role"] for m in seen[0]] == ["user", "assistant", "user", "assistant", "user"]

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     reason="vllm needs vllm and a CUDA GPU")]
 
 QUESTIONS = ["浙江的省会在哪？", "What is the capital of France?", "1+1=", "你是谁？"]
-VLLM_FLAGS = ["--enforce_eager", "true", "--gpu_memory_utilization", "0.3"]
+VLLM_FLAGS = ["--enforce_eager", "true", "--gpu_memory_utilization", "0.2"]
 
 
 def _args(*argv):

@@ -243,26 +243,34 @@ def _generate_task(engine, task: Task, args, conversations, labels, label: str) 
     batch = args.eval_batch_size
     # vllm schedules everything itself; for pt, chunks only serve progress lines (at most ~20 per dataset)
     chunk = len(conversations) if engine.schedules_itself else max(batch * 8, 64, -(-len(conversations) // 20))
-    start, outputs = time.time(), []
+    start, completions = time.time(), []
     for i in range(0, len(conversations), chunk):
-        outputs += engine.generate(conversations[i:i + chunk], settings, batch_size=batch)
+        completions += engine.generate_completions(conversations[i:i + chunk], settings, batch_size=batch)
         if len(conversations) > chunk:
-            logger.info(f"eval {label} {task.name}: {len(outputs)}/{len(conversations)} "
-                f"({time.time() - start:.0f}s)")
+            elapsed = time.time() - start
+            logger.info(f"eval {label} {task.name}: {len(completions)}/{len(conversations)} items, "
+                        f"{_tokens_per_s(completions, elapsed):.0f} output tokens/s ({elapsed:.0f}s)")
     seconds = time.time() - start
     rows = []
-    for position, item, messages, shown, output in zip(task.positions, task.items, conversations, labels, outputs):
-        scored = bench.score(item, output, prompts.last_user_text(messages), shown)
+    for position, item, messages, shown, done in zip(task.positions, task.items, conversations, labels, completions):
+        scored = bench.score(item, done.text, prompts.last_user_text(messages), shown)
         row = _item_row(position, item, messages, engine.render_prompt(messages))
-        row.update({"output": output, "extracted": scored.extracted, "gold": item.gold, "correct": scored.correct,
-                    "no_answer": scored.no_answer})
+        row.update({"output": done.text, "output_tokens": done.completion_tokens, "extracted": scored.extracted,
+                    "gold": item.gold, "correct": scored.correct, "no_answer": scored.no_answer})
         rows.append(row)
     no_answer = sum(r["no_answer"] for r in rows)
+    output_tokens = sum(c.completion_tokens for c in completions)
     summary = _summary(task, args, rows, "generate", seconds, no_answer=no_answer,
-                       max_new_tokens=task.max_new_tokens)
+                       max_new_tokens=task.max_new_tokens, output_tokens=output_tokens,
+                       output_tokens_per_s=round(_tokens_per_s(completions, seconds), 1))
     logger.info(f"eval {label} {task.name}: {summary['accuracy']:.4f} {_ci(summary['ci95'])} "
-                f"({summary['correct']}/{len(rows)} correct, {no_answer} without an answer) in {seconds:.0f}s")
+                f"({summary['correct']}/{len(rows)} correct, {no_answer} without an answer) in {seconds:.0f}s, "
+                f"{output_tokens} output tokens ({summary['output_tokens_per_s']:.0f}/s)")
     return summary, rows
+
+
+def _tokens_per_s(completions, seconds: float) -> float:
+    return sum(c.completion_tokens for c in completions) / max(seconds, 1e-9)
 
 
 def _model_fields(model: ModelPlan) -> dict:

@@ -85,8 +85,13 @@ class Engine:
 
     def generate(self, conversations: list[list[dict]], settings: GenerationSettings, batch_size: int = 8,
                  progress: bool = False) -> list[str]:
+        return [c.text for c in self.generate_completions(conversations, settings, batch_size, progress)]
+
+    def generate_completions(self, conversations: list[list[dict]], settings: GenerationSettings,
+                             batch_size: int = 8, progress: bool = False) -> list[Completion]:
+        """Replies with their token counts and finish reasons (eval reports output tokens/s from them)."""
         prompts = [self.encode_prompt(m) for m in conversations]
-        return [c.text for c in self.complete(prompts, settings, batch_size=batch_size, progress=progress)]
+        return self.complete(prompts, settings, batch_size=batch_size, progress=progress)
 
     def stream(self, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
         for delta in self.stream_ids(self.encode_prompt(messages), settings):
