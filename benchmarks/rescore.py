@@ -14,7 +14,7 @@ Readings of the README that are mine (it does not spell them out): a reply's las
 off by the token limit, so a prefix of a prompt line there is an echo (an option line needs text
 after its label; a bare label "B." after an echoed option line is the next option, cut off); a reply
 whose lines all repeat the prompt (beyond one lone option line) is "no answer". Letters are
-stand-alone when no ASCII letter or digit touches them. The prompt is the item's last user turn.
+stand-alone when no ASCII letter, digit or "_" touches them. The prompt is the item's last user turn.
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ MIN_PIECE = 20  # a reply line that is a piece of a prompt line this long (or lo
 
 
 def nfkc(text: str) -> str:
-    return unicodedata.normalize("NFKC", text or "")
+    """NFKC, then the README's extra character readings: ‘ ’ as ', − as -, 【】 as []."""
+    text = unicodedata.normalize("NFKC", text or "")
+    return text.translate(str.maketrans({"\u2018": "'", "\u2019": "'", "\u2212": "-", "【": "[", "】": "]"}))
+
+
+def _squeeze(line: str) -> str:
+    """A line as the README compares lines: stripped, runs of spaces read as one."""
+    return " ".join(line.split())
 
 
 def prompt_text(row: dict) -> str:
@@ -48,7 +55,7 @@ def prompt_text(row: dict) -> str:
 
 def _prompt_parts(prompt: str, labels) -> tuple[list[str], set[str]]:
     """(all prompt lines, option lines); lines are NFKC'd and stripped."""
-    lines = [ln.strip() for ln in nfkc(prompt).split("\n")]
+    lines = [_squeeze(ln) for ln in nfkc(prompt).split("\n")]
     options = set()
     for ln in lines:
         m = _OPTION_LINE.match(ln)
@@ -62,18 +69,18 @@ def _echoes(line: str, target: str, last: bool = False) -> bool:
 
     Whole, or as a piece of 20+ characters (README step 0). My reading, not spelled out there: the
     reply's last line may be cut off by the token limit, so there a proper prefix of the prompt line
-    counts too: an option line needs text after its label ("A. 0 degr", not "B." or "B"), another
+    counts too (of an option line anywhere, as the README says): an option line needs text after its label ("A. 0 degr", not "B." or "B"), another
     line 5+ characters (so that a reply "A" is never a cut-off "An astronomer ..."). A bare label
     ("B.") ending a reply after an echoed option line is taken as the next option line, cut off.
     """
     if line == target or (len(line) >= MIN_PIECE and line in target):
         return True
-    if not last or not target.startswith(line):
+    if not target.startswith(line):
         return False
     m = _OPTION_LINE.match(target)
-    if m:
+    if m:  # README: an option line's beginning, cut short, is that option line (anywhere in the reply)
         return len(line) > m.end() and line[m.end():].strip() != ""
-    return len(line) >= 5
+    return last and len(line) >= 5
 
 
 def remove_echo(reply: str, prompt: str, labels=None) -> str:
@@ -93,7 +100,7 @@ def remove_echo(reply: str, prompt: str, labels=None) -> str:
     other_echoed = False
     plain = False  # a non-empty line that repeats nothing
     for i, raw in enumerate(lines):
-        ln = raw.strip()
+        ln = _squeeze(raw)
         if not ln:
             kept.append((raw, False))
             continue
@@ -104,7 +111,8 @@ def remove_echo(reply: str, prompt: str, labels=None) -> str:
             m = re.fullmatch(r"\(?([A-Za-z0-9])[.．、:)）]?", ln)
             hit_opts = [o for o in options if m and _OPTION_LINE.match(o).group(1) == m.group(1)]
         if hit_opts:
-            opt_echoed.update(hit_opts)
+            if i == last_i or ln in hit_opts:  # README: whole option lines (or the cut-off last line) count
+                opt_echoed.update(hit_opts)
             kept.append((raw, True))
             continue
         hit = [p for p in others if _echoes(ln, p, i == last_i)]
@@ -127,8 +135,8 @@ def _lab(labels) -> str:
     return "(" + "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True)) + ")"
 
 
-_NOT_ALNUM_BEFORE = r"(?<![A-Za-z0-9])"
-_NOT_ALNUM_AFTER = r"(?![A-Za-z0-9])"
+_NOT_ALNUM_BEFORE = r"(?<![A-Za-z0-9_])"  # README: no letter, digit or "_" touching a label
+_NOT_ALNUM_AFTER = r"(?![A-Za-z0-9_])"
 _SP = r"[^\S\n]"  # whitespace that is not a line break
 _OPEN = r"(?:\*\*|[(\[（【\"'])?"
 
@@ -253,8 +261,7 @@ def extract_number(reply: str, prompt: str) -> Decimal | None:
 def fmt_number(d: Decimal | None) -> str | None:
     if d is None:
         return None
-    d = d.normalize()
-    return str(d.quantize(Decimal(1))) if d == d.to_integral() else format(d, "f")
+    return format(d.normalize(), "f")  # plain digits at any size ("1E+30" -> "1000...0"; quantize overflows)
 
 
 # ---------------------------------------------------------------------------------------------

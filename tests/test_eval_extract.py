@@ -94,6 +94,9 @@ NUMBER_TABLE = [
     ("He has 12.0 apples.", GSM, "12"),
     ("The total is $1,234.50", GSM, "1234.5"),
     ("The total is 1,234,567 people", GSM, "1234567"),
+    ("Prices 16.50,22.50,42.50 in all", GSM, "42.5"),  # a comma that groups no thousands separates numbers
+    ("the sides are 3,4,5", GSM, "5"),
+    ("$1,000\n$1,0", GSM, "0"),  # cut off by the token limit: "1" and "0", the last one counts
     ("So the answer is \\boxed{18}. Check: 18 * 2 = 36", GSM, "18"),
     ("\\boxed{-7}", GSM, "-7"),
     ("She sells 9 eggs.\n#### 18", GSM, "18"),

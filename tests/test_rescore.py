@@ -46,6 +46,13 @@ def test_echo_is_no_answer():
     assert letter(f"{HEADER}\nA. Alpha town\nB.") is None  # list cut off after a bare label
     assert letter(f"{HEADER}\nA. Alpha town") is None  # only repeats the prompt
     assert letter(f"{HEADER}\nAnswer: C") == "C"
+    # the README's further readings, each seen on the full sets' real replies (2026-11-29, H200)
+    assert letter(f"{QUESTION.replace(' ', '  ')}\nB. Paris") is None  # runs of spaces read as one: an echo
+    curly = PROMPT.replace("imaginary", "Zed's imaginary")
+    assert rescore.extract_letter(f"{QUESTION.replace('imaginary', 'Zed’s imaginary')}\nA. Alpha",
+                                  curly, list(CHOICES)) is None  # ’ reads as '
+    assert letter(f"{HEADER}\nA. Alpha\nB. Paris\nC. Gamma city") is None  # "A. Alpha": option A cut short
+    assert letter("If B_1 and B_2 are bases") is None  # "_" touches the label
 
 
 def test_numbers():
@@ -56,6 +63,8 @@ def test_numbers():
     assert num("He pays 16-3-4") == Decimal(4)
     assert num("x = -4.") == Decimal(-4)
     assert num("no idea") is None
+    assert num("prices 16.50,22.50,42.50 in all") == Decimal("42.5")  # a comma that groups no thousands
+    assert rescore.fmt_number(Decimal("1E+40")) == "1" + "0" * 40  # plain digits at any size
     r = rescore.rescore_row(row("The answer is 9, then 1,000", gold="1000", extracted="1000",
                                 prompt=q, choices=None))
     assert r == {"extracted": "1000", "correct": True, "same_extraction": True}

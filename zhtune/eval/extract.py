@@ -4,7 +4,8 @@ This docstring is the specification; zhtune/eval/README.md repeats it for users 
 tests/test_eval_extract.py checks it on a table of real reply shapes.
 
 Step 0, for every answer type: the text is NFKC-normalised (full-width "答案：Ｃ", "（B）" read as their
-ASCII forms), then ECHOED PROMPT TEXT IS REMOVED (`strip_echo`): a reply line that repeats a line of
+ASCII forms; also ‘ ’ as ', − as -, 【】 as []), then ECHOED PROMPT TEXT IS REMOVED (lines compared
+stripped, runs of spaces as one) (`strip_echo`): a reply line that repeats a line of
 the prompt (the question, a header, the "Answer:" line), or is a 20+ character piece of one (a
 truncated echo, "Question: <the question>"), is dropped; option lines ("B. Paris", or the start of one
 cut short by the token budget) are dropped when the reply repeats two or more of them or a non-option
@@ -36,7 +37,8 @@ Numbers (`extract_number`), GSM8K:
   3. otherwise the LAST number in the reply: the seed's rule (llmuses' last-number extraction).
   A "-" is a minus sign only when it does not follow a number ("16-3-4" ends in 4, not -4;
   "x = -4" is -4). "$1,234.50" reads as 1234.5: currency signs and thousands separators are dropped,
-  a trailing full stop is not a decimal point, and numbers are compared by value (42 == 42.0).
+  a trailing full stop is not a decimal point, a comma that groups no thousands separates numbers
+  ("3,4,5" ends in 5), and numbers are compared by value (42 == 42.0).
   Unlike the zhtune of before, "The answer is N" / "Answer: N" are NOT read first: the seed reads
   the last number, and so does zhtune when no marker is given.
 
@@ -178,7 +180,8 @@ def to_number(text: str | None) -> str | None:
 def _numbers(text: str) -> list[str]:
     """Every number in the text, signed where a '-' is a minus sign (not after a number: '16-3-4')."""
     found = []
-    for m in re.finditer(rf"(?<![\d.,])(-?){_SPACES}(?<![\d,])({_NUMBER})(?![\d])", text):
+    # a comma that is not a thousands separator separates numbers: "16.50,22.50,42.50" ends in 42.50
+    for m in re.finditer(rf"(?<![\d.])(-?){_SPACES}(?<![\d.])({_NUMBER})(?![\d])", text):
         sign = m.group(1)
         if sign and re.search(r"[\d)][ \t]*$", text[:m.start()]):
             sign = ""  # a subtraction
