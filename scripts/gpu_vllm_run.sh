@@ -8,8 +8,8 @@
 #   bash scripts/gpu_vllm_run.sh merged           # sft (seed LoRA) -> eval --ckpt_dir --merge_lora true, vllm and pt
 #   bash scripts/gpu_vllm_run.sh deploy           # zhtune deploy --infer_backend vllm answering the openai client
 #   bash scripts/gpu_vllm_run.sh speed            # benchmarks/infer_speed.py --quick + the GPU exactness test
-#   bash scripts/gpu_vllm_run.sh speed-start      # the same benchmark detached (setsid, CPUs 0-3), needs no staging:
-#                                                 # it runs while the staging calls copy (on the other CPUs)
+#   bash scripts/gpu_vllm_run.sh speed-start      # the same benchmark detached (setsid), needs no staging: it
+#                                                 # runs while the staging calls copy (run those under `nice`)
 #   bash scripts/gpu_vllm_run.sh speed-collect N  # waits up to N s for it, then copies its log and JSON to $OUT
 # Carry .carry (pytest wheels + the benchmark files as bench.tar.xz) in the call that runs a step (not speed-*).
 set -uo pipefail
@@ -18,8 +18,8 @@ SPEED=/root/keep/speed
 case "$1" in
 speed-start)
   mkdir -p $SPEED/repo && cp -r zhtune benchmarks $SPEED/repo/ && cd $SPEED/repo
-  pin=""; command -v taskset >/dev/null && pin="taskset -c 0-3"
-  PYTHONUNBUFFERED=1 setsid nohup $pin timeout ${SPEED_TIMEOUT:-900} python3 benchmarks/infer_speed.py --quick \
+  # no CPU pinning: inductor compiles on every core (pinned to 4 of 16, the 9B warm-up ran > 9 minutes)
+  PYTHONUNBUFFERED=1 setsid nohup timeout ${SPEED_TIMEOUT:-900} python3 benchmarks/infer_speed.py --quick \
       --out $SPEED/infer-speed-quick.json > $SPEED/infer-speed-quick.log 2>&1 < /dev/null &
   echo "infer_speed --quick started detached (pid $!)"; exit 0 ;;
 speed-collect)
@@ -50,8 +50,8 @@ PY
   echo "conversion wall $(( $(date +%s) - start )) s" | tee -a "$OUT/convert.log" ;;
 tests)
   shift
-  PYTHONUNBUFFERED=1 timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -p no:cacheprovider --durations=0 \
-      tests/test_vllm_backend.py "$@" 2>&1 | grep -v it/s | tee -a "$OUT/vllm_tests.log" | tail -60 ;;  # a cut run keeps its log
+  PYTHONUNBUFFERED=1 timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -v -p no:cacheprovider --durations=0 \
+      tests/test_vllm_backend.py "$@" 2>&1 | grep --line-buffered -v it/s | tee -a "$OUT/vllm_tests.log" | tail -60 ;;  # a cut run keeps its log
 eval)
   backend=$2; start=$(date +%s)
   extra=""; [ "$backend" = vllm ] && extra="--gpu_memory_utilization 0.8"
@@ -71,12 +71,13 @@ loglik)
   tar -czf "$OUT/eval_items_loglik.tgz" -C "$d" . ;;
 merged)
   run=/root/keep/merged_run; rm -rf $run
-  PYTHONUNBUFFERED=1 timeout 200 python3 -m zhtune sft --model_type gemma3-270m --dataset self-cognition#200 zh-instruct \
+  PYTHONUNBUFFERED=1 timeout ${SFT_TIMEOUT:-420} python3 -m zhtune sft --model_type gemma3-270m --dataset self-cognition#200 zh-instruct \
       --model_name 小黄 "Xiao Huang" --model_author 魔搭 ModelScope --lora_target_modules EMBEDDING ALL lm_head \
       --lora_modules_to_save LN --learning_rate 1e-3 --num_train_epochs 2 --batch_size 8 --eval_steps 50 \
       --identity_probe false --output_dir $run 2>&1 | grep -v "it/s" | tail -15 | tee "$OUT/merged_sft.log"
   ckpt=$(grep -o "last checkpoint: .*" "$OUT/merged_sft.log" | tail -1 | cut -d' ' -f3)
-  [ -d "$ckpt" ] || { echo "merged: no checkpoint found ($(find $run -maxdepth 3 | head))"; exit 1; }
+  [ -d "$ckpt" ] || { echo "merged: no checkpoint found (sft cut by its ${SFT_TIMEOUT:-420} s limit or failed)"
+                      echo "merged: no checkpoint found ($(find $run -maxdepth 3 | head))"; exit 1; }
   for backend in vllm pt; do
     extra=""; [ "$backend" = vllm ] && extra="--gpu_memory_utilization 0.25 --enforce_eager true"  # beside `tests`
     printf '你是谁？\n浙江的省会在哪？\n' | PYTHONUNBUFFERED=1 timeout 200 python3 -m zhtune infer --ckpt_dir $ckpt \

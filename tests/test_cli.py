@@ -109,3 +109,17 @@ def test_config_file_and_command_line_wins(tmp_path):
         parse_args(SftArguments, ["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(UserError, match="no such file"):
         parse_args(SftArguments, ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_long_silent_work_says_it_is_alive(zhtune_log):
+    """Compilation and conversion run minutes without output of their own: a heartbeat line meanwhile."""
+    import time
+
+    from zhtune.log import still_running
+    with still_running("compiling the decode step", every=0.05):
+        time.sleep(0.3)
+    beats = [m for m in zhtune_log.messages if m.startswith("still compiling the decode step (")]
+    assert len(beats) >= 2
+    count = len(beats)
+    time.sleep(0.15)  # and it stops with its block
+    assert len([m for m in zhtune_log.messages if m.startswith("still ")]) == count

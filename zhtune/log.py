@@ -33,3 +33,28 @@ def setup_logging(level: str = "INFO") -> None:
     handler.setFormatter(_Formatter())
     handler.addFilter(_RankZero())
     logger.addHandler(handler)
+
+
+class still_running:
+    """Context manager: while its block runs (a compilation, a conversion), log "still <what> (N s)" every
+    `every` seconds from a daemon thread, so long silent work shows it is alive."""
+
+    def __init__(self, what: str, every: float = 30.0):
+        import threading
+        self.what, self.every = what, every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        import time
+        start = time.perf_counter()
+        while not self._done.wait(self.every):
+            logger.info(f"still {self.what} ({time.perf_counter() - start:.0f}s)")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()

@@ -28,6 +28,7 @@ next step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -38,7 +39,7 @@ import torch
 
 from zhtune.infer.attention import grouped_attention, register as register_grouped_attention
 from zhtune.infer.decode_graphs import GraphedDecode
-from zhtune.log import logger
+from zhtune.log import logger, still_running
 
 END = object()  # put on a stream's queue once the request is finished
 
@@ -219,6 +220,7 @@ class Scheduler:
         register_grouped_attention()
         self._decode = self._forward_decode
         self._compiled = None
+        self._decoded_once = False  # the first compiled call compiles: it logs that it is alive
         self._graphs: GraphedDecode | None = None
         # CUDA graphs: decode at least 2 rows, so that the compiled step is never specialised to 1
         self.min_rows = 2 if self.compile_mode == "graphs" and on_gpu else 1
@@ -511,7 +513,12 @@ class Scheduler:
             return self._forward_decode(ids, pos, kv_index)
         start = time.perf_counter()
         try:
-            out = self._decode(ids, pos, kv_index)
+            if self._decoded_once or self._graphs is not None:  # graphs log their own captures
+                out = self._decode(ids, pos, kv_index)
+            else:
+                with still_running("compiling the decode step"):
+                    out = self._decode(ids, pos, kv_index)
+                self._decoded_once = True
         except Exception as e:  # noqa: BLE001 - compiled decoding is an optimisation: fall back, same tokens
             logger.warning(f"the compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); "
                            "decoding without compilation from now on")
@@ -547,12 +554,14 @@ class Scheduler:
             row_buckets = sorted({min(max(n, self.min_rows), self.cache.slots) for n in {1, 2, *rows}})
             kv_lens = sorted({self._kv_bucket(n) for n in range(1, self.cache.length + 1, self.granularity)}) \
                 if all_lengths else sorted({self._kv_bucket(1), self._kv_bucket(self.granularity + 1)})
-            for n in row_buckets:
-                for kv_len in kv_lens:
-                    ids = torch.zeros((n, 1), dtype=torch.long, device=self.device)
-                    pos = torch.zeros((n, 1), dtype=torch.long, device=self.device)
-                    for _ in range(1 if self._graphs is not None else 3):  # graph trees record on a later call
-                        self._decode(ids, pos, self._kv_index(kv_len))
+            with contextlib.nullcontext() if self._graphs is not None else still_running("compiling the decode step"):
+                for n in row_buckets:  # (graph captures log their own progress)
+                    for kv_len in kv_lens:
+                        ids = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+                        pos = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+                        for _ in range(1 if self._graphs is not None else 3):  # graph trees record on a later call
+                            self._decode(ids, pos, self._kv_index(kv_len))
+            self._decoded_once = True
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as e:  # noqa: BLE001 - compiled decoding is an optimisation

