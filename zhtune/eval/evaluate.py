@@ -241,11 +241,13 @@ def _generate_task(engine, task: Task, args, conversations, labels, label: str) 
     bench = task.bench
     settings = GenerationSettings.from_args(args, max_new_tokens=task.max_new_tokens)
     batch = args.eval_batch_size
-    # vllm schedules everything itself; for pt, chunks only serve progress lines (at most ~20 per dataset)
+    # vllm schedules everything itself and shows its own progress bar (items, tokens/s); for pt, chunks only
+    # serve progress lines (at most ~20 per dataset)
     chunk = len(conversations) if engine.schedules_itself else max(batch * 8, 64, -(-len(conversations) // 20))
     start, completions = time.time(), []
     for i in range(0, len(conversations), chunk):
-        completions += engine.generate_completions(conversations[i:i + chunk], settings, batch_size=batch)
+        completions += engine.generate_completions(conversations[i:i + chunk], settings, batch_size=batch,
+                                                   progress=engine.schedules_itself)
         if len(conversations) > chunk:
             elapsed = time.time() - start
             logger.info(f"eval {label} {task.name}: {len(completions)}/{len(conversations)} items, "
