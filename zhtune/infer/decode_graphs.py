@@ -4,9 +4,11 @@ torch.compile'd step.
 Why not torch.compile's own CUDA graphs (mode="reduce-overhead")? Every call still goes through
 dynamo's guards over the whole model and the graph trees' bookkeeping on the CPU, several hundred
 microseconds to milliseconds per token while the GPU waits (each step needs the previous step's token).
-Here a step is two small copies and one `graph.replay()`. The step is compiled once with dynamic rows
-and key lengths (rows are at least 2, so that size 1 never gets its own compilation); each new bucket
-then costs a capture, not a compilation.
+Here a step is two small copies and one `graph.replay()`. The step's decoder layers are compiled once
+per kind of layer (Scheduler.compile_step: one graph serves every layer of a kind; the embedding, final
+norm and lm_head run eager and are recorded all the same) with dynamic rows and key lengths (rows are at
+least 2, so that size 1 never gets its own compilation); each new bucket then costs a capture, not a
+compilation.
 
 A capture runs the step for real first (compilation and warm-up, on a side stream) with the inputs of
 the step being served, then records it; the recorded graph is replayed for that same step. Running the
@@ -35,7 +37,7 @@ class _Graph:
 
 class GraphedDecode:
     def __init__(self, compiled_step, device):
-        self.compiled = compiled_step  # torch.compile'd with dynamic shapes (Scheduler.compile_step)
+        self.compiled = compiled_step  # layers torch.compile'd with dynamic shapes (Scheduler.compile_step)
         self.device = device
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None
