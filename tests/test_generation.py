@@ -154,6 +154,7 @@ def test_the_compiled_step_compiles_once_for_every_shape():
     torch._dynamo.reset()
     scheduler = Scheduler(model, max_slots=8, compile="0")
     scheduler.cache.ensure(8, 64)
+    scheduler.cache.mark_static()  # as on CUDA: static buffer addresses must not become per-layer guards
     step = scheduler.compile_step("eager")
     counters = torch._dynamo.utils.counters
     before, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
@@ -161,6 +162,7 @@ def test_the_compiled_step_compiles_once_for_every_shape():
         for rows, keys, grow in [(2, 32, None), (4, 32, None), (8, 64, None), (2, 64, (8, 128)), (8, 128, (16, 128))]:
             if grow:
                 scheduler.cache.ensure(*grow)
+                scheduler.cache.mark_static()
             ids = torch.randint(3, 4000, (rows, 1))
             positions = torch.full((rows, 1), keys - 1)
             kv_index = scheduler._kv_index(keys).clone()

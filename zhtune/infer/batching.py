@@ -123,9 +123,15 @@ class SlotCache:
         self.keys, self.values = keys, values
         self.slots, self.length = slots, length
         if self.device.type == "cuda":
-            for t in keys + values:
-                torch._dynamo.mark_static_address(t)
+            self.mark_static()
         return True
+
+    def mark_static(self) -> None:
+        """Tell torch.compile the buffers keep their addresses (CUDA graphs then need no copies of them).
+        guard=False, explicitly: a guarded address would make each layer's buffers a recompilation of the
+        per-layer compiled decode step (torch's default was True in older releases)."""
+        for t in self.keys + self.values:
+            torch._dynamo.mark_static_address(t, guard=False)
 
 
 class CacheView:
@@ -618,10 +624,9 @@ class Scheduler:
         """The decode step with its decoder layers compiled, once for every layer of a kind, every rows x
         keys shape and cache size: a callable (ids, positions, kv_index) -> logits like `_forward_decode`.
 
-        Per layer rather than the whole step: the first compilation of a whole-model step takes time in
-        proportion to the layers or worse (inductor, CPU, tiny Gemma 2: 23 s for 2 layers, 64 s for 8,
-        452 s for 42, but 12-13 s for any of them compiled per layer; 99 s for Gemma 3 270M on an H200) while
-        one layer's graph serves all of them, since dynamo inlines nn
+        Per layer rather than the whole step: the first compilation of a whole-model step grows with the
+        layer count or faster (benchmarks/RESULTS.md has the measurements), while one layer's graph serves
+        all of them, since dynamo inlines nn
         modules (the weights are graph inputs) and each layer gets a `LayerCache` of its own buffers (its
         layer index is never read). The embedding, masks, final norm, lm_head and softcap stay eager;
         under CUDA graphs they are recorded with the rest. `per_layer=False` (or a model whose decoder
