@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zhtune.infer.batching import Request, Scheduler  # noqa: E402
+from zhtune.log import setup_logging  # noqa: E402
 
 GEMMA2_9B = dict(  # google/gemma-2-9b config.json (the published values)
     vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["bs1", "match", "batched", "hf"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    setup_logging()  # the scheduler's own lines: compilation heartbeat, captures
     profile = PROFILES["tiny" if args.tiny else "quick" if args.quick else "full"]
     n_prompts = args.prompts or profile["prompts"]
     n_hf = min(args.hf_prompts or profile["hf_prompts"], n_prompts)
