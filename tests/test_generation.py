@@ -422,3 +422,22 @@ def test_lora_adapter_model_matches_generate(tiny_models, gemma_tokenizer, promp
     assert engine.batching
     settings = GenerationSettings(max_new_tokens=16, **GREEDY)
     assert engine.complete(prompts[:3], settings) == engine._hf_complete(prompts[:3], settings, batch_size=1)
+
+
+def test_progress_bar_shows_tokens_per_second_before_any_reply_finishes(tiny, prompts, capsys):
+    """Eval and batch infer show items and output tokens/s; a long batch (every reply still running) must
+    not sit silent until its first reply ends. A forward hook slows the tiny model to ~20 steps/s."""
+    import time
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer)
+    engine.stop_ids = []
+    engine.scheduler.stop_ids = frozenset()
+    hook = model.register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    try:
+        out = engine.complete(prompts[:4], GenerationSettings(max_new_tokens=40, **GREEDY), batch_size=4,
+                              progress=True)
+    finally:
+        hook.remove()
+    assert [c.completion_tokens for c in out] == [40] * 4
+    bar = capsys.readouterr().err
+    assert any(" 0/4 " in line and "tokens/s" in line for line in bar.split("\r")), bar[-500:]

@@ -240,18 +240,11 @@ def _generate_task(engine, task: Task, args, conversations, labels, label: str) 
 
     bench = task.bench
     settings = GenerationSettings.from_args(args, max_new_tokens=task.max_new_tokens)
-    batch = args.eval_batch_size
-    # vllm schedules everything itself and shows its own progress bar (items, tokens/s); for pt, chunks only
-    # serve progress lines (at most ~20 per dataset)
-    chunk = len(conversations) if engine.schedules_itself else max(batch * 8, 64, -(-len(conversations) // 20))
-    start, completions = time.time(), []
-    for i in range(0, len(conversations), chunk):
-        completions += engine.generate_completions(conversations[i:i + chunk], settings, batch_size=batch,
-                                                   progress=engine.schedules_itself)
-        if len(conversations) > chunk:
-            elapsed = time.time() - start
-            logger.info(f"eval {label} {task.name}: {len(completions)}/{len(conversations)} items, "
-                        f"{_tokens_per_s(completions, elapsed):.0f} output tokens/s ({elapsed:.0f}s)")
+    # one call per dataset: the engine batches (continuous batching on pt, vllm's own scheduler) and shows
+    # a progress bar of items and output tokens/s
+    start = time.time()
+    completions = engine.generate_completions(conversations, settings, batch_size=args.eval_batch_size,
+                                              progress=True)
     seconds = time.time() - start
     rows = []
     for position, item, messages, shown, done in zip(task.positions, task.items, conversations, labels, completions):
@@ -264,15 +257,11 @@ def _generate_task(engine, task: Task, args, conversations, labels, label: str) 
     output_tokens = sum(c.completion_tokens for c in completions)
     summary = _summary(task, args, rows, "generate", seconds, no_answer=no_answer,
                        max_new_tokens=task.max_new_tokens, output_tokens=output_tokens,
-                       output_tokens_per_s=round(_tokens_per_s(completions, seconds), 1))
+                       output_tokens_per_s=round(output_tokens / max(seconds, 1e-9), 1))
     logger.info(f"eval {label} {task.name}: {summary['accuracy']:.4f} {_ci(summary['ci95'])} "
                 f"({summary['correct']}/{len(rows)} correct, {no_answer} without an answer) in {seconds:.0f}s, "
                 f"{output_tokens} output tokens ({summary['output_tokens_per_s']:.0f}/s)")
     return summary, rows
-
-
-def _tokens_per_s(completions, seconds: float) -> float:
-    return sum(c.completion_tokens for c in completions) / max(seconds, 1e-9)
 
 
 def _model_fields(model: ModelPlan) -> dict:

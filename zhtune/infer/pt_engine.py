@@ -113,19 +113,26 @@ class PtEngine(Engine):
         finished: queue.Queue = queue.Queue()
         requests = [self._request(p, settings, None if settings.seed is None else settings.seed + i,
                                   on_done=finished.put) for i, p in enumerate(prompts)]
-        start, new_tokens = time.perf_counter(), 0
+        start = time.perf_counter()
         bar = tqdm(total=len(requests), desc="generate", unit="item", disable=not progress)
         try:
             for request in requests:
                 scheduler.submit(request)
-            for _ in requests:
-                request = finished.get()
-                if request.error is not None:
-                    raise request.error
-                new_tokens += len(request.generated)
-                bar.update(1)
-                bar.set_postfix_str(f"{new_tokens / max(time.perf_counter() - start, 1e-9):.1f} tokens/s",
-                                    refresh=False)
+            left, shown = len(requests), start
+            while left:
+                try:  # the bar's tokens/s moves every second, also while no reply has finished yet
+                    request = finished.get(timeout=1.0)
+                except queue.Empty:
+                    request = None
+                if request is not None:
+                    if request.error is not None:
+                        raise request.error
+                    left -= 1
+                    bar.update(1)
+                now = time.perf_counter()
+                if progress and (now - shown >= 1.0 or not left):
+                    made, shown = sum(len(r.generated) for r in requests), now
+                    bar.set_postfix_str(f"{made / max(now - start, 1e-9):.1f} tokens/s")
         finally:
             bar.close()
             for request in requests:  # an error or an interrupt: the rest stop at the next step
