@@ -626,9 +626,8 @@ class Scheduler:
 
         Per layer rather than the whole step: the first compilation of a whole-model step grows with the
         layer count or faster (benchmarks/RESULTS.md has the measurements), while one layer's graph serves
-        all of them, since dynamo inlines nn
-        modules (the weights are graph inputs) and each layer gets a `LayerCache` of its own buffers (its
-        layer index is never read). The embedding, masks, final norm, lm_head and softcap stay eager;
+        all of them, since dynamo inlines nn modules (the weights are graph inputs) and each layer gets a
+        `LayerCache` of its own buffers (its layer index is never read). The embedding, masks, final norm, lm_head and softcap stay eager;
         under CUDA graphs they are recorded with the rest. `per_layer=False` (or a model whose decoder
         layers are not found) compiles the whole step as one graph.
 
