@@ -4,6 +4,7 @@ Gemma-2-9B with random weights, bf16, one GPU, exact softcap (eager attention), 
     python benchmarks/infer_speed.py --quick    # < 8 minutes on an H200, warm-up included
     python benchmarks/infer_speed.py            # the full workloads
     python benchmarks/infer_speed.py --tiny     # a tiny Gemma 2 on the CPU, seconds (the test suite runs it)
+    python benchmarks/infer_speed.py --quick --engine vllm   # vllm on the same workloads (where staged)
 
 Workloads
   (a) interactive: a 256-token prompt, 256 new tokens, batch 1. Decode tokens/s (after the first token)
@@ -183,6 +184,77 @@ def run_hf_batched(model, device, prompts, replies, batch_size, every: float = 1
             "seconds": round(seconds, 2), "tokens_per_s": round(useful / seconds, 1)}
 
 
+# -- vllm on the same workloads ---------------------------------------------------------------------------
+
+def run_vllm(profile: dict, n_prompts: int, batch_size: int, out: Path) -> int:
+    """vllm (where staged) on workloads (a) and (b): the same config with random ("dummy") weights, the
+    same prompt ids and drawn reply lengths, at most `batch_size` sequences at a time (the scheduler's
+    slots), vllm's defaults otherwise (its compiled model and CUDA graphs). Its own JSON: vllm_* keys."""
+    import tempfile
+
+    from transformers import Gemma2Config
+    try:
+        import vllm
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        say("--engine vllm needs vllm (scripts/stage_vllm.sh stages it on the GPU machine)")
+        return 2
+    t0 = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix="gemma2-9b-config-"))
+    config = Gemma2Config(**GEMMA2_9B)
+    config.architectures = ["Gemma2ForCausalLM"]
+    config.save_pretrained(folder)
+    results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "engine": "vllm",
+               "model": "Gemma-2-9B config, random (dummy) weights, bf16, vllm's attention with softcap",
+               "versions": {"vllm": vllm.__version__, "torch": torch.__version__}, "batch_size": batch_size,
+               "vllm_bs1_decode_tokens_per_s": None, "vllm_bs1_ttft_s": None, "vllm_batched_tokens_per_s": None}
+
+    def save():
+        results["seconds_total"] = round(time.perf_counter() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+
+    say(f"vllm {vllm.__version__}: loading the Gemma-2-9B config with dummy weights (compiles and captures)")
+    llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+              max_model_len=profile["hi"] + profile["cap"] + 64, max_num_seqs=batch_size,
+              gpu_memory_utilization=0.85)
+    results["load_s"] = round(time.perf_counter() - t0, 1)
+    say(f"vllm ready in {results['load_s']}s")
+    vocab = GEMMA2_9B["vocab_size"]
+
+    def generate(prompts, lengths):
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for n in lengths]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [len(o.outputs[0].token_ids) for o in outs]
+
+    rng = random.Random(1)  # the same batch-1 prompt as the scheduler's run
+    bs1_prompt = [rng.randrange(3, vocab) for _ in range(profile["hi"] // 4)]
+    generate([bs1_prompt], [8])  # warm
+    start = time.perf_counter()
+    generate([bs1_prompt], [1])
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    made = generate([bs1_prompt], [profile["bs1_new"]])[0]
+    total = time.perf_counter() - start
+    results["vllm_bs1_ttft_s"] = round(ttft, 4)
+    results["vllm_bs1_decode_tokens_per_s"] = round((made - 1) / max(total - ttft, 1e-9), 1)
+    say(f"(a) vllm batch 1: {results['vllm_bs1_decode_tokens_per_s']} tokens/s, TTFT {ttft * 1000:.0f} ms")
+    save()
+    prompts, replies = draw_workload(n_prompts, vocab, profile["lo"], profile["hi"], profile["cap"])
+    start = time.perf_counter()
+    made = sum(generate(prompts, replies))
+    seconds = time.perf_counter() - start
+    assert made == sum(replies), (made, sum(replies))
+    results["vllm_batched"] = {"prompts": n_prompts, "new_tokens": made, "seconds": round(seconds, 2),
+                               "tokens_per_s": round(made / seconds, 1)}
+    results["vllm_batched_tokens_per_s"] = results["vllm_batched"]["tokens_per_s"]
+    say(f"(b) vllm, {n_prompts} prompts, at most {batch_size} at a time: {results['vllm_batched_tokens_per_s']} "
+        f"new tokens/s ({seconds:.1f}s)")
+    save()
+    say(f"wrote {out} ({results['seconds_total']}s in all)")
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -195,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default=None, help="torch.compile mode of the decode step (default: graphs "
                     "on CUDA, none on the CPU); 0 for none")
     ap.add_argument("--skip", nargs="*", default=[], choices=["bs1", "match", "batched", "hf"])
+    ap.add_argument("--engine", choices=["pt", "vllm"], default="pt",
+                    help="pt: zhtune's scheduler against HF generate (default); vllm: vllm on the same workloads")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     setup_logging()  # the scheduler's own lines: compilation heartbeat, captures
@@ -206,9 +280,14 @@ def main(argv=None) -> int:
         say("no CUDA GPU: use --tiny on the CPU")
         return 2
     t0 = time.perf_counter()
-    suffix = "-tiny" if args.tiny else "-quick" if args.quick else ""
+    suffix = ("-tiny" if args.tiny else "-quick" if args.quick else "") + ("-vllm" if args.engine == "vllm" else "")
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
                                            f"{time.strftime('%Y-%m-%d')}-infer-speed{suffix}.json")
+    if args.engine == "vllm":
+        if args.tiny:
+            say("--engine vllm runs the Gemma-2-9B config on a GPU; --tiny is for the pt engine on the CPU")
+            return 2
+        return run_vllm(profile, n_prompts, batch_size, out)
     model, device = build_model(args.tiny)
     wbytes = weight_bytes(model)
     import transformers

@@ -11,6 +11,7 @@
 #   bash scripts/gpu_vllm_run.sh speed-start      # the same benchmark detached (setsid), needs no staging: it
 #                                                 # runs while the staging calls copy (run those under `nice`)
 #   bash scripts/gpu_vllm_run.sh speed-collect N  # waits up to N s for it, then copies its log and JSON to $OUT
+#   bash scripts/gpu_vllm_run.sh speed-vllm       # infer_speed.py --quick --engine vllm: vllm on the same workloads
 # Carry .carry (pytest wheels + the benchmark files as bench.tar.xz) in the call that runs a step (not speed-*).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -93,6 +94,10 @@ speed)
   PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-420} python3 benchmarks/infer_speed.py --quick --out "$OUT/infer-speed-quick.json" \
       2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-quick.log" | grep "bench\|zhtune\|Error\|error" | tail -40
   PYTHONUNBUFFERED=1 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py 2>&1 | tail -5 | tee "$OUT/gpu_generation_test.log" ;;
+speed-vllm)
+  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-420} python3 benchmarks/infer_speed.py --quick --engine vllm \
+      --out "$OUT/infer-speed-quick-vllm.json" 2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-quick-vllm.log" \
+      | grep "bench\|Error\|error" | tail -20 ;;
 deploy)
   port=8765
   python3 -m zhtune deploy --model_type gemma3-270m --infer_backend vllm --enforce_eager true \
