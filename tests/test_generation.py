@@ -409,6 +409,9 @@ def test_infer_speed_benchmark_tiny(tmp_path):
                 "hf_generate_batched_tokens_per_s", "batched_speedup_vs_hf", "bs1_bandwidth_limit_tokens_per_s"):
         assert key in r, key
     assert r["greedy_match"]["identical"] == r["greedy_match"]["prompts"]
+    # the vllm run needs vllm and a GPU: a clear refusal (exit 2), no file written
+    assert bench.main(["--tiny", "--engine", "vllm", "--out", str(tmp_path / "v.json")]) == 2
+    assert not (tmp_path / "v.json").exists()
 
 
 def test_lora_adapter_model_matches_generate(tiny_models, gemma_tokenizer, prompts):
