@@ -2,24 +2,30 @@
 # GPU runs of issues 18 (vllm), 17 (pt generation) and 15 (loglik), after scripts/stage_vllm.sh (6 calls) in the
 # same lease. Steps, any number in one device call (each well under the 10-minute call limit):
 #   bash scripts/gpu_vllm_run.sh convert          # the embedded model converted once (timed; tokenizer ids checked)
-#   bash scripts/gpu_vllm_run.sh tests [-k EXPR]  # tests/test_vllm_backend.py (vllm vs pt, stream, CLI, pty, merged LoRA, untied Gemma 2)
+#   bash scripts/gpu_vllm_run.sh tests [-k EXPR]  # tests/test_vllm_backend.py (vllm vs pt, stream, CLI, pty, merged LoRA, untied Gemma 2);
+#        add tests/test_generation.py::test_gpu_compiled_greedy_matches_generate_first_64_tokens for the pt engine's GPU test
 #   bash scripts/gpu_vllm_run.sh eval vllm|pt     # the seed's eval on the four FULL sets (same prompts, greedy)
 #   bash scripts/gpu_vllm_run.sh loglik           # --eval_mode loglik on the full ARC, C-Eval, MMLU (pt)
 #   bash scripts/gpu_vllm_run.sh merged           # sft (seed LoRA) -> eval --ckpt_dir --merge_lora true, vllm and pt
 #   bash scripts/gpu_vllm_run.sh deploy           # zhtune deploy --infer_backend vllm answering the openai client
-#   bash scripts/gpu_vllm_run.sh speed            # benchmarks/infer_speed.py --quick + the GPU exactness test
+#   bash scripts/gpu_vllm_run.sh speed            # benchmarks/infer_speed.py --quick (needs no staging)
 #   bash scripts/gpu_vllm_run.sh speed-start      # the same benchmark detached (setsid), needs no staging: it
 #                                                 # runs while the staging calls copy (run those under `nice`)
 #   bash scripts/gpu_vllm_run.sh speed-collect N  # waits up to N s for it, then copies its log and JSON to $OUT
+#   bash scripts/gpu_vllm_run.sh speed-stop       # stops it (what it wrote so far goes to $OUT)
 #   bash scripts/gpu_vllm_run.sh speed-vllm       # infer_speed.py --quick --engine vllm: vllm on the same workloads
 # Carry .carry (pytest wheels + the benchmark files as bench.tar.xz) in the call that runs a step (not speed-*).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SPEED=/root/keep/speed
 case "$1" in
+speed)  # needs no staging (random weights, the image's torch and transformers)
+  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-540} python3 benchmarks/infer_speed.py --quick --out "$OUT/infer-speed-quick.json" \
+      2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-quick.log" | grep "bench\|zhtune\|Error\|error" | tail -40
+  exit 0 ;;
 speed-start)
   mkdir -p $SPEED/repo && cp -r zhtune benchmarks $SPEED/repo/ && cd $SPEED/repo
-  # no CPU pinning: inductor compiles on every core (pinned to 4 of 16, the 9B warm-up ran > 9 minutes)
+  # no CPU pinning: inductor compiles on every core (pinned to 4 of 16, the 9B warm-up ran > 12 minutes)
   PYTHONUNBUFFERED=1 setsid nohup timeout ${SPEED_TIMEOUT:-900} python3 benchmarks/infer_speed.py --quick \
       --out $SPEED/infer-speed-quick.json > $SPEED/infer-speed-quick.log 2>&1 < /dev/null &
   echo "infer_speed --quick started detached (pid $!)"; exit 0 ;;
@@ -28,6 +34,8 @@ speed-collect)
   pgrep -f benchmarks/infer_speed.py >/dev/null && echo "infer_speed still running: copying what it wrote so far"
   cp $SPEED/infer-speed-quick.* "$OUT"/ 2>/dev/null
   grep -v "it/s" "$OUT/infer-speed-quick.log" | grep "bench\|Error\|error" | tail -40; exit 0 ;;
+speed-stop)  # the bracket keeps pkill from matching the command line that runs it
+  pkill -f "benchmarks/[i]nfer_speed" && echo "infer_speed stopped"; cp $SPEED/infer-speed-quick.* "$OUT"/ 2>/dev/null; exit 0 ;;
 esac
 . /root/keep/env.sh
 if [ ! -d /root/keep/data/benchmarks ]; then
@@ -90,10 +98,6 @@ merged)
   done
   grep -o '"tie_word_embeddings": [a-z]*' "$ckpt-merged/config.json" | tee -a "$OUT/merged_eval_vllm.log"
   diff "$OUT/merged_infer_vllm.txt" "$OUT/merged_infer_pt.txt" && echo "merged checkpoint: vllm and pt replies identical" ;;
-speed)
-  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-420} python3 benchmarks/infer_speed.py --quick --out "$OUT/infer-speed-quick.json" \
-      2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-quick.log" | grep "bench\|zhtune\|Error\|error" | tail -40
-  PYTHONUNBUFFERED=1 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_generation.py 2>&1 | tail -5 | tee "$OUT/gpu_generation_test.log" ;;
 speed-vllm)
   PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-420} python3 benchmarks/infer_speed.py --quick --engine vllm \
       --out "$OUT/infer-speed-quick-vllm.json" 2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-quick-vllm.log" \
