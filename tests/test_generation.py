@@ -444,3 +444,51 @@ def test_progress_bar_shows_tokens_per_second_before_any_reply_finishes(tiny, pr
     assert [c.completion_tokens for c in out] == [40] * 4
     bar = capsys.readouterr().err
     assert any(" 0/4 " in line and "tokens/s" in line for line in bar.split("\r")), bar[-500:]
+
+
+def test_close_stops_the_scheduler_thread_and_a_later_request_restarts_it(tiny, prompts):
+    """At exit (atexit) the scheduler thread is stopped and joined: a daemon thread left inside a torch op
+    while the interpreter finalizes aborted `zhtune infer` once (exit -6, "terminate called without an
+    active exception"). Requests still running when it closes end as cancelled, never hang."""
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer)
+    settings = GenerationSettings(max_new_tokens=6, **GREEDY)
+    first = engine.complete(prompts[:2], settings)
+    scheduler = engine.scheduler
+    assert scheduler.thread.is_alive()
+    long = scheduler.submit(engine._request(prompts[2], GenerationSettings(max_new_tokens=10_000, **GREEDY), None))
+    scheduler.close()
+    assert not scheduler.thread.is_alive()
+    long.result(timeout=5)  # returns (cancelled) instead of waiting for 10,000 tokens
+    assert long.finish_reason == "cancelled"
+    assert engine.complete(prompts[:2], settings) == first  # a new request starts the thread again
+    scheduler.close()
+
+
+EXIT_WHILE_GENERATING = """
+import sys, torch
+from transformers import AutoModelForCausalLM, Gemma2Config
+sys.path.insert(0, sys.argv[1])
+import infer_speed
+from zhtune.infer.batching import Request, Scheduler
+model = AutoModelForCausalLM.from_config(Gemma2Config(**infer_speed.TINY), dtype=torch.float32,
+                                         attn_implementation="eager").eval()
+scheduler = Scheduler(model, max_slots=8, max_len=512, compile="0")
+scheduler.submit(Request(list(range(3, 40)), 5)).result()
+scheduler.submit(Request(list(range(3, 200)), 400))  # still generating when the interpreter exits
+print("leaving")
+"""
+
+
+def test_the_process_exits_cleanly_while_a_generation_is_running():
+    """Leaving while the scheduler thread is inside a forward (Ctrl-D during a reply, a server stopping)
+    used to abort the process: exit -6, "terminate called without an active exception" (every time
+    in this setup before the at-exit close)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    result = subprocess.run([sys.executable, "-c", EXIT_WHILE_GENERATING, str(benchmarks)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "leaving" in result.stdout and "terminate called" not in result.stderr

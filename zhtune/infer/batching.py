@@ -30,11 +30,13 @@ next step.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -263,6 +265,7 @@ class Scheduler:
         self.jobs: list[tuple] = []
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
+        self._closing = False
         self.steps = 0
         self.stats = {"decode_steps": 0, "decode_tokens": 0, "prefill_tokens": 0}
 
@@ -299,16 +302,42 @@ class Scheduler:
     # -- the loop, scheduler thread -------------------------------------------------------------
     def _start(self):
         if self.thread is None or not self.thread.is_alive():
+            first = self.thread is None
+            self._closing = False
             self.thread = threading.Thread(target=self._loop, daemon=True, name="zhtune-batching")
             self.thread.start()
+            if first:  # stopped before the interpreter finalizes: a daemon thread still inside a torch op
+                atexit.register(_close_at_exit, weakref.ref(self))  # then can abort the process (exit -6)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the scheduler thread after its step in progress and wait for it; requests still waiting or
+        running end as cancelled. A later submit starts the thread again."""
+        thread = self.thread
+        if thread is None or not thread.is_alive():
+            return
+        with self.cond:
+            self._closing = True
+            self.cond.notify_all()
+        thread.join(timeout)
 
     def _loop(self):
         with torch.no_grad():
             while True:
                 with self.cond:
-                    while not (self.pending or self.active or self.jobs):
+                    while not (self.pending or self.active or self.jobs or self._closing):
                         self.cond.wait()
+                    closing, leftover = self._closing, []
+                    if closing:
+                        leftover, self.pending = self.pending, []
+                        for _, box, done in self.jobs:
+                            box["error"] = RuntimeError("the generation engine was closed")
+                            done.set()
+                        self.jobs = []
                     jobs, self.jobs = self.jobs, []
+                if closing:
+                    for request in leftover + list(self.active.values()):
+                        self._finish(request, reason="cancelled")
+                    return
                 for fn, box, done in jobs:
                     try:
                         box["value"] = fn()
@@ -702,6 +731,12 @@ def _compiled_layers(layers, run_layer, kv_index):
                 del layer.forward
             else:
                 layer.forward = own
+
+
+def _close_at_exit(ref) -> None:
+    scheduler = ref()
+    if scheduler is not None:
+        scheduler.close(timeout=10.0)
 
 
 def cache_kwarg(model) -> str:
