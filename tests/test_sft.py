@@ -138,6 +138,7 @@ def test_two_nodes_on_loopback(tiny_models, tmp_path):
     """ms-swift's multi-node variables: two launchers (NNODES=2, NODE_RANK 0 and 1, one process each)
     meet through torchrun at MASTER_ADDR:MASTER_PORT; both ranks train, and one checkpoint is written,
     into rank 0's run folder although node 1's launcher named its own (it starts later)."""
+    import signal
     import socket
     import time
     from helpers import write_chat_jsonl
@@ -148,13 +149,26 @@ def test_two_nodes_on_loopback(tiny_models, tmp_path):
     argv = [sys.executable, "-m", "zhtune", "sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset",
             str(data), "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--output_dir",
             str(tmp_path / "out")]
-    nodes = []
+    nodes, files = [], []
     for rank in (0, 1):
         env = {**os.environ, "NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        nodes.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        files += [open(tmp_path / f"node{rank}.out", "w"), open(tmp_path / f"node{rank}.err", "w")]  # noqa: SIM115
+        nodes.append(subprocess.Popen(argv, env=env, stdout=files[-2], stderr=files[-1], text=True,
+                                      start_new_session=True))  # a process group: the launcher and its torchrun
         time.sleep(2.0)  # node 1's launcher names a later run folder (v<N>-<time>) than node 0's
-    outputs = [node.communicate(timeout=600) for node in nodes]
+    deadline = time.time() + 600
+    while any(node.poll() is None for node in nodes) and time.time() < deadline:
+        if any(node.poll() not in (None, 0) for node in nodes):  # one node failed: the other would wait for it
+            break
+        time.sleep(0.5)
+    for node in nodes:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+    for f in files:
+        f.close()
+    outputs = [((tmp_path / f"node{r}.out").read_text(), (tmp_path / f"node{r}.err").read_text()) for r in (0, 1)]
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, out[-3000:] + err[-3000:]
         assert "launching 1 processes per node" in err

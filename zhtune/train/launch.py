@@ -25,6 +25,20 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def leave_distributed_child(code: int) -> None:
+    """End a torchrun child now that its work is written: exit handlers and logs first, then `os._exit`,
+    skipping the interpreter's teardown, where collective-library threads destroyed after the process
+    group can still abort a finished rank ("terminate called without an active exception", exit -6, seen
+    in CI on node 1 of the two-node test after close_process_group) and torchrun then fails the run."""
+    import atexit
+    import logging
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -33,9 +33,12 @@ def sft_main(args) -> int:
     if (launch.world_size() > 1 or args.fsdp or args.deepspeed) and not launch.is_distributed_child():
         return launch.relaunch_with_torchrun(getattr(args, "argv", None) or sys.argv[2:], run_dir)
     try:
-        return train(args, resolved, launch.shared_run_dir(run_dir))
+        code = train(args, resolved, launch.shared_run_dir(run_dir))
     finally:
         launch.close_process_group()
+    if launch.is_distributed_child():
+        launch.leave_distributed_child(code)
+    return code
 
 
 def _check(args) -> None:
