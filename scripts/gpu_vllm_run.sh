@@ -3,7 +3,7 @@
 # same lease. Steps, any number in one device call (each well under the 10-minute call limit):
 #   bash scripts/gpu_vllm_run.sh convert          # the embedded model converted once (timed; tokenizer ids checked)
 #   bash scripts/gpu_vllm_run.sh tests [-k EXPR]  # tests/test_vllm_backend.py (vllm vs pt, stream, CLI, pty, merged LoRA, untied Gemma 2);
-#        add tests/test_generation.py::test_gpu_compiled_greedy_matches_generate_first_64_tokens for the pt engine's GPU test
+#        add tests/test_generation.py (with -k "... or gpu_compiled") for the pt engine's GPU greedy test
 #   bash scripts/gpu_vllm_run.sh eval vllm|pt     # the seed's eval on the four FULL sets (same prompts, greedy)
 #   bash scripts/gpu_vllm_run.sh loglik           # --eval_mode loglik on the full ARC, C-Eval, MMLU (pt)
 #   bash scripts/gpu_vllm_run.sh merged           # sft (seed LoRA) -> eval --ckpt_dir --merge_lora true, vllm and pt
