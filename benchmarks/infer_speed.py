@@ -97,6 +97,12 @@ def draw_workload(n: int, vocab: int, lo: int, hi: int, cap: int, seed: int = 0)
     return prompts, replies
 
 
+def draw_bs1_prompt(profile: dict, vocab: int):
+    """Workload (a)'s prompt, and the generator that drew it."""
+    rng = random.Random(1)
+    return [rng.randrange(3, vocab) for _ in range(profile["hi"] // 4)], rng
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -227,8 +233,7 @@ def run_vllm(profile: dict, n_prompts: int, batch_size: int, out: Path) -> int:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [len(o.outputs[0].token_ids) for o in outs]
 
-    rng = random.Random(1)  # the same batch-1 prompt as the scheduler's run
-    bs1_prompt = [rng.randrange(3, vocab) for _ in range(profile["hi"] // 4)]
+    bs1_prompt, _ = draw_bs1_prompt(profile, vocab)  # the same batch-1 prompt as the scheduler's run
     generate([bs1_prompt], [8])  # warm
     start = time.perf_counter()
     generate([bs1_prompt], [1])
@@ -324,9 +329,8 @@ def main(argv=None) -> int:
     save()
 
     # (a) batch 1
-    rng = random.Random(1)
     vocab = model.config.vocab_size
-    bs1_prompt = [rng.randrange(3, vocab) for _ in range(profile["hi"] // 4)]
+    bs1_prompt, rng = draw_bs1_prompt(profile, vocab)  # rng goes on to draw the exactness prompts
     if "bs1" not in args.skip:
         bs1_scheduler(scheduler, bs1_prompt, 8)  # warm the exact shapes
         a, _ = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])

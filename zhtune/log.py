@@ -5,6 +5,8 @@ stdout (replies, dry-run JSON) stays clean. Under torchrun only rank 0 logs belo
 import logging
 import os
 import sys
+import threading
+import time
 
 logger = logging.getLogger("zhtune")
 
@@ -40,13 +42,11 @@ class still_running:
     `every` seconds from a daemon thread, so long silent work shows it is alive."""
 
     def __init__(self, what: str, every: float = 30.0):
-        import threading
         self.what, self.every = what, every
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
-        import time
         start = time.perf_counter()
         while not self._done.wait(self.every):
             logger.info(f"still {self.what} ({time.perf_counter() - start:.0f}s)")

@@ -150,8 +150,7 @@ class CacheView:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[self.rows, :, self.positions] = key_states.transpose(1, 2).to(keys.dtype)
-        values[self.rows, :, self.positions] = value_states.transpose(1, 2).to(values.dtype)
+        _write(keys, values, self.rows, self.positions, key_states, value_states)
         if self.slots is None:
             n = self.positions.shape[0]
             return keys[:n, :, :self.kv_len], values[:n, :, :self.kv_len]
@@ -179,10 +178,15 @@ class LayerCache:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.keys, self.values
-        keys[self.rows, :, self.positions] = key_states.transpose(1, 2).to(keys.dtype)
-        values[self.rows, :, self.positions] = value_states.transpose(1, 2).to(values.dtype)
+        _write(keys, values, self.rows, self.positions, key_states, value_states)
         n, kv_len = self.positions.shape[0], self.kv_index.shape[0]
         return keys[:n, :, :kv_len], values[:n, :, :kv_len]
+
+
+def _write(keys, values, rows, positions, key_states, value_states) -> None:
+    """A forward's new keys and values into the cache buffers, each row at its positions."""
+    keys[rows, :, positions] = key_states.transpose(1, 2).to(keys.dtype)
+    values[rows, :, positions] = value_states.transpose(1, 2).to(values.dtype)
 
 
 # -- token choice ----------------------------------------------------------------------------------
@@ -254,7 +258,6 @@ class Scheduler:
         register_grouped_attention()
         self._decode = self._forward_decode
         self._compiled = None
-        self._decoded_once = False  # the first compiled call compiles: it logs that it is alive
         self._graphs: GraphedDecode | None = None
         # CUDA graphs: decode at least 2 rows, so that the compiled step is never specialised to 1
         self.min_rows = 2 if self.compile_mode == "graphs" and on_gpu else 1
@@ -267,7 +270,7 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self._closing = False
         self.steps = 0
-        self.stats = {"decode_steps": 0, "decode_tokens": 0, "prefill_tokens": 0}
+        self.stats = {"decode_steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "prefill_forwards": 0}
 
     # -- public, any thread ---------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -326,17 +329,12 @@ class Scheduler:
                 with self.cond:
                     while not (self.pending or self.active or self.jobs or self._closing):
                         self.cond.wait()
-                    closing, leftover = self._closing, []
-                    if closing:
-                        leftover, self.pending = self.pending, []
-                        for _, box, done in self.jobs:
-                            box["error"] = RuntimeError("the generation engine was closed")
-                            done.set()
-                        self.jobs = []
+                    closing = self._closing
                     jobs, self.jobs = self.jobs, []
+                    if closing:
+                        waiting, self.pending = self.pending, []
                 if closing:
-                    for request in leftover + list(self.active.values()):
-                        self._finish(request, reason="cancelled")
+                    self._shut(jobs, waiting)
                     return
                 for fn, box, done in jobs:
                     try:
@@ -354,6 +352,14 @@ class Scheduler:
                                    f"failing the {len(self.active)} request(s) in it")
                     for request in list(self.active.values()):
                         self._finish(request, error=e)
+
+    def _shut(self, jobs, waiting: list[Request]) -> None:
+        """Closing: jobs fail, waiting and running requests end as cancelled."""
+        for _, box, done in jobs:
+            box["error"] = RuntimeError("the generation engine was closed")
+            done.set()
+        for request in waiting + list(self.active.values()):
+            self._finish(request, reason="cancelled")
 
     def _drop_cancelled(self):
         for request in list(self.active.values()):
@@ -454,7 +460,7 @@ class Scheduler:
         logits = self._forward(ids, positions, self._kv_bucket(width), slot_index,
                                torch.tensor(lasts, device=self.device))
         self.stats["prefill_tokens"] += sum(len(r.prompt) for r, _ in admitted)
-        self.stats["prefill_forwards"] = self.stats.get("prefill_forwards", 0) + 1
+        self.stats["prefill_forwards"] += 1
         for row, (request, _) in enumerate(admitted):
             request.position = len(request.prompt)
             token = int(choose_token(logits[row, lasts.index(len(request.prompt) - 1)].float(), request))
@@ -574,12 +580,7 @@ class Scheduler:
             return self._forward_decode(ids, pos, kv_index)
         start = time.perf_counter()
         try:
-            if self._decoded_once or self._graphs is not None:  # graphs log their own captures
-                out = self._decode(ids, pos, kv_index)
-            else:
-                with still_running("compiling the decode step"):
-                    out = self._decode(ids, pos, kv_index)
-                self._decoded_once = True
+            out = self._decode(ids, pos, kv_index)
         except Exception as e:  # noqa: BLE001 - compiled decoding is an optimisation: fall back, same tokens
             logger.warning(f"the compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); "
                            "decoding without compilation from now on")
@@ -615,14 +616,12 @@ class Scheduler:
             row_buckets = sorted({min(max(n, self.min_rows), self.cache.slots) for n in {1, 2, *rows}})
             kv_lens = sorted({self._kv_bucket(n) for n in range(1, self.cache.length + 1, self.granularity)}) \
                 if all_lengths else sorted({self._kv_bucket(1), self._kv_bucket(self.granularity + 1)})
-            with contextlib.nullcontext() if self._graphs is not None else still_running("compiling the decode step"):
-                for n in row_buckets:  # (graph captures log their own progress)
-                    for kv_len in kv_lens:
-                        ids = torch.zeros((n, 1), dtype=torch.long, device=self.device)
-                        pos = torch.zeros((n, 1), dtype=torch.long, device=self.device)
-                        for _ in range(1 if self._graphs is not None else 3):  # graph trees record on a later call
-                            self._decode(ids, pos, self._kv_index(kv_len))
-            self._decoded_once = True
+            for n in row_buckets:
+                for kv_len in kv_lens:
+                    ids = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+                    pos = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+                    for _ in range(1 if self._graphs is not None else 3):  # graph trees record on a later call
+                        self._decode(ids, pos, self._kv_index(kv_len))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as e:  # noqa: BLE001 - compiled decoding is an optimisation
@@ -656,8 +655,8 @@ class Scheduler:
         Per layer rather than the whole step: the first compilation of a whole-model step grows with the
         layer count or faster (benchmarks/RESULTS.md has the measurements), while one layer's graph serves
         all of them, since dynamo inlines nn modules (the weights are graph inputs) and each layer gets a
-        `LayerCache` of its own buffers (its layer index is never read). The embedding, masks, final norm, lm_head and softcap stay eager;
-        under CUDA graphs they are recorded with the rest. `per_layer=False` (or a model whose decoder
+        `LayerCache` of its own buffers (its layer index is never read). The embedding, masks, final norm,
+        lm_head and softcap stay eager; under CUDA graphs they are recorded with the rest. `per_layer=False` (or a model whose decoder
         layers are not found) compiles the whole step as one graph.
 
         Dynamic sizes, no guards from sizes that merely happen to be equal (rows == key/value heads, say),
@@ -682,12 +681,15 @@ class Scheduler:
 
     def _checked(self, compiled):
         graphs = bool(self.compile_mode) and "reduce-overhead" in self.compile_mode and self.device.type == "cuda"
+        first = [True]  # the first call compiles: it says it is alive while it does (GraphedDecode's own too)
 
         def decode(ids, pos, kv_index):
             self._mark_dynamic(ids, pos, kv_index)
             if graphs:  # each call is a new step: the previous call's output buffers may be reused
                 torch.compiler.cudagraph_mark_step_begin()
-            out = compiled(ids, pos, kv_index)
+            with still_running("compiling the decode step") if first[0] else contextlib.nullcontext():
+                out = compiled(ids, pos, kv_index)
+            first[0] = False
             return out.clone() if graphs else out
         return decode
 

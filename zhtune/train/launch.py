@@ -17,9 +17,8 @@ def is_distributed_child() -> bool:
 
 
 def close_process_group() -> None:
-    """Destroy the process group before the interpreter exits: left to the interpreter's shutdown, gloo's
-    threads can abort the process ("terminate called without an active exception", exit -6) after a
-    finished run, and torchrun then reports the rank as failed."""
+    """Destroy the process group before the process ends (also after a failure), rather than leaving it to
+    the interpreter's teardown; a torchrun child then leaves through `leave_distributed_child`."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
