@@ -158,3 +158,17 @@ def test_private_transformers_api_is_still_there(name):
     required_extra = [p for p in list(params)[len(expected):] if params[p].default is inspect.Parameter.empty
                       and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
     assert not required_extra, f"{where}: {name} now also requires {required_extra}, which zhtune does not pass."
+
+
+@pytest.mark.parametrize("attention, width", [("flex_attention", 128), ("eager", 7)])
+def test_plain_path_pads_flex_attention_batches_to_whole_blocks(tiny_models, gemma_tokenizer, attention, width):
+    """A batch shorter than 128 tokens on flex_attention failed to compile for Gemma 2 on the H200
+    (flex-decoding kernel, no valid configuration for head size 256); other attentions pad to the longest row."""
+    from transformers import AutoModelForCausalLM
+
+    from zhtune.train.trainer import plain_collator
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], attn_implementation=attention)
+    batch = plain_collator(gemma_tokenizer, model)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                                     {"input_ids": [8, 9, 10, 11, 12, 13, 14], "labels": [8] * 7}])
+    assert batch["input_ids"].shape == (2, width) and batch["labels"].shape == (2, width)
+    assert int(batch["attention_mask"].sum()) == 10 and int((batch["labels"] != -100).sum()) == 9

@@ -194,16 +194,14 @@ def _pick_training_path(args, model, device):
 
 def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device):
     import torch
-    from transformers import DataCollatorForSeq2Seq
 
-    from zhtune.templates import IGNORE_INDEX
     from zhtune.train.callbacks import JsonlLogger
-    from zhtune.train.trainer import ZhTrainer, argmax_logits, token_accuracy, training_arguments
+    from zhtune.train.trainer import ZhTrainer, argmax_logits, plain_collator, token_accuracy, training_arguments
 
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     train_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_set.items]
     val_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in val_set.items]
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    collator = plain_collator(tokenizer, model)
     if fast_path is not None:
         train_rows, collator = fast_path.prepare_data(train_set.items, args, tokenizer)
     hf_args = training_arguments(args, run_dir, world=launch.world_size(), bf16=bf16, has_val=bool(val_rows),

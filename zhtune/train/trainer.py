@@ -53,6 +53,23 @@ def training_arguments(args, run_dir, *, world: int, bf16: bool, has_val: bool, 
     )
 
 
+FLEX_BLOCK = 128  # flex_attention's block size
+
+
+def plain_collator(tokenizer, model):
+    """The plain path's collator: rows padded to the longest in the batch, labels with -100. A model on
+    flex_attention gets batches padded to whole 128-token blocks: on a shorter batch inductor lowers
+    flex_attention to its flex-decoding kernel, which has no valid configuration for Gemma 2's head
+    size 256 (NoValidChoicesError on an H200, measured 2026-11-29); padded to 128 it trains, exactly
+    (the padding is masked and carries no label)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from zhtune.templates import IGNORE_INDEX
+    flex = getattr(model.config, "_attn_implementation", None) == "flex_attention"
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                  pad_to_multiple_of=FLEX_BLOCK if flex else None)
+
+
 def deepspeed_config(value: str | None):
     """--deepspeed default-zero2 | default-zero3 | FILE.json -> what TrainingArguments takes."""
     if not value:
