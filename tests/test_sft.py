@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from zhtune.args import SftArguments
+from helpers import write_chat_jsonl
 from zhtune.cli import main
 from zhtune.models.resolve import resolve_model
 from zhtune.train.sft import lora_plan
@@ -219,3 +220,28 @@ def test_fsdp_bad_values_and_cpu_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not out.exists(), "nothing written"
+
+
+@pytest.mark.parametrize("eval_steps", ["1", "100"])  # 100: broken checkpoints are saved before a log line shows it
+def test_a_diverging_run_stops_with_one_line_and_keeps_no_broken_checkpoint(tiny_models, tmp_path, capsys,
+                                                                            eval_steps):
+    """A learning rate that overflows the weights: the run stops at the first non-finite log line, says what
+    to change, and leaves no checkpoint saved after its last finite step (on the H200 a run whose gradient
+    norm was nan from step 5 on saved its broken weights as the best checkpoint)."""
+    data = write_chat_jsonl(tmp_path / "train.jsonl", 24)
+    code = main(["sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset", str(data),
+                 "--learning_rate", "1e30", "--max_steps", "8", "--eval_steps", eval_steps, "--save_steps", "1",
+                 "--batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "2",
+                 "--output_dir", str(tmp_path / "out"), "--dataset_test_ratio", "0.1", "--save_total_limit", "-1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "zhtune sft: error" in line]
+    assert code == 2 and len(err) == 1 and "training diverged at step" in err[0], err
+    assert "Lower --learning_rate (it was 1e+30)" in err[0]
+    assert ("removed checkpoint-" in err[0]) == (eval_steps == "100"), err[0]
+    from safetensors.torch import load_file
+    run = next((tmp_path / "out").glob("*/v0-*"))
+    diverged = int(err[0].split("training diverged at step ")[1].split()[0])
+    kept = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert kept and all(int(p.name.split("-")[1]) < diverged for p in kept), (kept, diverged)
+    for checkpoint in kept:  # saved every step: each one left is whole and finite
+        weights = load_file(checkpoint / "adapter_model.safetensors")
+        assert weights and all(bool(w.isfinite().all()) for w in weights.values()), checkpoint.name

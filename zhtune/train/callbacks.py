@@ -50,6 +50,47 @@ class JsonlLogger(TrainerCallback):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+class DivergenceGuard(TrainerCallback):
+    """Stops a run at the first log line whose loss, gradient norm or eval loss is not finite (its weights
+    are then no longer finite either), so that no such checkpoint is saved or called best. `finite_step`:
+    the weights after this step are known finite (a finite training loss at step s was computed with the
+    weights after step s - 1; a finite eval loss at step s, with those after step s)."""
+    KEYS = ("loss", "grad_norm", "eval_loss")
+
+    def __init__(self):
+        self.finite_step = 0
+        self.diverged: tuple[int, dict] | None = None  # (step, the non-finite values)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        bad = {key: logs[key] for key in self.KEYS
+               if isinstance(logs.get(key), (int, float)) and not math.isfinite(logs[key])}
+        if bad:
+            self.diverged = self.diverged or (state.global_step, bad)
+            control.should_training_stop, control.should_save, control.should_evaluate = True, False, False
+        elif self.diverged is None and ("loss" in logs or "eval_loss" in logs):
+            self.finite_step = max(self.finite_step, state.global_step - ("eval_loss" not in logs))
+        return control
+
+    def remove_later_checkpoints(self, run_dir: Path) -> list[str]:
+        """Delete checkpoint-N folders saved after the last finite log line; returns their names."""
+        import shutil
+        later = sorted((p for p in Path(run_dir).glob("checkpoint-*")
+                        if p.name.split("-")[-1].isdigit() and int(p.name.split("-")[-1]) > self.finite_step),
+                       key=lambda p: int(p.name.split("-")[-1]))
+        for path in later:
+            shutil.rmtree(path)
+        return [p.name for p in later]
+
+    def message(self, learning_rate: float, removed: list[str]) -> str:
+        step, bad = self.diverged
+        values = ", ".join(f"{key} {value}" for key, value in bad.items())
+        gone = f"removed {', '.join(removed)}, saved after step {self.finite_step}; " if removed else ""
+        return (f"training diverged at step {step} ({values}): the weights are no longer finite, so the run stopped "
+                f"({gone}earlier checkpoints are sound). Lower --learning_rate (it was {learning_rate:g}) or train "
+                "with --dtype fp32, and run again.")
+
+
 def read_log(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "logging.jsonl"
     if not path.is_file():

@@ -108,7 +108,7 @@ def train(args, resolved, run_dir: Path) -> int:
     from zhtune.data import encode_rows, format_statistics, load_datasets
     from zhtune.models.loader import load_model_and_tokenizer
     from zhtune.templates import get_template
-    from zhtune.train.callbacks import plot_curves
+    from zhtune.train.callbacks import DivergenceGuard, plot_curves
 
     main = launch.is_main_process()
     set_seed(args.seed)
@@ -135,6 +135,10 @@ def train(args, resolved, run_dir: Path) -> int:
     if main and not args.resume_from_checkpoint:  # a resumed run keeps its folder's own sft_args.json
         write_json_atomic(run_dir / "sft_args.json", sft_args)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, DivergenceGuard))
+    if guard.diverged:
+        removed = guard.remove_later_checkpoints(run_dir) if main else []
+        raise UserError(guard.message(args.resolved_learning_rate(), removed))
     last = f"checkpoint-{trainer.state.global_step}"
     if not (run_dir / last).is_dir():
         if val_set.items:
@@ -195,7 +199,7 @@ def _pick_training_path(args, model, device):
 def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device):
     import torch
 
-    from zhtune.train.callbacks import JsonlLogger
+    from zhtune.train.callbacks import DivergenceGuard, JsonlLogger
     from zhtune.train.trainer import ZhTrainer, argmax_logits, plain_collator, token_accuracy, training_arguments
 
     bf16 = next(model.parameters()).dtype == torch.bfloat16
@@ -213,6 +217,7 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
         raise UserError(f"--fsdp {args.fsdp}: accelerate did not turn FSDP on (it chose "
                         f"{trainer.accelerator.distributed_type}); nothing was trained.")
     trainer.add_callback(JsonlLogger(run_dir, trainer))
+    trainer.add_callback(DivergenceGuard())
     if fast_path is not None and args.gradient_checkpointing and device.startswith("cuda"):
         from zhtune.train.memory_plan import CheckpointPlanner
         trainer.add_callback(CheckpointPlanner(model))

@@ -42,6 +42,7 @@ def training_arguments(args, run_dir, *, world: int, bf16: bool, has_val: bool, 
         save_steps=args.save_steps or args.eval_steps,
         save_total_limit=None if args.save_total_limit < 0 else args.save_total_limit,
         logging_steps=args.logging_steps, logging_first_step=True,
+        logging_nan_inf_filter=False,  # a loss that is nan is logged as nan (DivergenceGuard stops the run)
         # under FSDP the checkpointing is FSDP's own (fsdp_config activation_checkpointing), as ms-swift does
         gradient_checkpointing=args.gradient_checkpointing and not fsdp,
         gradient_checkpointing_kwargs={"use_reentrant": False}, seed=args.seed, data_seed=args.seed, bf16=bf16,
