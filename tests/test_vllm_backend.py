@@ -114,10 +114,13 @@ def test_merged_seed_lora_checkpoint_answers_like_pt(tmp_path):
 
 
 def test_untied_gemma2_runs_on_vllm_and_matches_transformers(tmp_path, monkeypatch):
-    """vllm's own Gemma2 asserts tied embeddings; zhtune's registered class serves an untied one exactly.
+    """vllm's own Gemma2 asserts tied embeddings; zhtune's registered class serves an untied one exactly:
+    every token vllm (bf16) picks is transformers' (fp32) choice at that position, up to a bf16 near-tie,
+    while a head tied to the embedding would have picked another one.
     (CUDA is already initialised in this process, so vllm would spawn its engine core, which sees
     zhtune's class only through the installed plugin entry point; in-process keeps the test
-    independent of how zhtune is installed.)"""
+    independent of how zhtune is installed.) On the H200 (2026-11-29) exact equality with fp32 greedy
+    failed at the second token of 8: a random tiny model's top logits sit closer than bf16's rounding."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from tiny_models import gemma_tokenizer_dir, tiny_config
     from transformers import AutoModelForCausalLM
@@ -128,9 +131,10 @@ def test_untied_gemma2_runs_on_vllm_and_matches_transformers(tmp_path, monkeypat
     vocab = json.loads((gemma_tokenizer_dir() / "config.json").read_text())["vocab_size"]
     config = tiny_config("gemma2", vocab)
     config.tie_word_embeddings, config.final_logit_softcapping = False, None
+    config.sliding_window = 4096  # the subject is the lm_head, not the two libraries' sliding windows
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # an lm_head of its own with wide logit margins: greedy is the same in any dtype
+    with torch.no_grad():  # an lm_head of its own, unlike the embedding
         model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight) * 4)
     folder = tmp_path / "untied-gemma2"
     model.save_pretrained(folder)
@@ -139,10 +143,18 @@ def test_untied_gemma2_runs_on_vllm_and_matches_transformers(tmp_path, monkeypat
     resolved = resolve_model(None, str(folder))
     pt = load_engine(resolved, _args("--infer_backend", "pt", "--dtype", "fp32"))
     prompt = pt.encode_prompt([{"role": "user", "content": "你好"}])
-    expected = pt.model.generate(torch.tensor([prompt], device=pt.device), max_new_tokens=8, do_sample=False,
-                                 eos_token_id=None)[0, len(prompt):].tolist()
     vllm = load_engine(resolved, _args("--infer_backend", "vllm", "--dtype", "bf16", *VLLM_FLAGS))
     from vllm import SamplingParams
     out = vllm.llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=8,
                                                                            ignore_eos=True))
-    assert list(out[0].outputs[0].token_ids) == expected
+    tokens = list(out[0].outputs[0].token_ids)
+    assert len(tokens) == 8
+    with torch.no_grad():  # transformers' fp32 logits at each position vllm generated, fed vllm's tokens
+        run = pt.model(torch.tensor([prompt + tokens], device=pt.device), output_hidden_states=True)
+    logits = run.logits[0, len(prompt) - 1:-1].float()
+    chosen = torch.tensor(tokens, device=logits.device)
+    gaps = logits.max(-1).values - logits.gather(-1, chosen[:, None])[:, 0]
+    spread = logits.max(-1).values - logits.mean(-1)
+    assert bool((gaps <= 0.02 * spread).all()), (tokens, logits.argmax(-1).tolist(), (gaps / spread).tolist())
+    tied = run.hidden_states[-1][0, len(prompt) - 1:-1].float() @ pt.model.get_input_embeddings().weight.float().T
+    assert tied.argmax(-1).tolist() != logits.argmax(-1).tolist()  # the check above can tell the heads apart
