@@ -13,7 +13,8 @@
 #                                                 # runs while the staging calls copy (run those under `nice`)
 #   bash scripts/gpu_vllm_run.sh speed-collect N  # waits up to N s for it, then copies its log and JSON to $OUT
 #   bash scripts/gpu_vllm_run.sh speed-stop       # stops it (what it wrote so far goes to $OUT)
-#   bash scripts/gpu_vllm_run.sh nan-probe        # the plain training path's nan on the GPU: 5 variants x 6 steps (~3 min)
+#   bash scripts/gpu_vllm_run.sh nan-probe        # the plain training path's nan on the GPU: 8 variants x 6 steps (~2 min)
+#   bash scripts/gpu_vllm_run.sh nan-probe-cli    # the same through zhtune sft: 5 flag variants x 6 steps (~3 min)
 #   bash scripts/gpu_vllm_run.sh speed-vllm       # infer_speed.py --quick --engine vllm: vllm on the same workloads
 # Carry .carry (pytest wheels + the benchmark files as bench.tar.xz) in the call that runs a step (not speed-*).
 set -uo pipefail
@@ -99,15 +100,18 @@ merged)
   done
   grep -o '"tie_word_embeddings": [a-z]*' "$ckpt-merged/config.json" | tee -a "$OUT/merged_eval_vllm.log"
   diff "$OUT/merged_infer_vllm.txt" "$OUT/merged_infer_pt.txt" && echo "merged checkpoint: vllm and pt replies identical" ;;
-nan-probe)  # the plain path's nan on the H200 (2026-11-29): the seed's LoRA, 6 steps per variant, which one is finite?
+nan-probe)  # the plain path's nan on the H200 (2026-11-29): sdpa/eager x left/right padding x checkpointing, 6 steps each
+  PYTHONUNBUFFERED=1 timeout 300 python3 scripts/gpu_probe_training_nan.py --steps 6 2>&1 | grep "probe" \
+      | tee "$OUT/nan_probe.log" ;;
+nan-probe-cli)  # the same question through `zhtune sft`: the seed's LoRA, 6 steps per variant
   seed_lora="--lora_target_modules EMBEDDING ALL lm_head --lora_modules_to_save LN"
   for variant in "$seed_lora" "$seed_lora --gradient_checkpointing false" "$seed_lora --dtype fp32" \
                  "--lora_target_modules ALL --lora_modules_to_save LN" "--lora_target_modules EMBEDDING ALL lm_head"; do
-    echo "== $variant" | tee -a "$OUT/nan_probe.log"
+    echo "== $variant" | tee -a "$OUT/nan_probe_cli.log"
     PYTHONUNBUFFERED=1 timeout 120 python3 -m zhtune sft --model_type gemma3-270m --dataset self-cognition#200 zh-instruct \
         --model_name 小黄 "Xiao Huang" --model_author 魔搭 ModelScope $variant --learning_rate 1e-3 --max_steps 6 \
         --batch_size 8 --logging_steps 1 --eval_steps 100 --identity_probe false --fast_path false \
-        --output_dir /root/keep/nan_probe 2>&1 | grep -o "'loss': '[^']*', 'grad_norm': '[^']*'\|error: .*" | tee -a "$OUT/nan_probe.log"
+        --output_dir /root/keep/nan_probe 2>&1 | grep -o "'loss': '[^']*', 'grad_norm': '[^']*'\|error: .*" | tee -a "$OUT/nan_probe_cli.log"
   done ;;
 speed-vllm)
   PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-420} python3 benchmarks/infer_speed.py --quick --engine vllm \
