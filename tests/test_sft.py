@@ -245,3 +245,19 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_broken_checkpoint(tiny
     for checkpoint in kept:  # saved every step: each one left is whole and finite
         weights = load_file(checkpoint / "adapter_model.safetensors")
         assert weights and all(bool(w.isfinite().all()) for w in weights.values()), checkpoint.name
+
+
+def test_a_run_that_diverges_after_a_resume_keeps_the_checkpoint_it_resumed_from(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from zhtune.train.callbacks import DivergenceGuard
+    for step in (100, 104):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    guard, state, control = DivergenceGuard(), TrainerState(global_step=100), TrainerControl()
+    guard.on_train_begin(None, state, control)  # resumed from checkpoint-100
+    state.global_step = 105
+    guard.on_log(None, state, control, logs={"loss": float("nan"), "grad_norm": float("nan")})
+    assert control.should_training_stop and not control.should_save
+    assert guard.remove_later_checkpoints(tmp_path) == ["checkpoint-104"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
+    assert "training diverged at step 105 (loss nan, grad_norm nan)" in guard.message(1e-4, ["checkpoint-104"])

@@ -61,6 +61,9 @@ class DivergenceGuard(TrainerCallback):
         self.finite_step = 0
         self.diverged: tuple[int, dict] | None = None  # (step, the non-finite values)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.finite_step = state.global_step  # a resumed run starts from its checkpoint's finite weights
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         bad = {key: logs[key] for key in self.KEYS
