@@ -97,7 +97,7 @@ def test_merged_seed_lora_checkpoint_answers_like_pt(tmp_path):
            "--model_name", "小黄", "Xiao Huang", "--model_author", "魔搭", "ModelScope",
            "--lora_target_modules", "EMBEDDING", "ALL", "lm_head", "--lora_modules_to_save", "LN",
            "--learning_rate", "1e-3", "--max_steps", "8", "--eval_steps", "8", "--batch_size", "4",
-           "--gradient_accumulation_steps", "1", "--identity_probe", "false", "--fast_path", "false", "--output_dir", str(tmp_path)]
+           "--gradient_accumulation_steps", "1", "--identity_probe", "false", "--output_dir", str(tmp_path)]
     assert subprocess.run(sft, capture_output=True, text=True, timeout=600).returncode == 0
     ckpt = next(tmp_path.glob("gemma3-270m/v0-*/checkpoint-8"))
     answers = {}
