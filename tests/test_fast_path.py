@@ -298,7 +298,7 @@ def test_checkpoint_planner_leaves_out_what_memory_allows(zhtune_log):
         def total(self):
             return 15 * gib  # budget 80%: 12 GiB -> 2 layers may go un-checkpointed
 
-    from zhtune.train.fast_path import decoder_layers
+    from zhtune.models.parts import decoder_layers
     model = tiny_model("gemma2", layers=4)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     memory = Memory()

@@ -145,11 +145,12 @@ def test_the_compiled_step_compiles_once_for_every_shape():
     from transformers import AutoModelForCausalLM
 
     from tiny_models import tiny_config
-    from zhtune.infer.batching import Scheduler, decoder_layers
+    from zhtune.infer.batching import Scheduler
+    from zhtune.models.parts import decoder_layers
     torch.manual_seed(0)
     config = tiny_config("gemma2", 4096, layers=6)  # sliding and full attention layers, alternating
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
-    layers = decoder_layers(model, 6)
+    layers = decoder_layers(model)
     assert layers is not None and len(layers) == 6
     torch._dynamo.reset()
     scheduler = Scheduler(model, max_slots=8, compile="0")

@@ -44,6 +44,7 @@ import torch
 from zhtune.infer.attention import grouped_attention, register as register_grouped_attention
 from zhtune.infer.decode_graphs import GraphedDecode
 from zhtune.log import logger, still_running
+from zhtune.models.parts import decoder_layers
 
 END = object()  # put on a stream's queue once the request is finished
 
@@ -663,8 +664,8 @@ class Scheduler:
         and a cache buffer one position longer than ever attended (SlotCache) so no slice is ever
         contiguous."""
         torch.fx.experimental._config.use_duck_shape = False
-        layers = decoder_layers(self.model, self.config.num_hidden_layers) if per_layer else None
-        if layers is None:
+        layers = decoder_layers(self.model) if per_layer else None
+        if layers is None or len(layers) != self.config.num_hidden_layers:
             return torch.compile(self._forward_decode, dynamic=True, backend=backend)
         run_layer = torch.compile(_run_layer, dynamic=True, backend=backend)
 
@@ -692,18 +693,6 @@ class Scheduler:
             first[0] = False
             return out.clone() if graphs else out
         return decode
-
-
-def decoder_layers(model, num_layers: int):
-    """The model's decoder layers (a ModuleList of `num_layers`), or None when not found."""
-    try:
-        decoder = model.get_decoder()
-    except Exception:  # noqa: BLE001
-        return None
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers) == num_layers:
-        return layers
-    return None
 
 
 def _run_layer(forward, *args, **kwargs):

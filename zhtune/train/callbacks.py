@@ -77,10 +77,10 @@ class DivergenceGuard(TrainerCallback):
 
     def remove_later_checkpoints(self, run_dir: Path) -> list[str]:
         """Delete checkpoint-N folders saved after the last finite log line; returns their names."""
+        import re
         import shutil
-        later = sorted((p for p in Path(run_dir).glob("checkpoint-*")
-                        if p.name.split("-")[-1].isdigit() and int(p.name.split("-")[-1]) > self.finite_step),
-                       key=lambda p: int(p.name.split("-")[-1]))
+        steps = {p: int(m[1]) for p in Path(run_dir).iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+        later = sorted((p for p, step in steps.items() if step > self.finite_step), key=steps.get)
         for path in later:
             shutil.rmtree(path)
         return [p.name for p in later]

@@ -23,6 +23,7 @@ import torch
 
 from zhtune.log import logger
 from zhtune.models.architectures import ARCHITECTURES, Architecture, get_architecture
+from zhtune.models.parts import base_model, decoder_layers
 
 from zhtune.train.loss import chunked_causal_lm_loss
 from zhtune.train.packing import FLEX_BLOCK, PackedCollator, PaddedCollator, pack_encoded
@@ -64,7 +65,7 @@ class FastPath:
         """The recipe's entry: a FastPath for this (already loaded, maybe PEFT-wrapped) model, or None
         for the exact plain path. Logs the one line."""
         fast = cls(packing=getattr(args, "packing", None) is not False)
-        enabled, _ = fast.decide(_base_model(model).config, device, args)
+        enabled, _ = fast.decide(base_model(model).config, device, args)
         return fast if enabled else None
 
     def decide(self, model_config, device: str, args) -> tuple[bool, str]:
@@ -172,7 +173,7 @@ class FastPath:
         hidden states for the chunked loss against the (possibly LoRA-wrapped) lm_head."""
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        base = _base_model(model)
+        base = base_model(model)
         decoder, head = base.get_decoder(), base.get_output_embeddings()
         captured = {}
 
@@ -196,10 +197,6 @@ class FastPath:
 
 
 # -- levers outside the loss ---------------------------------------------------------------------
-
-def decoder_layers(model):
-    return _base_model(model).get_decoder().layers
-
 
 def set_checkpointed_layers(model, n: int) -> list[int]:
     """Checkpoint only n of the decoder layers (spread evenly); the others keep their activations.
@@ -241,17 +238,6 @@ def compile_decoder_layers(model, part: str = "layer", **compile_kwargs) -> int:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-def _base_model(model):
-    """The transformers *ForCausalLM under DDP / accelerate / PEFT wrappers."""
-    seen = 0
-    while hasattr(model, "module") and seen < 5:  # DDP, DeepSpeed engine
-        model, seen = model.module, seen + 1
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
-    return model
-
 
 def _head_autocast(hidden: torch.Tensor):
     """The autocast the lm_head would have run under inside the model's forward.

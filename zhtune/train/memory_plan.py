@@ -12,7 +12,8 @@ from transformers import TrainerCallback
 
 from zhtune.log import logger
 
-from zhtune.train.fast_path import decoder_layers, set_checkpointed_layers
+from zhtune.models.parts import decoder_layers
+from zhtune.train.fast_path import set_checkpointed_layers
 
 
 def plan_checkpointed_layers(n_layers: int, peak_all: float, peak_probe: float, probe: int, budget: float) -> int:

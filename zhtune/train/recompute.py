@@ -24,7 +24,7 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from zhtune.train.fast_path import decoder_layers
+from zhtune.models.parts import decoder_layers
 from zhtune.train.fused_lora import _plain, add_lora_b
 
 _ATTR = "_zhtune_recompute"

@@ -54,9 +54,6 @@ def training_arguments(args, run_dir, *, world: int, bf16: bool, has_val: bool, 
     )
 
 
-FLEX_BLOCK = 128  # flex_attention's block size
-
-
 def plain_collator(tokenizer, model):
     """The plain path's collator: rows padded to the longest in the batch, labels with -100. A model on
     flex_attention gets batches padded to whole 128-token blocks: on a shorter batch inductor lowers
@@ -66,6 +63,7 @@ def plain_collator(tokenizer, model):
     from transformers import DataCollatorForSeq2Seq
 
     from zhtune.templates import IGNORE_INDEX
+    from zhtune.train.packing import FLEX_BLOCK
     flex = getattr(model.config, "_attn_implementation", None) == "flex_attention"
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                   pad_to_multiple_of=FLEX_BLOCK if flex else None)
