@@ -13,9 +13,13 @@ forward order) whose output was not finite and the parameters whose gradient was
 import argparse
 import itertools
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository's zhtune
 
 from zhtune.args import SftArguments, parse_args
 from zhtune.data import encode_rows, load_datasets

@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from zhtune.files import staged_file
+from zhtune.log import logger, still_running
 
 
 def memory_gib() -> float:
@@ -48,6 +49,38 @@ class JsonlLogger(TrainerCallback):
             self.last_time, self.last_tokens = now, tokens
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+HEARTBEAT_EVERY = 30.0  # seconds
+
+
+class StepHeartbeat(TrainerCallback):
+    """A training step that runs longer than `every` seconds (the first steps of a compiled run compile the
+    decoder layers: minutes on a GPU) logs "still in training step N (…s)" every `every` seconds, so a
+    long step never looks like a hang. `first_step_note`, if given, is logged as the first step starts."""
+
+    def __init__(self, every: float | None = None, first_step_note: str | None = None):
+        self.every, self.first_step_note = every or HEARTBEAT_EVERY, first_step_note
+        self._beat: still_running | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._beat is not None or not state.is_world_process_zero:
+            return
+        if self.first_step_note:
+            logger.info(self.first_step_note)
+            self.first_step_note = None
+        self._beat = still_running(f"in training step {state.global_step + 1}", every=self.every).__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._stop()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._beat is not None:
+            self._beat.__exit__(None, None, None)
+            self._beat = None
 
 
 class DivergenceGuard(TrainerCallback):

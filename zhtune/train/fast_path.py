@@ -118,7 +118,7 @@ class FastPath:
                      f"{args.max_length} tokens")
             multiple = self.pad_to_multiple_of
             if multiple is None:
-                multiple = _round_up(args.max_length, FLEX_BLOCK) if self._compiling() else FLEX_BLOCK
+                multiple = _round_up(args.max_length, FLEX_BLOCK) if self.compiles() else FLEX_BLOCK
             return rows, PackedCollator(pad_id=pad_id, pad_to_multiple_of=multiple)
         rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in items]
         return rows, PaddedCollator(pad_id=pad_id)
@@ -142,7 +142,7 @@ class FastPath:
             from zhtune.train.recompute import set_selective_recomputation
             if set_selective_recomputation(model):
                 applied.append("selective recomputation")
-        if self._compiling():
+        if self.compiles():
             compile_decoder_layers(model, "layer")
             applied.append("torch.compile per decoder layer")
         return applied
@@ -158,7 +158,7 @@ class FastPath:
             layer._compiled_call_impl = None
             layer.mlp._compiled_call_impl = None
 
-    def _compiling(self) -> bool:
+    def compiles(self) -> bool:
         return self.compile if self.compile is not None else self.device.startswith("cuda")
 
     # -- loss ------------------------------------------------------------------------------------

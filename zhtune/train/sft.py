@@ -199,7 +199,7 @@ def _pick_training_path(args, model, device):
 def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args, fast_path, device):
     import torch
 
-    from zhtune.train.callbacks import DivergenceGuard, JsonlLogger
+    from zhtune.train.callbacks import DivergenceGuard, JsonlLogger, StepHeartbeat
     from zhtune.train.trainer import ZhTrainer, argmax_logits, plain_collator, token_accuracy, training_arguments
 
     bf16 = next(model.parameters()).dtype == torch.bfloat16
@@ -218,6 +218,10 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
                         f"{trainer.accelerator.distributed_type}); nothing was trained.")
     trainer.add_callback(JsonlLogger(run_dir, trainer))
     trainer.add_callback(DivergenceGuard())
+    compiling = fast_path is not None and fast_path.compiles()
+    trainer.add_callback(StepHeartbeat(first_step_note="the first training steps compile the decoder layers "
+                                       "(torch.compile, one-time: minutes on a GPU; later steps are fast)"
+                                       if compiling else None))
     if fast_path is not None and args.gradient_checkpointing and device.startswith("cuda"):
         from zhtune.train.memory_plan import CheckpointPlanner
         trainer.add_callback(CheckpointPlanner(model))
