@@ -143,6 +143,31 @@ def bs1_scheduler(scheduler, prompt, new_tokens):
             "decode_tokens_per_s": round((len(r.generated) - 1) / decode_s, 1)}, r.generated
 
 
+def profile_bs1(scheduler, prompt, new_tokens, device):
+    """torch.profiler over one batch-1 request: how much of the decode wall time the GPU is busy, and the
+    kernels (CUDA graph replays included) that take that time, as a table in the log and a summary."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        a, _ = bs1_scheduler(scheduler, prompt, new_tokens)
+    events = prof.key_averages()
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
+    busy_us = sum(device_us(e) for e in kernels)
+    wall_us = a["new_tokens"] / a["decode_tokens_per_s"] * 1e6 if a["decode_tokens_per_s"] else 0
+    say(f"profile, batch 1, {a['new_tokens']} new tokens: {a['decode_tokens_per_s']} tokens/s; GPU busy "
+        f"{busy_us / max(a['new_tokens'], 1) / 1000:.2f} ms per token of {wall_us / max(a['new_tokens'], 1) / 1000:.2f} ms")
+    top = [{"name": e.key[:120], "calls": e.count, "device_ms": round(device_us(e) / 1000, 2),
+            "share": round(device_us(e) / busy_us, 3) if busy_us else None} for e in kernels[:25]]
+    for row in top:
+        say(f"  {row['device_ms']:9.2f} ms {row['share'] or 0:6.1%} x{row['calls']:<6} {row['name']}")
+    return {"decode_tokens_per_s": a["decode_tokens_per_s"], "new_tokens": a["new_tokens"],
+            "gpu_busy_ms_per_token": round(busy_us / max(a["new_tokens"], 1) / 1000, 3),
+            "wall_ms_per_token": round(wall_us / max(a["new_tokens"], 1) / 1000, 3), "top_kernels": top}
+
+
 # -- transformers' generate ---------------------------------------------------------------------------
 
 def hf_generate(model, device, batch, max_new_tokens):
@@ -274,6 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["bs1", "match", "batched", "hf"])
     ap.add_argument("--engine", choices=["pt", "vllm"], default="pt",
                     help="pt: zhtune's scheduler against HF generate (default); vllm: vllm on the same workloads")
+    ap.add_argument("--profile", action="store_true", help="also profile batch-1 decoding (torch.profiler): "
+                    "GPU busy share of the wall time and the kernels that take it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     setup_logging()  # the scheduler's own lines: compilation heartbeat, captures
@@ -338,7 +365,26 @@ def main(argv=None) -> int:
         results["bs1_decode_tokens_per_s"], results["bs1_ttft_s"] = a["decode_tokens_per_s"], a["ttft_s"]
         results["bs1_share_of_limit"] = round(a["decode_tokens_per_s"] / results["bs1_bandwidth_limit_tokens_per_s"], 3)
         say(f"(a) batch 1, prompt {len(bs1_prompt)} + {a['new_tokens']} new: {a['decode_tokens_per_s']} tokens/s "
-            f"({results['bs1_share_of_limit']:.0%} of the limit), TTFT {a['ttft_s'] * 1000:.0f} ms")
+            f"({results['bs1_share_of_limit']:.0%} of the limit), TTFT {a['ttft_s'] * 1000:.0f} ms "
+            f"(greedy runs of {scheduler.greedy_run} steps per host read)")
+        run, scheduler.greedy_run = scheduler.greedy_run, 1  # the same, reading each token on the host
+        single, _ = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])
+        scheduler.greedy_run = run
+        results["bs1_one_step_per_read"] = single
+        say(f"(a) batch 1, one host read per step: {single['decode_tokens_per_s']} tokens/s")
+        if scheduler.min_rows > 1:  # the step at 1 row (a GEMV; one more compilation) instead of min_rows rows
+            rows, scheduler.min_rows = scheduler.min_rows, 1
+            t = time.perf_counter()
+            bs1_scheduler(scheduler, bs1_prompt, 8)
+            one_row, _ = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])
+            scheduler.min_rows = rows
+            one_row["compile_and_capture_s"] = round(time.perf_counter() - t, 1)
+            results["bs1_one_row"] = one_row
+            say(f"(a) batch 1 decoded as 1 row instead of {rows}: {one_row['decode_tokens_per_s']} tokens/s "
+                f"(its compilation and captures {one_row['compile_and_capture_s']}s)")
+        if args.profile:
+            save()  # kept should the profiler fail
+            results["bs1_profile"] = profile_bs1(scheduler, bs1_prompt, 64, device)
         if "hf" not in args.skip:
             h = bs1_hf(model, device, bs1_prompt, profile["hf_bs1_new"])
             results["hf_generate_bs1"] = h

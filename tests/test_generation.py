@@ -246,6 +246,35 @@ def test_per_request_max_new_tokens_and_stop(tiny, prompts):
     assert (one.finish_reason, one.completion_tokens) == ("length", 1) or first == 0
 
 
+def test_greedy_runs_give_the_tokens_of_single_steps_with_one_host_read_per_run(tiny, prompts):
+    """Greedy steps run back to back (the next token fed on the device, the host reading a run's tokens once):
+    the same tokens as one step at a time and as `generate`, with a stop token inside a run, replies of
+    different lengths ending mid-run, and key buckets crossed (32 keys per bucket on the CPU); far fewer
+    host reads than steps."""
+    from zhtune.infer.batching import Request, Scheduler
+    model, _ = tiny
+    long_prompt = prompts[3]  # 40 tokens: its keys cross the 64-key bucket boundary while decoding
+    stop = hf_tokens(model, long_prompt, 30, stop_ids=[])[13]
+    cases = [(long_prompt, 30), (prompts[0], 19), (prompts[1], 7), (prompts[5], 26)]
+    results = {}
+    for run in (1, 8):
+        scheduler = Scheduler(model, max_slots=4, compile="0", greedy_run=run)
+        scheduler.stop_ids = frozenset([stop])
+        requests = [Request(list(p), n) for p, n in cases]
+        for r in requests:
+            scheduler.submit(r)
+        results[run] = ([r.result(timeout=60) for r in requests], [r.finish_reason for r in requests],
+                        dict(scheduler.stats))
+        scheduler.close()
+    assert results[8][:2] == results[1][:2]
+    for (p, n), tokens in zip(cases, results[8][0]):
+        assert tokens == hf_tokens(model, p, n, stop_ids=[stop])
+    assert results[8][1][0] == "stop" and len(results[8][0][0]) == 14  # stopped inside a run
+    single, runs = results[1][2], results[8][2]
+    assert single["decode_reads"] == single["decode_steps"]
+    assert runs["decode_reads"] * 3 < runs["decode_steps"], runs
+
+
 def test_mixed_settings_from_threads(tiny, tiny_engine, prompts):
     """Greedy and sampled requests with their own max_new_tokens and seeds, interleaved: each as asked."""
     model, _ = tiny

@@ -231,7 +231,7 @@ class Scheduler:
 
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None, granularity: int | None = None,
                  compile: str | bool | None = None, cache_budget_bytes: int | None = None,
-                 prefill_tokens: int | None = None):
+                 prefill_tokens: int | None = None, greedy_run: int = 8):
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.model.config
         self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -264,6 +264,8 @@ class Scheduler:
         self.min_rows = 2 if self.compile_mode == "graphs" and on_gpu else 1
         # padded prompt tokens per prefill forward
         self.prefill_tokens = prefill_tokens or (8192 if on_gpu else 1024)
+        # greedy decode steps run back to back, their tokens read on the host once per run (see _greedy_run)
+        self.greedy_run = greedy_run
         self.pending: list[Request] = []
         self.active: dict[int, Request] = {}
         self.jobs: list[tuple] = []
@@ -271,7 +273,8 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self._closing = False
         self.steps = 0
-        self.stats = {"decode_steps": 0, "decode_tokens": 0, "prefill_tokens": 0, "prefill_forwards": 0}
+        self.stats = {"decode_steps": 0, "decode_tokens": 0, "decode_reads": 0, "prefill_tokens": 0,
+                      "prefill_forwards": 0}
 
     # -- public, any thread ---------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -478,8 +481,11 @@ class Scheduler:
         kv_len = self._kv_bucket(max(positions) + 1)
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
-        logits = self._run_decode(ids, pos, self._kv_index(kv_len)).float()
         requests = list(self.active.items())
+        run = self._greedy_run_length(requests, kv_len - max(positions))
+        if run > 1:
+            return self._greedy_run(requests, ids, pos, kv_len, run)
+        logits = self._run_decode(ids, pos, self._kv_index(kv_len)).float()
         plain = [s for s, r in requests if r.greedy and r.repetition_penalty == 1.0]
         chosen = {}
         if plain:
@@ -489,10 +495,46 @@ class Scheduler:
             if slot not in chosen:
                 chosen[slot] = int(choose_token(logits[slot], request))
         self.stats["decode_steps"] += 1
+        self.stats["decode_reads"] += 1
         self.stats["decode_tokens"] += len(requests)
         for slot, request in requests:
             request.position += 1
             self._append(request, chosen[slot])
+
+    def _greedy_run_length(self, requests, keys_left: int) -> int:
+        """How many decode steps to run back to back: up to `greedy_run` while every active request is plain
+        greedy and none waits for a slot, never past a request's last token, `max_len`, or the key bucket
+        (`keys_left` positions before the longest row needs more keys: another compiled shape)."""
+        if self.greedy_run < 2 or self.pending or not all(r.greedy and r.repetition_penalty == 1.0
+                                                          for _, r in requests):
+            return 1
+        left = [r.max_new_tokens - len(r.generated) for _, r in requests]
+        if self.max_len:
+            left += [self.max_len - r.position for _, r in requests]
+        return max(1, min(self.greedy_run, keys_left, *left))
+
+    def _greedy_run(self, requests, ids, pos, kv_len: int, n: int):
+        """n greedy decode steps, each fed the previous step's argmax on the device, with one host read of
+        all n tokens at the end: the GPU never waits for the host between steps (per step the host only
+        queues work: two copies and a graph replay). The same computations as n single steps, so the same
+        tokens; a request that stops inside the run has its later tokens dropped (they only wrote keys past
+        its end, which nothing attends to)."""
+        kv_index = self._kv_index(kv_len)
+        live = torch.tensor([int(slot in self.active) for slot in range(ids.shape[0])], device=self.device)[:, None]
+        picks = []
+        for _ in range(n):
+            token = self._run_decode(ids, pos, kv_index).float().argmax(-1)
+            picks.append(token)
+            ids, pos = token[:, None], pos + live  # rows without a request stay at position 0
+        chosen = torch.stack(picks).tolist()  # the run's one wait for the device
+        self.stats["decode_steps"] += n
+        self.stats["decode_reads"] += 1
+        for step in chosen:
+            for slot, request in requests:
+                if self.active.get(slot) is request:  # not finished earlier in this run
+                    self.stats["decode_tokens"] += 1
+                    request.position += 1
+                    self._append(request, step[slot])
 
     def _append(self, request: Request, token: int):
         request.generated.append(token)
