@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_train_speed.sh bench           # ~8 min: baseline, eager_packed, hf_best and the compiled levers
 #   bash scripts/gpu_train_speed.sh levers engines  # ~8 min: the eager levers; ZeRO-2, ZeRO-3, FSDP2 via zhtune sft
+#   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each)
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_levers.json + .log (levers), engines.json + .log.
@@ -113,7 +114,7 @@ with open(data, "w", encoding="utf-8") as f:
 print(f"[engines] {len(shapes)} chat rows in {data}")
 PY
     local port=29511 name flag
-    for name in zero2 zero3 fsdp2; do
+    for name in ${ENGINES:-zero2 zero3 fsdp2}; do
         case $name in
             zero2) flag="--deepspeed default-zero2" ;;
             zero3) flag="--deepspeed default-zero3" ;;

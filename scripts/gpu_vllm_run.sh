@@ -87,7 +87,8 @@ merged)
   PYTHONUNBUFFERED=1 timeout ${SFT_TIMEOUT:-420} python3 -m zhtune sft --model_type gemma3-270m --dataset self-cognition#200 zh-instruct \
       --model_name 小黄 "Xiao Huang" --model_author 魔搭 ModelScope --lora_target_modules EMBEDDING ALL lm_head \
       --lora_modules_to_save LN --learning_rate 1e-3 --num_train_epochs 2 --batch_size 8 --eval_steps 50 \
-      --identity_probe false ${MERGED_SFT_FLAGS:-} --output_dir $run 2>&1 | grep -v "it/s" | tail -15 | tee "$OUT/merged_sft.log"
+      --identity_probe false ${MERGED_SFT_FLAGS:-} --output_dir $run 2>&1 | grep -v "it/s" | tee "$OUT/merged_sft_full.log" \
+      | tail -15 | tee "$OUT/merged_sft.log"  # full log: TORCH_LOGS=recompiles shows what the first step compiles
   ckpt=$(grep -o "last checkpoint: .*" "$OUT/merged_sft.log" | tail -1 | cut -d' ' -f3)
   [ -d "$ckpt" ] || { echo "merged: no checkpoint found (sft cut by its ${SFT_TIMEOUT:-420} s limit or failed)"
                       echo "merged: no checkpoint found ($(find $run -maxdepth 3 | head))"; exit 1; }
