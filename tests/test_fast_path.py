@@ -47,7 +47,7 @@ def n_targets(items) -> int:
 
 
 class _Args:
-    fast_path, packing, deepspeed, max_length, dataset_seed = True, None, None, 64, 42
+    fast_path, packing, deepspeed, max_length, dataset_seed, batch_size = True, None, None, 64, 42, 1
 
 
 # -- packing -----------------------------------------------------------------------------------------
@@ -257,12 +257,14 @@ def test_prepare_model_and_data_levers():
     assert all(m.cast_input_dtype_enabled for m in lora_layers)
     items = samples([20, 11])
     assert fast.prepare_data(items, _Args())[1](pack_encoded(items, 64))["input_ids"].shape == (1, 128)
-    fast.compile = True  # one fixed shape for torch.compile: every row padded to --max_length
-    _Args.max_length = 256
+    fast.compile = True  # one fixed shape for torch.compile: every micro-batch padded to --batch_size x --max_length
+    _Args.max_length, _Args.batch_size = 256, 2
     try:
-        assert fast.prepare_data(items, _Args())[1](pack_encoded(items, 256))["input_ids"].shape == (1, 256)
+        rows, collator = fast.prepare_data(samples([200, 180, 150]), _Args())
+        assert len(rows) == 3  # a full micro-batch of two rows, and the epoch's short last one: the same shape
+        assert collator(rows[:2])["input_ids"].shape == collator(rows[2:])["input_ids"].shape == (1, 512)
     finally:
-        _Args.max_length = 64
+        _Args.max_length, _Args.batch_size = 64, 1
 
 
 def test_fused_lora_and_selective_recompute_levers_apply_and_undo():

@@ -273,6 +273,30 @@ def test_a_long_training_step_says_it_is_alive(tiny_models, tmp_path, capsys, mo
     assert len(first) >= 3 and int(first[-1].split("s")[0]) >= 2, beats  # every 0.4 s through the 2.5 s step
 
 
+def test_a_compiled_run_compiles_once_however_full_its_micro_batches(tiny_models, tmp_path, monkeypatch, capsys):
+    """The fast path compiles the decoder layers (on a GPU); a micro-batch of another shape compiles them again.
+    On the H200 the embedded model's first step took 332 s: its micro-batches of 8 packed rows and the epoch's
+    short last one (2 rows) had two shapes. Every micro-batch now has one shape (--batch_size x --max_length),
+    so one graph serves the whole run (dynamo's eager backend here: the graphs are counted, not built)."""
+    import torch._dynamo
+
+    import zhtune.train.fast_path as fast_path
+    monkeypatch.setattr(fast_path.FastPath, "compiles", lambda self: True)
+    compile_layers = fast_path.compile_decoder_layers
+    monkeypatch.setattr(fast_path, "compile_decoder_layers",
+                        lambda model, part="layer": compile_layers(model, part, backend="eager"))
+    data = write_chat_jsonl(tmp_path / "train.jsonl", 24)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    code = main(["sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset", str(data), "--fast_path", "true",
+                 "--max_length", "128", "--batch_size", "4", "--gradient_accumulation_steps", "1",
+                 "--num_train_epochs", "2", "--output_dir", str(tmp_path / "out"), "--dataset_test_ratio", "0",
+                 "--identity_probe", "false"])
+    err = capsys.readouterr().err
+    assert code == 0 and "packing: 24 samples into 6 rows of at most 128 tokens" in err, err[-2000:]  # 4 + 2 rows
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+
+
 def test_a_run_that_diverges_after_a_resume_keeps_the_checkpoint_it_resumed_from(tmp_path):
     from transformers import TrainerControl, TrainerState
 

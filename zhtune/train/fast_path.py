@@ -51,7 +51,7 @@ def attn_implementation(arch: Architecture | None, device: str) -> str | None:
 class FastPath:
     packing: bool = True
     chunk_size: int = 1024
-    pad_to_multiple_of: int | None = None  # None: --max_length when compiling (one shape), else 128
+    pad_to_multiple_of: int | None = None  # None: --batch_size x --max_length when compiling (one shape), else 128
     compile: bool | None = None  # None: on a GPU
     bf16_lora_inputs: bool = True
     fused_lora: bool = False  # one matmul for the LoRA-A of q/k/v and of gate/up (train/fused_lora.py)
@@ -117,8 +117,10 @@ class FastPath:
             logger.info(f"packing: {len(items)} samples into {len(rows)} rows of at most "
                      f"{args.max_length} tokens")
             multiple = self.pad_to_multiple_of
-            if multiple is None:
-                multiple = _round_up(args.max_length, FLEX_BLOCK) if self.compiles() else FLEX_BLOCK
+            if multiple is None:  # compiled: every micro-batch one shape, a short last one included (one
+                # compilation: on the H200 a second shape cost the embedded model's first step minutes)
+                multiple = _round_up(args.max_length, FLEX_BLOCK) * max(1, getattr(args, "batch_size", 1) or 1) \
+                    if self.compiles() else FLEX_BLOCK
             return rows, PackedCollator(pad_id=pad_id, pad_to_multiple_of=multiple)
         rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in items]
         return rows, PaddedCollator(pad_id=pad_id)
