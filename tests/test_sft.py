@@ -247,9 +247,10 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_broken_checkpoint(tiny
         assert weights and all(bool(w.isfinite().all()) for w in weights.values()), checkpoint.name
 
 
-def test_a_long_training_step_says_it_is_alive(tiny_models, tmp_path, capsys, monkeypatch):
-    """The first step of a compiled run compiles for minutes (5.5 on the H200 for the embedded model): a step
-    longer than the heartbeat interval logs "still in training step N (seconds)" while it runs."""
+def test_a_long_training_step_and_evaluation_say_they_are_alive(tiny_models, tmp_path, capsys, monkeypatch):
+    """The first step of a compiled run compiles for minutes (5.5 on the H200 for the embedded model), the first
+    evaluation too: a step or an evaluation longer than the heartbeat interval logs "still in training step N
+    (seconds)" / "still evaluating at step N (seconds)" while it runs."""
     import time
 
     from zhtune.train import callbacks
@@ -262,15 +263,22 @@ def test_a_long_training_step_says_it_is_alive(tiny_models, tmp_path, capsys, mo
             time.sleep(2.5)
         return original(self, *args, **kwargs)
     monkeypatch.setattr(ZhTrainer, "training_step", slow_first_step)
-    data = write_chat_jsonl(tmp_path / "train.jsonl", 8)
+    evaluate = ZhTrainer.evaluation_loop
+
+    def slow_evaluation(self, *args, **kwargs):
+        time.sleep(1.2)
+        return evaluate(self, *args, **kwargs)
+    monkeypatch.setattr(ZhTrainer, "evaluation_loop", slow_evaluation)
+    data = write_chat_jsonl(tmp_path / "train.jsonl", 10)
     code = main(["sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset", str(data), "--max_steps", "3",
                  "--batch_size", "2", "--gradient_accumulation_steps", "1", "--output_dir", str(tmp_path / "out"),
-                 "--dataset_test_ratio", "0", "--identity_probe", "false"])
+                 "--dataset_test_ratio", "0.2", "--eval_steps", "3", "--identity_probe", "false"])
     err = capsys.readouterr().err
     assert code == 0, err[-2000:]
     beats = [line for line in err.splitlines() if "still in training step" in line]
     first = [line.split("still in training step 1 (")[1] for line in beats if "still in training step 1 (" in line]
     assert len(first) >= 3 and int(first[-1].split("s")[0]) >= 2, beats  # every 0.4 s through the 2.5 s step
+    assert any("still evaluating at step 3 (" in line for line in err.splitlines()), err[-2000:]
 
 
 def test_a_compiled_run_compiles_once_however_full_its_micro_batches(tiny_models, tmp_path, monkeypatch, capsys):

@@ -174,6 +174,13 @@ class ZhTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
+    def evaluate(self, *args, **kwargs):
+        """An evaluation longer than the heartbeat interval (the first one compiles on a GPU) says it is alive."""
+        from zhtune.log import still_running
+        from zhtune.train import callbacks
+        with still_running(f"evaluating at step {self.state.global_step}", every=callbacks.HEARTBEAT_EVERY):
+            return super().evaluate(*args, **kwargs)
+
     # -- checkpoints -----------------------------------------------------------------------------
     def _get_output_dir(self, trial):
         base = super()._get_output_dir(trial)
