@@ -3,7 +3,8 @@
 On the H200 (2026-11-29) the seed's LoRA on the embedded Gemma 3 270M (bf16, `--fast_path false`, batch 8)
 had grad_norm nan from its first logged step on; the same command on a CPU trains with finite norms. This
 runs the seed's first batches through the same model, LoRA and collator, one variant at a time
-(attention sdpa / eager x padding left / right x gradient checkpointing on / off), a few AdamW steps each,
+(attention sdpa / eager x padding left / right x gradient checkpointing on / off x the Trainer's optimizer
+or torch's plain AdamW), a few AdamW steps each,
 and prints per step the loss and gradient norm, and at the first non-finite value the first module (in
 forward order) whose output was not finite and the parameters whose gradient was not.
 
@@ -65,7 +66,27 @@ def first_non_finite_module(model, batch, device) -> str:
     return found[0] if found else "none (forward finite: the nan is in the backward)"
 
 
-def run_variant(cli, attention: str, padding_side: str, checkpointing: bool, steps: int, device: str) -> None:
+def make_optimizer(model, args, kind: str):
+    """plain: torch's AdamW (foreach) on every trainable parameter, weight decay on all. trainer: what
+    `zhtune sft`'s Trainer builds (its default optimizer, adamw_torch_fused on a GPU, weight decay off for
+    biases and norms)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if kind == "plain":
+        return torch.optim.AdamW([p for _, p in trainable], lr=args.learning_rate, weight_decay=args.weight_decay)
+    from transformers import Trainer, TrainingArguments
+    hf = TrainingArguments(output_dir="/tmp/nan_probe_args", learning_rate=args.learning_rate,
+                           weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+                           adam_epsilon=args.adam_epsilon, report_to=[])
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(hf, model)
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+    print(f"[probe] trainer optimizer: {cls.__name__} {kwargs}", flush=True)
+    return cls(groups, **kwargs)
+
+
+def run_variant(cli, attention: str, padding_side: str, checkpointing: bool, steps: int, device: str,
+                optimizer_kind: str = "plain") -> None:
     args = parse_args(SftArguments, cli + ["--gradient_checkpointing", str(checkpointing).lower()])
     resolved = resolve_from_args(args)
     torch.manual_seed(args.seed)
@@ -75,9 +96,8 @@ def run_variant(cli, attention: str, padding_side: str, checkpointing: bool, ste
     model = _wrap_model(args, resolved, model)
     model.train()
     collate = plain_collator(tokenizer, model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
-    name = f"attention={attention} padding={padding_side} checkpointing={checkpointing}"
+    optimizer = make_optimizer(model, args, optimizer_kind)
+    name = f"attention={attention} padding={padding_side} checkpointing={checkpointing} optimizer={optimizer_kind}"
     for step, rows in enumerate(batches(args, tokenizer, get_template(resolved.template, tokenizer), steps,
                                         padding_side), 1):
         batch = collate(rows)
@@ -105,11 +125,11 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run variants whose name contains this, e.g. 'sdpa'")
     options = parser.parse_args()
     start = time.time()
-    for attention, padding_side, checkpointing in itertools.product(("sdpa", "eager"), ("left", "right"),
-                                                                    (True, False)):
-        if options.only and options.only not in f"{attention} {padding_side} {checkpointing}":
+    for kind, attention, padding_side, checkpointing in itertools.product(
+            ("trainer", "plain"), ("sdpa", "eager"), ("left", "right"), (True, False)):
+        if options.only and options.only not in f"{attention} {padding_side} {checkpointing} {kind}":
             continue
-        run_variant(SEED_SFT, attention, padding_side, checkpointing, options.steps, options.device)
+        run_variant(SEED_SFT, attention, padding_side, checkpointing, options.steps, options.device, kind)
     print(f"[probe] done in {time.time() - start:.0f}s")
 
 

@@ -13,7 +13,7 @@
 #                                                 # runs while the staging calls copy (run those under `nice`)
 #   bash scripts/gpu_vllm_run.sh speed-collect N  # waits up to N s for it, then copies its log and JSON to $OUT
 #   bash scripts/gpu_vllm_run.sh speed-stop       # stops it (what it wrote so far goes to $OUT)
-#   bash scripts/gpu_vllm_run.sh nan-probe        # the plain training path's nan on the GPU: 8 variants x 6 steps (~2 min)
+#   bash scripts/gpu_vllm_run.sh nan-probe        # the plain training path's nan on the GPU: 16 variants x 6 steps (~2 min)
 #   bash scripts/gpu_vllm_run.sh nan-probe-cli    # the same through zhtune sft: 5 flag variants x 6 steps (~3 min)
 #   bash scripts/gpu_vllm_run.sh speed-vllm       # infer_speed.py --quick --engine vllm: vllm on the same workloads
 # Carry .carry (pytest wheels + the benchmark files as bench.tar.xz) in the call that runs a step (not speed-*).
@@ -103,7 +103,7 @@ merged)
   done
   grep -o '"tie_word_embeddings": [a-z]*' "$ckpt-merged/config.json" | tee -a "$OUT/merged_eval_vllm.log"
   diff "$OUT/merged_infer_vllm.txt" "$OUT/merged_infer_pt.txt" && echo "merged checkpoint: vllm and pt replies identical" ;;
-nan-probe)  # the plain path's nan on the H200 (2026-11-29): sdpa/eager x left/right padding x checkpointing, 6 steps each
+nan-probe)  # the plain path's nan on the H200 (2026-11-29): sdpa/eager x left/right x checkpointing x optimizer, 6 steps each
   PYTHONUNBUFFERED=1 timeout 300 python3 scripts/gpu_probe_training_nan.py --steps 6 2>&1 | grep "probe" \
       | tee "$OUT/nan_probe.log" ;;
 nan-probe-cli)  # the same question through `zhtune sft`: the seed's LoRA, 6 steps per variant
