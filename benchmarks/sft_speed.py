@@ -45,12 +45,16 @@ checkpointed (the seed's --gradient_checkpointing true) unless the variant says 
     selective       chunked_nocast + selective recomputation in the layers not checkpointed whole (norms, GeGLU
                     activation and down_proj's LoRA input recomputed; zhtune/train/recompute.py) + ckpt_auto's plan
     fused_selective fused_lora + selective (+ the plan)
+    closs           chunked_nocast + the chunked loss's per-chunk arithmetic through torch.compile (compile_loss)
     compiled_all    chunked_nocast + torch.compile of each decoder layer (regional), every layer checkpointed
     compiled        compiled_all + only as many layers checkpointed as --mem_budget_gib needs (planned compiled)
     compiled_nockpt compiled_all with no layer checkpointed (no recomputation; needs ~90 GiB: an H200, not an H100)
     compiled_fused_all        compiled_all + fused LoRA-A (selective recomputation on, but idle: every layer is
                               checkpointed whole)
     compiled_fused_selective  compiled + fused LoRA-A + selective recomputation (+ the plan)
+    compiled_fused_all_closs, compiled_fused_selective_closs
+                              the two above + the chunked loss's per-chunk arithmetic through torch.compile
+                              (FastPath.compile_loss: its ~10 elementwise fp32 passes over the logits fused)
 All run under bf16 autocast, as transformers' Trainer does with bf16=True. The optimizer step (AdamW
 on ~32M LoRA parameters, a few ms) is outside the timed region for every variant alike. The variants
 that end with transformers' loss (baseline, eager_packed, hf_best, packed_full) keep PEFT's default
@@ -114,7 +118,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # What each variant changes from the fast path's defaults (packed rows, the fast attention, chunked loss,
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
-                    compiled=False, ckpt="all", liger=False)
+                    compiled=False, ckpt="all", liger=False, closs=False)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
     "eager_packed": dict(attn="eager", loss="full", cast=True),
@@ -127,6 +131,7 @@ VARIANT_SPECS = {
     "fused_lora": dict(fused=True),
     "selective": dict(selective=True, ckpt="plan"),
     "fused_selective": dict(fused=True, selective=True, ckpt="plan"),
+    "closs": dict(closs=True),
     "compiled_all": dict(compiled=True),
     "compiled": dict(compiled=True, ckpt="plan"),
     "compiled_nockpt": dict(compiled=True, ckpt="none"),
@@ -134,6 +139,9 @@ VARIANT_SPECS = {
     # is on only so that compiled_fused_selective's graphs of checkpointed layers serve it too
     "compiled_fused_all": dict(compiled=True, fused=True, selective=True),
     "compiled_fused_selective": dict(compiled=True, fused=True, selective=True, ckpt="plan"),
+    # + the chunked loss's per-chunk arithmetic compiled (FastPath.compile_loss; zhtune/train/loss.py)
+    "compiled_fused_all_closs": dict(compiled=True, fused=True, selective=True, closs=True),
+    "compiled_fused_selective_closs": dict(compiled=True, fused=True, selective=True, ckpt="plan", closs=True),
 }
 VARIANTS = list(VARIANT_SPECS)
 REFERENCES = ("baseline", "eager_packed", "hf_best")  # the results report x each of these
@@ -514,8 +522,9 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
     if spec["loss"] == "full":
         step = baseline_step if spec["data"] == "samples" else packed_full_step
     else:
-        step = make_chunked_step(fast if spec["chunk"] is None else FastPath(chunk_size=spec["chunk"],
-                                                                               softcap=fast.softcap))
+        chunked = fast if spec["chunk"] is None else FastPath(chunk_size=spec["chunk"], softcap=fast.softcap)
+        chunked.compile_loss = spec["closs"]
+        step = make_chunked_step(chunked)
     repeat = 1 if spec["data"] == "samples" else args.slow_repeat if spec["loss"] == "full" else args.repeat
     batches = work.batches[:1] + work.batches * repeat
     n_layers = n_layers_of(model)

@@ -18,7 +18,7 @@ def test_sft_speed_smoke(tmp_path, capsys):
     results = json.loads(out.read_text())
     variants = results["variants"]
     assert set(variants) == {"baseline", "eager_packed", "hf_best", "packed_full", "chunked", "chunked_nocast",
-                             "mem_lean", "ckpt_auto", "fused_lora", "selective", "fused_selective"}
+                             "mem_lean", "ckpt_auto", "fused_lora", "selective", "fused_selective", "closs"}
     assert variants["hf_best"] == {"skipped": "needs a GPU"}
     for name, r in variants.items():
         if name == "hf_best":

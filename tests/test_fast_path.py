@@ -87,9 +87,10 @@ def test_collators():
 
 # -- the chunked loss --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("softcap", [30.0, None])
-@pytest.mark.parametrize("lora_head", [False, True])
-def test_chunked_loss_equals_full_logits_softcapped_ce(softcap, lora_head):
+@pytest.mark.parametrize("softcap,lora_head,compiled", [(30.0, False, False), (None, False, False), (30.0, True, False),
+                                                       (None, True, False), (30.0, True, True)])
+def test_chunked_loss_equals_full_logits_softcapped_ce(softcap, lora_head, compiled):
+    """compiled: the per-chunk arithmetic through torch.compile (inductor), the `compile_loss` lever."""
     torch.manual_seed(0)
     head = nn.Linear(16, 50, bias=False)
     nn.init.normal_(head.weight, std=2.0)  # logits well past the softcap, so the cap matters
@@ -114,14 +115,15 @@ def test_chunked_loss_equals_full_logits_softcapped_ce(softcap, lora_head):
         plain = full_logits_loss(head(hidden), labels, None)[0]
         assert abs(float(plain - ref)) > 1.0
     for chunk in (5, 1024):
-        loss, n = chunked_causal_lm_loss(hidden, head, labels, softcap, chunk_size=chunk)
+        loss, n = chunked_causal_lm_loss(hidden, head, labels, softcap, chunk_size=chunk, compiled=compiled)
         assert n == n_ref == int((labels[:, 1:] != IGNORE_INDEX).sum())
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
         grads = torch.autograd.grad(loss * 0.5, [hidden] + params)  # the incoming gradient scales
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, 0.5 * r, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, softcap, chunk_size=7)[0], ref.detach())
+        torch.testing.assert_close(chunked_causal_lm_loss(hidden, head, labels, softcap, chunk_size=7,
+                                                          compiled=compiled)[0], ref.detach())
 
 
 # -- FastPath vs the exact plain path ----------------------------------------------------------------

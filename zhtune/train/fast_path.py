@@ -12,8 +12,8 @@ Switches (each measured in benchmarks/RESULTS.md): `packing` (--packing), `chunk
 and levers on the model that `prepare_model` applies and `restore_model` undoes:
 `compile` (torch.compile of each decoder layer; GPU only), `bf16_lora_inputs` (no fp32 copy of
 each LoRA input under bf16 autocast), and, off until measured on a GPU (issue 16), `fused_lora`
-(train/fused_lora.py) and `selective_recompute` (train/recompute.py). `set_checkpointed_layers` checkpoints only as many decoder
-layers as memory needs.
+(train/fused_lora.py), `selective_recompute` (train/recompute.py) and `compile_loss` (train/loss.py).
+`set_checkpointed_layers` checkpoints only as many decoder layers as memory needs.
 """
 
 import contextlib
@@ -56,6 +56,7 @@ class FastPath:
     bf16_lora_inputs: bool = True
     fused_lora: bool = False  # one matmul for the LoRA-A of q/k/v and of gate/up (train/fused_lora.py)
     selective_recompute: bool = False  # norms/activations recomputed in un-checkpointed layers (train/recompute.py)
+    compile_loss: bool = False  # the chunked loss's per-chunk arithmetic through torch.compile (train/loss.py)
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
     device: str = "cpu"  # set by decide()
 
@@ -191,7 +192,8 @@ class FastPath:
         softcap = getattr(base.config, "final_logit_softcapping", None)
         hidden = captured["hidden"]
         with _head_autocast(hidden):
-            loss_sum, n_tokens = chunked_causal_lm_loss(hidden, head, labels, softcap, self.chunk_size)
+            loss_sum, n_tokens = chunked_causal_lm_loss(hidden, head, labels, softcap, self.chunk_size,
+                                                        compiled=self.compile_loss)
         denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
         if torch.is_tensor(denominator):
             denominator = denominator.to(loss_sum.device)
