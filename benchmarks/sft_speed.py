@@ -355,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk_size", type=int, default=1024)
     ap.add_argument("--mem_budget_gib", type=float, default=70.0, help="the planned variants' memory budget")
     ap.add_argument("--check", default="true", choices=["true", "false"], help="exactness check of every variant")
+    ap.add_argument("--profile", default="", help="comma-separated variants to profile for one more step "
+                    "(torch.profiler): device time by kind of kernel (matmul, attention, compiled, eager elementwise) "
+                    "and the top kernels, in the log and the JSON")
     ap.add_argument("--check_compiled", default="true", choices=["true", "false"],
                     help="also check the compiled variants (recompiles their layers once for dropout 0)")
     ap.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled variants "
@@ -562,6 +565,8 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
         r = {"seconds": secs, "peak_gib": peak, "passes": 1 if spec["data"] == "samples" else repeat,
              "note": "; ".join(n for n in note if n)}
         on_timed(r)
+        if name in args.profile.split(","):
+            r["profile"] = profile_step(train_model, step, work.batches[0], device, autocast, timer, name, say)
         if reference is not None and name != "baseline" and (not spec["compiled"] or args.check_compiled == "true"):
             try:
                 r["check"] = check_variant(model, step, work.check_batch, reference, device, autocast)
@@ -570,6 +575,39 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
                 traceback.print_exc()
                 r["check"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return r
+
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("attention", ("flex", "fmha", "flash", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "_mm_")),
+    ("compiled (inductor)", ("triton_",)),
+    ("eager elementwise / reductions", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "index",
+                                        "scatter", "gather", "copy", "fill", "dropout", "bernoulli")),
+)
+
+
+def profile_step(train_model, step, batch, device, autocast, timer, name, say) -> dict:
+    """One more step of a variant under torch.profiler: its device time by kind of kernel and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timer.cuda else [])
+    with profile(activities=activities) as prof:
+        seconds, _ = run_steps(train_model, step, [batch], device, autocast, timer, warmup=0)
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+    kernels = sorted((e for e in prof.key_averages() if device_us(e) > 0), key=device_us, reverse=True)
+    busy = sum(device_us(e) for e in kernels)
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = next((k for k, needles in KERNEL_KINDS if any(n in e.key.lower() for n in needles)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + device_us(e)
+    say(f"[bench] {name} profile: one step {seconds:.2f}s wall, device busy {busy / 1e6:.2f}s; by kind: " +
+        ", ".join(f"{k} {v / max(busy, 1):.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    top = [{"name": e.key[:140], "calls": e.count, "device_ms": round(device_us(e) / 1000, 1)} for e in kernels[:20]]
+    for row in top:
+        say(f"[bench]   {row['device_ms']:9.1f} ms x{row['calls']:<5} {row['name']}")
+    return {"wall_s": round(seconds, 3), "device_busy_s": round(busy / 1e6, 3),
+            "by_kind_share": {k: round(v / max(busy, 1), 3) for k, v in kinds.items()}, "top_kernels": top}
 
 
 def apply_liger(model, undo: contextlib.ExitStack) -> str:
