@@ -321,6 +321,18 @@ def test_checkpoint_planner_leaves_out_what_memory_allows(zhtune_log):
     planner.on_step_end(None, state, None)  # later steps change nothing
     assert len(zhtune_log.messages) == 1
 
+    # --memory_budget_gib 13: 3 layers may go un-checkpointed, whatever the GPU's size
+    for layer in decoder_layers(model):
+        layer.gradient_checkpointing = True
+    planner = CheckpointPlanner(model, probe=2, memory=memory, budget_gib=13)
+    for step in (1, 2):
+        state.global_step = step
+        planner.on_step_begin(None, state, None)
+        planner.on_step_end(None, state, None)
+    assert sum(layer.gradient_checkpointing for layer in decoder_layers(model)) == 1
+    assert "1 of 4 decoder layers checkpointed" in zhtune_log.messages[-1]
+    assert "budget 13 GiB = --memory_budget_gib" in zhtune_log.messages[-1]
+
 
 def test_token_counts_leave_out_padding():
     from zhtune.train.packing import count_tokens

@@ -305,6 +305,17 @@ def test_a_compiled_run_compiles_once_however_full_its_micro_batches(tiny_models
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
 
 
+def test_memory_budget_without_a_gpu_says_it_is_not_used(tiny_models, tmp_path, capsys):
+    data = write_chat_jsonl(tmp_path / "train.jsonl", 4)
+    code = main(["sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset", str(data), "--max_steps", "1",
+                 "--memory_budget_gib", "20", "--output_dir", str(tmp_path / "out"), "--dataset_test_ratio", "0",
+                 "--identity_probe", "false"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "[zhtune] warning: --memory_budget_gib 20 is not used: it plans the GPU fast path's activation " \
+           "checkpointing, and this run has no GPU" in err
+
+
 def test_a_run_that_diverges_after_a_resume_keeps_the_checkpoint_it_resumed_from(tmp_path):
     from transformers import TrainerControl, TrainerState
 

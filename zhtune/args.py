@@ -124,6 +124,9 @@ class SftArguments(ModelArguments, DataArguments):
     packing: bool | None = field(default=None, metadata={"help": "padding-free packing; default: on for the GPU fast path"})
     fast_path: bool | None = field(default=None, metadata={"help": "GPU fast path (packing, chunked softcapped loss); "
                                                            "default: on where supported"})
+    memory_budget_gib: float | None = field(default=None, metadata={
+        "min": 1.0, "help": "GPU fast path: checkpoint only as many decoder layers as keep the peak within this many "
+                            "GiB per GPU (measured over the first two steps); default: 80% of the GPU's memory"})
     identity_probe: bool = field(default=True, metadata={"help": "after training with self-cognition, score the held-out identity probe"})
     identity_probe_max_new_tokens: int = field(default=64, metadata=_at_least(1, "the probe's reply length cap"))
 

@@ -5,7 +5,7 @@ memory to spare, every layer left un-checkpointed is recomputation saved (benchm
 the measured trade-off). The plan is measured, not guessed: the first optimizer step runs
 with every layer checkpointed, the second with `probe` fewer, and from their peaks
 (torch.cuda.max_memory_allocated) as many layers are left out as fit in `fraction` of the GPU's
-memory. Under DDP every rank checkpoints as many layers as the rank with the least room needs.
+memory, or in --memory_budget_gib. Under DDP every rank checkpoints as many layers as the rank with the least room needs.
 """
 
 from transformers import TrainerCallback
@@ -25,8 +25,9 @@ def plan_checkpointed_layers(n_layers: int, peak_all: float, peak_probe: float, 
 
 
 class CheckpointPlanner(TrainerCallback):
-    def __init__(self, model, fraction: float = 0.8, probe: int = 4, memory=None):
-        self.model, self.fraction = model, fraction
+    def __init__(self, model, fraction: float = 0.8, probe: int = 4, memory=None, budget_gib: float | None = None):
+        """budget_gib: the peak to stay within (--memory_budget_gib); default `fraction` of the GPU."""
+        self.model, self.fraction, self.budget_gib = model, fraction, budget_gib
         self.n_layers = len(decoder_layers(model))
         self.probe = min(probe, self.n_layers)
         self.memory = memory or _CudaMemory()
@@ -47,15 +48,16 @@ class CheckpointPlanner(TrainerCallback):
             set_checkpointed_layers(self.model, self.n_layers - self.probe)
             return
         peak_probe = self.memory.peak()
-        budget = self.fraction * self.memory.total()
+        gib = 2**30
+        budget = self.budget_gib * gib if self.budget_gib else self.fraction * self.memory.total()
         keep = plan_checkpointed_layers(self.n_layers, self.peak_all, peak_probe, self.probe, budget)
         self.chosen = _max_over_ranks(keep)
         set_checkpointed_layers(self.model, self.chosen)
-        gib = 2**30
+        of = "--memory_budget_gib" if self.budget_gib else f"{self.fraction:.0%} of the GPU"
         logger.info(f"fast path: {self.chosen} of {self.n_layers} decoder layers checkpointed from step "
                  f"{state.global_step + 1} on (peak {self.peak_all / gib:.1f} GiB with all, "
                  f"+{(peak_probe - self.peak_all) / self.probe / gib:.2f} GiB per layer left out, "
-                 f"budget {budget / gib:.0f} GiB = {self.fraction:.0%} of the GPU)")
+                 f"budget {budget / gib:.0f} GiB = {of})")
 
 
 class _CudaMemory:

@@ -224,7 +224,11 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
                                        if compiling else None))
     if fast_path is not None and args.gradient_checkpointing and device.startswith("cuda"):
         from zhtune.train.memory_plan import CheckpointPlanner
-        trainer.add_callback(CheckpointPlanner(model))
+        trainer.add_callback(CheckpointPlanner(model, budget_gib=args.memory_budget_gib))
+    elif args.memory_budget_gib:
+        logger.warning(f"--memory_budget_gib {args.memory_budget_gib:g} is not used: it plans the GPU fast path's "
+                       "activation checkpointing, and this run " + ("has no GPU" if not device.startswith("cuda") else
+                       "trains on the plain path" if fast_path is None else "has --gradient_checkpointing false"))
     return trainer
 
 
