@@ -40,9 +40,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_profile
 
 from zhtune.infer.batching import Request, Scheduler  # noqa: E402
 from zhtune.log import setup_logging  # noqa: E402
+from kernel_profile import device_profile  # noqa: E402
 
 GEMMA2_9B = dict(  # google/gemma-2-9b config.json (the published values)
     vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
@@ -146,26 +148,19 @@ def bs1_scheduler(scheduler, prompt, new_tokens):
 def profile_bs1(scheduler, prompt, new_tokens, device):
     """torch.profiler over one batch-1 request: how much of the decode wall time the GPU is busy, and the
     kernels (CUDA graph replays included) that take that time, as a table in the log and a summary."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with device_profile(device == "cuda") as kernels:
         a, _ = bs1_scheduler(scheduler, prompt, new_tokens)
-    events = prof.key_averages()
-
-    def device_us(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-    kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
-    busy_us = sum(device_us(e) for e in kernels)
+    n = max(a["new_tokens"], 1)
     wall_us = a["new_tokens"] / a["decode_tokens_per_s"] * 1e6 if a["decode_tokens_per_s"] else 0
     say(f"profile, batch 1, {a['new_tokens']} new tokens: {a['decode_tokens_per_s']} tokens/s; GPU busy "
-        f"{busy_us / max(a['new_tokens'], 1) / 1000:.2f} ms per token of {wall_us / max(a['new_tokens'], 1) / 1000:.2f} ms")
-    top = [{"name": e.key[:120], "calls": e.count, "device_ms": round(device_us(e) / 1000, 2),
-            "share": round(device_us(e) / busy_us, 3) if busy_us else None} for e in kernels[:25]]
+        f"{kernels.busy_us / n / 1000:.2f} ms per token of {wall_us / n / 1000:.2f} ms")
+    top = kernels.top(25)
     for row in top:
-        say(f"  {row['device_ms']:9.2f} ms {row['share'] or 0:6.1%} x{row['calls']:<6} {row['name']}")
+        say(f"  {row['device_ms']:9.2f} ms {row['device_ms'] * 1000 / max(kernels.busy_us, 1):6.1%} "
+            f"x{row['calls']:<6} {row['name']}")
     return {"decode_tokens_per_s": a["decode_tokens_per_s"], "new_tokens": a["new_tokens"],
-            "gpu_busy_ms_per_token": round(busy_us / max(a["new_tokens"], 1) / 1000, 3),
-            "wall_ms_per_token": round(wall_us / max(a["new_tokens"], 1) / 1000, 3), "top_kernels": top}
+            "gpu_busy_ms_per_token": round(kernels.busy_us / n / 1000, 3),
+            "wall_ms_per_token": round(wall_us / n / 1000, 3), "top_kernels": top}
 
 
 # -- transformers' generate ---------------------------------------------------------------------------

@@ -94,8 +94,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_profile
 
 from zhtune.log import setup_logging  # noqa: E402
+from kernel_profile import device_profile  # noqa: E402
 from zhtune.train.fast_path import (FastPath, compile_decoder_layers, set_checkpointed_layers,  # noqa: E402
                                     set_lora_input_casting)
 from zhtune.train.fused_lora import fuse_lora_projections, unfuse_lora_projections  # noqa: E402
@@ -588,22 +590,16 @@ KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
 
 def profile_step(train_model, step, batch, device, autocast, timer, name, say) -> dict:
     """One more step of a variant under torch.profiler: its device time by kind of kernel and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if timer.cuda else [])
-    with profile(activities=activities) as prof:
+    with device_profile(timer.cuda) as kernels:
         seconds, _ = run_steps(train_model, step, [batch], device, autocast, timer, warmup=0)
-
-    def device_us(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
-    kernels = sorted((e for e in prof.key_averages() if device_us(e) > 0), key=device_us, reverse=True)
-    busy = sum(device_us(e) for e in kernels)
+    busy = kernels.busy_us
     kinds: dict[str, float] = {}
-    for e in kernels:
+    for e in kernels.events:
         kind = next((k for k, needles in KERNEL_KINDS if any(n in e.key.lower() for n in needles)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + device_us(e)
+        kinds[kind] = kinds.get(kind, 0.0) + kernels.device_us(e)
     say(f"[bench] {name} profile: one step {seconds:.2f}s wall, device busy {busy / 1e6:.2f}s; by kind: " +
         ", ".join(f"{k} {v / max(busy, 1):.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
-    top = [{"name": e.key[:140], "calls": e.count, "device_ms": round(device_us(e) / 1000, 1)} for e in kernels[:20]]
+    top = kernels.top(20)
     for row in top:
         say(f"[bench]   {row['device_ms']:9.1f} ms x{row['calls']:<5} {row['name']}")
     return {"wall_s": round(seconds, 3), "device_busy_s": round(busy / 1e6, 3),

@@ -14,7 +14,7 @@ from helpers import load_benchmark
 def test_sft_speed_smoke(tmp_path, capsys):
     bench = load_benchmark("sft_speed")
     out = tmp_path / "results.json"
-    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--profile", "closs", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     variants = results["variants"]
     assert set(variants) == {"baseline", "eager_packed", "hf_best", "packed_full", "chunked", "chunked_nocast",
@@ -30,6 +30,7 @@ def test_sft_speed_smoke(tmp_path, capsys):
             assert r["check"]["loss_abs_diff"] <= 1e-4, name
             assert r["check"]["grad_cosine"] > 0.9999 and r["check"]["grad_cosine_lora"] > 0.9999, name
     assert "LoRA-A of q/k/v and gate/up fused" in variants["fused_lora"]["note"]
+    assert variants["closs"]["profile"]["wall_s"] > 0 and "profile" not in variants["chunked"]
     printed = capsys.readouterr()
     assert "[zhtune] training path: fast (packing + eager with softcap + chunked softcapped loss)" in printed.err
     assert "hf_best: skipped on the CPU" in printed.out

@@ -439,12 +439,14 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     from helpers import load_benchmark
     bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--out", str(out)]) == 0
+    assert bench.main(["--tiny", "--profile", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("date", "device", "bs1_decode_tokens_per_s", "batched_tokens_per_s",
                 "hf_generate_batched_tokens_per_s", "batched_speedup_vs_hf", "bs1_bandwidth_limit_tokens_per_s"):
         assert key in r, key
     assert r["greedy_match"]["identical"] == r["greedy_match"]["prompts"]
+    assert r["bs1_one_step_per_read"]["new_tokens"] == r["bs1"]["new_tokens"] == 32  # runs and single steps
+    assert r["bs1_profile"]["new_tokens"] == 64 and r["bs1_profile"]["wall_ms_per_token"] > 0
     # the vllm run needs vllm and a GPU: a clear refusal (exit 2), no file written
     assert bench.main(["--tiny", "--engine", "vllm", "--out", str(tmp_path / "v.json")]) == 2
     assert not (tmp_path / "v.json").exists()

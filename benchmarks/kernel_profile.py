@@ -1,0 +1,39 @@
+"""torch.profiler for the benchmarks: the device kernels of a block of work, longest first.
+
+    with device_profile(cuda) as kernels:
+        ...  # the work
+    kernels.busy_us, kernels.top(20)   # after the block
+"""
+
+import contextlib
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Kernels:
+    events: list = field(default_factory=list)  # torch.profiler key averages with device time, longest first
+
+    @staticmethod
+    def device_us(event) -> float:
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0
+
+    @property
+    def busy_us(self) -> float:
+        return sum(self.device_us(e) for e in self.events)
+
+    def top(self, n: int) -> list[dict]:
+        return [{"name": e.key[:140], "calls": e.count, "device_ms": round(self.device_us(e) / 1000, 2)}
+                for e in self.events[:n]]
+
+
+@contextlib.contextmanager
+def device_profile(cuda: bool):
+    """Profile the block (CPU, and CUDA kernels when `cuda`, CUDA graph replays included); the yielded
+    Kernels is filled when the block ends."""
+    from torch.profiler import ProfilerActivity, profile
+    kernels = Kernels()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        yield kernels
+    kernels.events = sorted((e for e in prof.key_averages() if Kernels.device_us(e) > 0), key=Kernels.device_us,
+                            reverse=True)
