@@ -5,7 +5,8 @@ memory to spare, every layer left un-checkpointed is recomputation saved (benchm
 the measured trade-off). The plan is measured, not guessed: the first optimizer step runs
 with every layer checkpointed, the second with `probe` fewer, and from their peaks
 (torch.cuda.max_memory_allocated) as many layers are left out as fit in `fraction` of the GPU's
-memory, or in --memory_budget_gib. Under DDP every rank checkpoints as many layers as the rank with the least room needs.
+memory, or in --memory_budget_gib. Under DDP every rank checkpoints as many layers as the rank with the
+least room needs.
 """
 
 from transformers import TrainerCallback
