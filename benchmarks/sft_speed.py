@@ -568,7 +568,10 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
              "note": "; ".join(n for n in note if n)}
         on_timed(r)
         if name in args.profile.split(","):
-            r["profile"] = profile_step(train_model, step, work.batches[0], device, autocast, timer, name, say)
+            try:
+                r["profile"] = profile_step(train_model, step, work.batches[0], device, autocast, timer, name, say)
+            except Exception as e:  # noqa: BLE001 - the timing stands
+                r["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if reference is not None and name != "baseline" and (not spec["compiled"] or args.check_compiled == "true"):
             try:
                 r["check"] = check_variant(model, step, work.check_batch, reference, device, autocast)
