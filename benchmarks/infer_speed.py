@@ -163,6 +163,32 @@ def profile_bs1(scheduler, prompt, new_tokens, device):
             "wall_ms_per_token": round(wall_us / n / 1000, 3), "top_kernels": top}
 
 
+def bs1_fused_gate_up(scheduler, model, prompt, new_tokens, reference) -> dict:
+    """Batch 1 again with the MLPs' gate and up projections fused (a lever off by default): tokens/s, the
+    compilation and captures it costs, and whether its tokens are those of the unfused run."""
+    import torch._dynamo
+
+    from zhtune.infer.fused_mlp import fuse_gate_up
+
+    def rebuild():
+        torch._dynamo.reset()  # the compiled layers traced the MLP's own forward
+        if scheduler._graphs is not None:
+            scheduler.run_exclusive(scheduler._graphs.reset)  # graphs recorded the old weights' addresses
+    fused = scheduler.run_exclusive(lambda: fuse_gate_up(model))
+    rebuild()
+    t = time.perf_counter()
+    bs1_scheduler(scheduler, prompt, 8)
+    r, tokens = bs1_scheduler(scheduler, prompt, new_tokens)
+    r["compile_and_capture_s"] = round(time.perf_counter() - t, 1)
+    r["mlps_fused"] = fused
+    r["tokens_identical_to_unfused"] = tokens == reference
+    r["first_difference"] = next((i for i, (x, y) in enumerate(zip(tokens, reference)) if x != y), None)
+    say(f"(a) batch 1 with gate/up fused in {fused} MLPs: {r['decode_tokens_per_s']} tokens/s (compilation and "
+        f"captures {r['compile_and_capture_s']}s); tokens identical to the unfused run: "
+        f"{r['tokens_identical_to_unfused']}")
+    return r
+
+
 # -- transformers' generate ---------------------------------------------------------------------------
 
 def hf_generate(model, device, batch, max_new_tokens):
@@ -296,6 +322,8 @@ def main(argv=None) -> int:
                     help="pt: zhtune's scheduler against HF generate (default); vllm: vllm on the same workloads")
     ap.add_argument("--profile", action="store_true", help="also profile batch-1 decoding (torch.profiler): "
                     "GPU busy share of the wall time and the kernels that take it")
+    ap.add_argument("--fused_mlp", action="store_true", help="also batch 1 with each MLP's gate and up "
+                    "projections read as one weight (zhtune/infer/fused_mlp.py; recompiles and recaptures), last")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     setup_logging()  # the scheduler's own lines: compilation heartbeat, captures
@@ -355,7 +383,7 @@ def main(argv=None) -> int:
     bs1_prompt, rng = draw_bs1_prompt(profile, vocab)  # rng goes on to draw the exactness prompts
     if "bs1" not in args.skip:
         bs1_scheduler(scheduler, bs1_prompt, 8)  # warm the exact shapes
-        a, _ = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])
+        a, bs1_tokens = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])
         results["bs1"] = a
         results["bs1_decode_tokens_per_s"], results["bs1_ttft_s"] = a["decode_tokens_per_s"], a["ttft_s"]
         results["bs1_share_of_limit"] = round(a["decode_tokens_per_s"] / results["bs1_bandwidth_limit_tokens_per_s"], 3)
@@ -429,6 +457,9 @@ def main(argv=None) -> int:
         results["bs1_one_row"] = one_row
         say(f"(a) batch 1 decoded as 1 row instead of {rows}: {one_row['decode_tokens_per_s']} tokens/s "
             f"(its compilation and captures {one_row['compile_and_capture_s']}s)")
+        save()
+    if "bs1" not in args.skip and args.fused_mlp:
+        results["bs1_fused_gate_up"] = bs1_fused_gate_up(scheduler, model, bs1_prompt, profile["bs1_new"], bs1_tokens)
         save()
     say("summary")
     for key in ("device", "bs1_decode_tokens_per_s", "bs1_ttft_s", "bs1_bandwidth_limit_tokens_per_s",

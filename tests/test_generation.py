@@ -275,6 +275,33 @@ def test_greedy_runs_give_the_tokens_of_single_steps_with_one_host_read_per_run(
     assert runs["decode_reads"] * 3 < runs["decode_steps"], runs
 
 
+def test_fused_gate_up_decodes_the_same_tokens_and_undoes(tiny_models, prompts, tmp_path):
+    """The generation lever that reads each MLP's gate and up projections as one weight: the same greedy tokens
+    as `generate` on the unfused model, no extra weight memory, and after undoing it the model saves as before."""
+    from transformers import AutoModelForCausalLM
+
+    from zhtune.infer.batching import Request, Scheduler
+    from zhtune.infer.fused_mlp import fuse_gate_up, unfuse_gate_up
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    references = [hf_tokens(model, p, 12, stop_ids=[]) for p in prompts[:4]]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    storage = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    assert fuse_gate_up(model) == model.config.num_hidden_layers
+    assert all("_gate_up_weight" in layer.mlp.__dict__ for layer in model.model.layers)
+    assert sum(layer.mlp._gate_up_weight.untyped_storage().nbytes() for layer in model.model.layers) + \
+        sum(p.untyped_storage().nbytes() for n, p in model.named_parameters() if "gate_proj" not in n
+            and "up_proj" not in n) == storage  # the two weights are views of the fused one
+    scheduler = Scheduler(model, max_slots=4, compile="0")
+    requests = [scheduler.submit(Request(list(p), 12)) for p in prompts[:4]]
+    assert [r.result(timeout=60) for r in requests] == references
+    scheduler.close()
+    assert unfuse_gate_up(model) == model.config.num_hidden_layers
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model.save_pretrained(tmp_path / "saved")  # no storage shared between tensors any more
+    assert hf_tokens(model, prompts[0], 12, stop_ids=[]) == references[0]
+
+
 def test_mixed_settings_from_threads(tiny, tiny_engine, prompts):
     """Greedy and sampled requests with their own max_new_tokens and seeds, interleaved: each as asked."""
     model, _ = tiny
@@ -439,7 +466,7 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     from helpers import load_benchmark
     bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--profile", "--out", str(out)]) == 0
+    assert bench.main(["--tiny", "--profile", "--fused_mlp", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("date", "device", "bs1_decode_tokens_per_s", "batched_tokens_per_s",
                 "hf_generate_batched_tokens_per_s", "batched_speedup_vs_hf", "bs1_bandwidth_limit_tokens_per_s"):
@@ -447,6 +474,7 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     assert r["greedy_match"]["identical"] == r["greedy_match"]["prompts"]
     assert r["bs1_one_step_per_read"]["new_tokens"] == r["bs1"]["new_tokens"] == 32  # runs and single steps
     assert r["bs1_profile"]["new_tokens"] == 64 and r["bs1_profile"]["wall_ms_per_token"] > 0
+    assert r["bs1_fused_gate_up"]["mlps_fused"] == 2 and r["bs1_fused_gate_up"]["tokens_identical_to_unfused"]
     # the vllm run needs vllm and a GPU: a clear refusal (exit 2), no file written
     assert bench.main(["--tiny", "--engine", "vllm", "--out", str(tmp_path / "v.json")]) == 2
     assert not (tmp_path / "v.json").exists()
