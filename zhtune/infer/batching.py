@@ -80,6 +80,11 @@ class Request:
         self.cancelled = threading.Event()
         self.generator = None
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy without a repetition penalty: the next token is the logits' argmax."""
+        return self.greedy and self.repetition_penalty == 1.0
+
     def cancel(self):
         self.cancelled.set()
 
@@ -482,11 +487,11 @@ class Scheduler:
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
         requests = list(self.active.items())
-        run = self._greedy_run_length(requests, kv_len - max(positions))
-        if run > 1:
+        if all(r.argmax_only for _, r in requests):
+            run = self._greedy_run_length(requests, kv_len - max(positions))
             return self._greedy_run(requests, ids, pos, kv_len, run)
         logits = self._run_decode(ids, pos, self._kv_index(kv_len)).float()
-        plain = [s for s, r in requests if r.greedy and r.repetition_penalty == 1.0]
+        plain = [s for s, r in requests if r.argmax_only]
         chosen = {}
         if plain:
             picks = logits[plain].argmax(-1).tolist()
@@ -502,11 +507,10 @@ class Scheduler:
             self._append(request, chosen[slot])
 
     def _greedy_run_length(self, requests, keys_left: int) -> int:
-        """How many decode steps to run back to back: up to `greedy_run` while every active request is plain
-        greedy and none waits for a slot, never past a request's last token, `max_len`, or the key bucket
-        (`keys_left` positions before the longest row needs more keys: another compiled shape)."""
-        if self.greedy_run < 2 or self.pending or not all(r.greedy and r.repetition_penalty == 1.0
-                                                          for _, r in requests):
+        """How many argmax-only decode steps to run back to back: up to `greedy_run` while no request waits
+        for a slot, never past a request's last token, `max_len`, or the key bucket (`keys_left` positions
+        before the longest row needs more keys: another compiled shape)."""
+        if self.greedy_run < 2 or self.pending:
             return 1
         left = [r.max_new_tokens - len(r.generated) for _, r in requests]
         if self.max_len:
@@ -514,27 +518,28 @@ class Scheduler:
         return max(1, min(self.greedy_run, keys_left, *left))
 
     def _greedy_run(self, requests, ids, pos, kv_len: int, n: int):
-        """n greedy decode steps, each fed the previous step's argmax on the device, with one host read of
+        """n argmax-only decode steps, each fed the previous step's argmax on the device, with one host read of
         all n tokens at the end: the GPU never waits for the host between steps (per step the host only
         queues work: two copies and a graph replay). The same computations as n single steps, so the same
         tokens; a request that stops inside the run has its later tokens dropped (they only wrote keys past
         its end, which nothing attends to)."""
         kv_index = self._kv_index(kv_len)
-        live = torch.tensor([int(slot in self.active) for slot in range(ids.shape[0])], device=self.device)[:, None]
+        if n > 1:  # rows without a request stay at position 0
+            live = torch.tensor([int(s in self.active) for s in range(ids.shape[0])], device=self.device)[:, None]
         picks = []
-        for _ in range(n):
-            token = self._run_decode(ids, pos, kv_index).float().argmax(-1)
-            picks.append(token)
-            ids, pos = token[:, None], pos + live  # rows without a request stay at position 0
+        for step in range(n):
+            picks.append(self._run_decode(ids, pos, kv_index).float().argmax(-1))
+            if step + 1 < n:
+                ids, pos = picks[-1][:, None], pos + live
         chosen = torch.stack(picks).tolist()  # the run's one wait for the device
         self.stats["decode_steps"] += n
         self.stats["decode_reads"] += 1
-        for step in chosen:
+        for tokens in chosen:
             for slot, request in requests:
                 if self.active.get(slot) is request:  # not finished earlier in this run
                     self.stats["decode_tokens"] += 1
                     request.position += 1
-                    self._append(request, step[slot])
+                    self._append(request, tokens[slot])
 
     def _append(self, request: Request, token: int):
         request.generated.append(token)

@@ -120,8 +120,7 @@ class FastPath:
             multiple = self.pad_to_multiple_of
             if multiple is None:  # compiled: every micro-batch one shape, a short last one included (one
                 # compilation: on the H200 a second shape cost the embedded model's first step minutes)
-                multiple = _round_up(args.max_length, FLEX_BLOCK) * max(1, getattr(args, "batch_size", 1) or 1) \
-                    if self.compiles() else FLEX_BLOCK
+                multiple = _round_up(args.max_length, FLEX_BLOCK) * args.batch_size if self.compiles() else FLEX_BLOCK
             return rows, PackedCollator(pad_id=pad_id, pad_to_multiple_of=multiple)
         rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in items]
         return rows, PaddedCollator(pad_id=pad_id)
