@@ -163,23 +163,35 @@ def profile_bs1(scheduler, prompt, new_tokens, device):
             "wall_ms_per_token": round(wall_us / n / 1000, 3), "top_kernels": top}
 
 
+def bs1_with(scheduler, prompt, new_tokens, **settings):
+    """Batch 1 with scheduler attributes changed for the measurement, then put back: an 8-token request
+    first (a new shape compiles or captures there), then the measured one. (result, tokens); the result
+    has `compile_and_capture_s`, the seconds of both."""
+    saved = {name: getattr(scheduler, name) for name in settings}
+    for name, value in settings.items():
+        setattr(scheduler, name, value)
+    try:
+        start = time.perf_counter()
+        bs1_scheduler(scheduler, prompt, 8)
+        r, tokens = bs1_scheduler(scheduler, prompt, new_tokens)
+    finally:
+        for name, value in saved.items():
+            setattr(scheduler, name, value)
+    r["compile_and_capture_s"] = round(time.perf_counter() - start, 1)
+    return r, tokens
+
+
 def bs1_fused_gate_up(scheduler, model, prompt, new_tokens, reference) -> dict:
     """Batch 1 again with the MLPs' gate and up projections fused (a lever off by default): tokens/s, the
     compilation and captures it costs, and whether its tokens are those of the unfused run."""
     import torch._dynamo
 
     from zhtune.infer.fused_mlp import fuse_gate_up
-
-    def rebuild():
-        torch._dynamo.reset()  # the compiled layers traced the MLP's own forward
-        if scheduler._graphs is not None:
-            scheduler.run_exclusive(scheduler._graphs.reset)  # graphs recorded the old weights' addresses
     fused = scheduler.run_exclusive(lambda: fuse_gate_up(model))
-    rebuild()
-    t = time.perf_counter()
-    bs1_scheduler(scheduler, prompt, 8)
-    r, tokens = bs1_scheduler(scheduler, prompt, new_tokens)
-    r["compile_and_capture_s"] = round(time.perf_counter() - t, 1)
+    torch._dynamo.reset()  # the compiled layers traced the MLP's own forward
+    if scheduler._graphs is not None:  # the graphs recorded the old weights' addresses
+        scheduler.run_exclusive(scheduler._graphs.reset)
+    r, tokens = bs1_with(scheduler, prompt, new_tokens)
     r["mlps_fused"] = fused
     r["tokens_identical_to_unfused"] = tokens == reference
     r["first_difference"] = next((i for i, (x, y) in enumerate(zip(tokens, reference)) if x != y), None)
@@ -390,9 +402,7 @@ def main(argv=None) -> int:
         say(f"(a) batch 1, prompt {len(bs1_prompt)} + {a['new_tokens']} new: {a['decode_tokens_per_s']} tokens/s "
             f"({results['bs1_share_of_limit']:.0%} of the limit), TTFT {a['ttft_s'] * 1000:.0f} ms "
             f"(greedy runs of {scheduler.greedy_run} steps per host read)")
-        run, scheduler.greedy_run = scheduler.greedy_run, 1  # the same, reading each token on the host
-        single, _ = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])
-        scheduler.greedy_run = run
+        single, _ = bs1_with(scheduler, bs1_prompt, profile["bs1_new"], greedy_run=1)  # a host read per token
         results["bs1_one_step_per_read"] = single
         say(f"(a) batch 1, one host read per step: {single['decode_tokens_per_s']} tokens/s")
         if "hf" not in args.skip:
@@ -448,12 +458,8 @@ def main(argv=None) -> int:
             say(f"profile failed: {results['bs1_profile']['error']}")
         save()
     if "bs1" not in args.skip and scheduler.min_rows > 1:  # a GEMV instead of min_rows rows; one more compilation
-        rows, scheduler.min_rows = scheduler.min_rows, 1
-        t = time.perf_counter()
-        bs1_scheduler(scheduler, bs1_prompt, 8)
-        one_row, _ = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])
-        scheduler.min_rows = rows
-        one_row["compile_and_capture_s"] = round(time.perf_counter() - t, 1)
+        rows = scheduler.min_rows
+        one_row, _ = bs1_with(scheduler, bs1_prompt, profile["bs1_new"], min_rows=1)
         results["bs1_one_row"] = one_row
         say(f"(a) batch 1 decoded as 1 row instead of {rows}: {one_row['decode_tokens_per_s']} tokens/s "
             f"(its compilation and captures {one_row['compile_and_capture_s']}s)")
