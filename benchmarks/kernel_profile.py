@@ -2,11 +2,20 @@
 
     with device_profile(cuda) as kernels:
         ...  # the work
-    kernels.busy_us, kernels.top(20)   # after the block
+    kernels.busy_us, kernels.by_kind(), kernels.top(20)   # after the block
 """
 
 import contextlib
 from dataclasses import dataclass, field
+
+
+KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("attention", ("flex", "fmha", "flash", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "_mm_")),
+    ("compiled (inductor)", ("triton_",)),
+    ("eager elementwise / reductions", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "index",
+                                        "scatter", "gather", "copy", "fill", "dropout", "bernoulli")),
+)
 
 
 @dataclass
@@ -20,6 +29,14 @@ class Kernels:
     @property
     def busy_us(self) -> float:
         return sum(self.device_us(e) for e in self.events)
+
+    def by_kind(self) -> dict[str, float]:
+        """Device microseconds per kind of kernel (KINDS; "other" for the rest)."""
+        kinds: dict[str, float] = {}
+        for e in self.events:
+            kind = next((k for k, needles in KINDS if any(n in e.key.lower() for n in needles)), "other")
+            kinds[kind] = kinds.get(kind, 0.0) + self.device_us(e)
+        return kinds
 
     def top(self, n: int) -> list[dict]:
         return [{"name": e.key[:140], "calls": e.count, "device_ms": round(self.device_us(e) / 1000, 2)}

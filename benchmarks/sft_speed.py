@@ -582,24 +582,11 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
     return r
 
 
-KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
-    ("attention", ("flex", "fmha", "flash", "attention", "sdpa")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "_mm_")),
-    ("compiled (inductor)", ("triton_",)),
-    ("eager elementwise / reductions", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "index",
-                                        "scatter", "gather", "copy", "fill", "dropout", "bernoulli")),
-)
-
-
 def profile_step(train_model, step, batch, device, autocast, timer, name, say) -> dict:
     """One more step of a variant under torch.profiler: its device time by kind of kernel and the top kernels."""
     with device_profile(timer.cuda) as kernels:
         seconds, _ = run_steps(train_model, step, [batch], device, autocast, timer, warmup=0)
-    busy = kernels.busy_us
-    kinds: dict[str, float] = {}
-    for e in kernels.events:
-        kind = next((k for k, needles in KERNEL_KINDS if any(n in e.key.lower() for n in needles)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + kernels.device_us(e)
+    busy, kinds = kernels.busy_us, kernels.by_kind()
     say(f"[bench] {name} profile: one step {seconds:.2f}s wall, device busy {busy / 1e6:.2f}s; by kind: " +
         ", ".join(f"{k} {v / max(busy, 1):.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     top = kernels.top(20)
