@@ -457,7 +457,15 @@ def main(argv=None) -> int:
             results["bs1_profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             say(f"profile failed: {results['bs1_profile']['error']}")
         save()
-    if "bs1" not in args.skip and scheduler.min_rows > 1:  # a GEMV instead of min_rows rows; one more compilation
+    if "bs1" not in args.skip and scheduler.one_row_autotune:  # the other way: 2 rows through the dynamic step
+        two_rows, two_tokens = bs1_with(scheduler, bs1_prompt, profile["bs1_new"], min_rows=2)
+        two_rows["tokens_identical_to_one_row"] = two_tokens == bs1_tokens
+        results["bs1_two_rows"] = two_rows
+        say(f"(a) batch 1 decoded as 2 rows (the dynamic step, no autotuning; the default before): "
+            f"{two_rows['decode_tokens_per_s']} tokens/s against {results['bs1_decode_tokens_per_s']} as one "
+            f"autotuned row; same tokens: {two_rows['tokens_identical_to_one_row']}")
+        save()
+    elif "bs1" not in args.skip and scheduler.min_rows > 1:  # a GEMV instead of min_rows rows; one more compilation
         rows = scheduler.min_rows
         one_row, _ = bs1_with(scheduler, bs1_prompt, profile["bs1_new"], min_rows=1)
         results["bs1_one_row"] = one_row

@@ -277,7 +277,20 @@ def test_fused_lora_and_selective_recompute_levers_apply_and_undo():
     assert sum("forward" in m.__dict__ for m in model.modules()) == 2 * (3 + 2 + 4 + 1)
     fast.restore_model(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert FastPath().fused_lora is False and FastPath().selective_recompute is False  # off until measured
+    # by default the levers go with compilation (on a GPU): the configuration measured on the H200
+    plain = FastPath()
+    plain.decide(model.get_base_model().config, "cpu", _Args())
+    assert plain.prepare_model(model) == []
+    compiled = FastPath(compile=True)
+    compiled.decide(model.get_base_model().config, "cpu", _Args())
+    assert compiled.prepare_model(model) == ["fused LoRA-A", "selective recomputation",
+                                             "torch.compile per decoder layer"]
+    compiled.restore_model(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    no_fuse = FastPath(compile=True, fused_lora=False)
+    no_fuse.decide(model.get_base_model().config, "cpu", _Args())
+    assert no_fuse.prepare_model(model) == ["selective recomputation", "torch.compile per decoder layer"]
+    no_fuse.restore_model(model)
 
 
 def test_checkpoint_planner_leaves_out_what_memory_allows(zhtune_log):

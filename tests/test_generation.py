@@ -558,3 +558,40 @@ def test_the_process_exits_cleanly_while_a_generation_is_running():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "leaving" in result.stdout and "terminate called" not in result.stderr
+
+
+def test_one_row_step_serves_batch_one_and_batches_keep_the_dynamic_step(tiny):
+    """On a GPU a lone request decodes through a step compiled for exactly one row (autotuned GEMVs). A
+    batch workload that has not decoded a lone request yet keeps its single-row tail on the multi-row
+    step instead of compiling the one-row step near its end. Same tokens either way."""
+    from zhtune.infer.batching import Request, Scheduler
+    model, _ = tiny
+
+    def decode_rows(scheduler, batch):
+        seen = []
+        run_decode = scheduler._run_decode
+
+        def recording(ids, pos, kv_index):
+            seen.append(ids.shape[0])
+            return run_decode(ids, pos, kv_index)
+        scheduler._run_decode = recording
+        # slot 0's reply is the longest: it ends the run alone, as the sole row of the last steps
+        requests = [scheduler.submit(Request(list(range(3, 12 + 5 * i)), 24 - 9 * i)) for i in range(batch)]
+        tokens = [r.result(timeout=60) for r in requests]
+        scheduler._run_decode = run_decode
+        return seen, tokens
+
+    batch = Scheduler(model, max_slots=4, compile="0", greedy_run=1)
+    batch.one_row_autotune = True  # as on a GPU with CUDA graphs; the CPU has no graphs to compile
+    rows, batched_tokens = decode_rows(batch, 3)
+    assert min(rows) == 2 and rows[-1] == 2, rows  # the last request decoded alone, as 2 rows
+    batch.close()
+
+    lone = Scheduler(model, max_slots=4, compile="0", greedy_run=1)
+    lone.one_row_autotune = True
+    rows, tokens = decode_rows(lone, 1)
+    assert set(rows) == {1}
+    rows, tokens_after = decode_rows(lone, 3)  # its one-row step exists: a batch's tail may use it
+    assert rows[-1] == 1 and tokens_after == batched_tokens
+    assert tokens == [hf_tokens(model, list(range(3, 12)), 24, stop_ids=[])] == batched_tokens[:1]
+    lone.close()

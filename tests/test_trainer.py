@@ -172,3 +172,46 @@ def test_plain_path_pads_flex_attention_batches_to_whole_blocks(tiny_models, gem
                                                      {"input_ids": [8, 9, 10, 11, 12, 13, 14], "labels": [8] * 7}])
     assert batch["input_ids"].shape == (2, width) and batch["labels"].shape == (2, width)
     assert int(batch["attention_mask"].sum()) == 10 and int((batch["labels"] != -100).sum()) == 9
+
+
+def test_checkpoint_saves_modules_to_save_under_activation_checkpointing_wrappers(tiny_models, tmp_path):
+    """FSDP2's activation checkpointing wraps each decoder layer (torch's checkpoint_wrapper); its state
+    dict drops the wrapper from the keys but PEFT looked the seed's `--lora_modules_to_save LN` up by
+    module name: saving failed with KeyError on the H200. ZhTrainer's save writes the same adapter as
+    an unwrapped model's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from zhtune.train.trainer import ZhTrainer
+
+    def lora_model():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], dtype=torch.float32)
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                            modules_to_save=["input_layernorm", "post_attention_layernorm"])
+        return get_peft_model(model, config)
+
+    plain = lora_model()
+    plain.save_pretrained(tmp_path / "plain")
+    expected = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert any("input_layernorm" in k for k in expected) and any("lora_A" in k for k in expected)
+
+    wrapped = lora_model()
+    layer_class = type(wrapped.base_model.model.model.layers[0])
+    apply_activation_checkpointing(wrapped, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                   check_fn=lambda m: isinstance(m, layer_class))
+    assert any("_checkpoint_wrapped_module" in name for name, _ in wrapped.named_modules())
+    with pytest.raises(KeyError, match="modules_to_save"):  # PEFT on its own: the bug
+        wrapped.save_pretrained(tmp_path / "bare", state_dict=wrapped.state_dict())
+
+    trainer = ZhTrainer(model=wrapped, args=TrainingArguments(tmp_path / "run", use_cpu=True, report_to=[]),
+                        sft_args={})
+    trainer._save(str(tmp_path / "ours"), state_dict=wrapped.state_dict())
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert "named_modules" not in wrapped.__dict__  # the model is left as it was

@@ -236,7 +236,7 @@ class Scheduler:
 
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None, granularity: int | None = None,
                  compile: str | bool | None = None, cache_budget_bytes: int | None = None,
-                 prefill_tokens: int | None = None, greedy_run: int = 8):
+                 prefill_tokens: int | None = None, greedy_run: int = 8, one_row_autotune: bool | None = None):
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.model.config
         self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -265,8 +265,16 @@ class Scheduler:
         self._decode = self._forward_decode
         self._compiled = None
         self._graphs: GraphedDecode | None = None
-        # CUDA graphs: decode at least 2 rows, so that the compiled step is never specialised to 1
-        self.min_rows = 2 if self.compile_mode == "graphs" and on_gpu else 1
+        # CUDA graphs: a single row decodes through a step of its own, compiled for exactly one row with
+        # inductor's GEMM autotuning (ONE_ROW_OPTIONS; batch 1 on the H200: 158 tokens/s against 139 as two
+        # rows, benchmarks/RESULTS.md). Without it, at least 2 rows, so that the dynamic-rows step is
+        # never specialised to 1 (as one row through cuBLAS it was no faster than two).
+        graphs = self.compile_mode == "graphs" and on_gpu
+        if one_row_autotune is None:
+            one_row_autotune = os.environ.get("ZHTUNE_PT_ONE_ROW_AUTOTUNE", "1") not in ("0", "false", "off")
+        self.one_row_autotune = bool(one_row_autotune) and graphs
+        self.min_rows = 2 if graphs and not self.one_row_autotune else 1
+        self._one_row_used = False  # a one-row step has run (its graph exists when compiling)
         # padded prompt tokens per prefill forward
         self.prefill_tokens = prefill_tokens or (8192 if on_gpu else 1024)
         # greedy decode steps run back to back, their tokens read on the host once per run (see _greedy_run)
@@ -478,8 +486,14 @@ class Scheduler:
 
     def _step(self):
         top = max(self.active) + 1
+        if top > 1 and self.one_row_autotune and not self._one_row_used and self.min_rows == 1:
+            # a batch workload (eval, batch infer, a loaded server) before any batch-1 decoding: its
+            # single-row tail steps take the dynamic step, not a first one-row compilation (~25 s of
+            # autotuning on the H200) near the end of the run
+            self.min_rows = 2
         rows = min(_next_pow2(max(top, self.min_rows)), max(self.cache.slots, 1))
         rows = max(rows, top)
+        self._one_row_used |= rows == 1
         tokens, positions = [0] * rows, [0] * rows
         for slot, request in self.active.items():
             tokens[slot], positions[slot] = request.generated[-1], request.position
@@ -715,9 +729,14 @@ class Scheduler:
         if layers is None or len(layers) != self.config.num_hidden_layers:
             return torch.compile(self._forward_decode, dynamic=True, backend=backend)
         run_layer = torch.compile(_run_layer, dynamic=True, backend=backend)
+        run_one_row = run_layer
+        if self.one_row_autotune and backend == "inductor":
+            # its own function (own code object, own dynamo cache): one row is a static size in its graph,
+            # the keys stay dynamic; the options apply to this compilation only
+            run_one_row = torch.compile(_run_layer_one_row, dynamic=True, backend=backend, options=ONE_ROW_OPTIONS)
 
         def step(ids, positions, kv_index):
-            with _compiled_layers(layers, run_layer, kv_index):
+            with _compiled_layers(layers, run_one_row if ids.shape[0] == 1 else run_layer, kv_index):
                 return self._forward_decode(ids, positions, kv_index)
         return step
 
@@ -746,6 +765,17 @@ def _run_layer(forward, *args, **kwargs):
     """Compiled once per kind of decoder layer: `forward` is a layer's own (bound) forward, its weights are
     graph inputs (dynamo inlines nn modules), its cache a `LayerCache`."""
     return forward(*args, **kwargs)
+
+
+def _run_layer_one_row(forward, *args, **kwargs):
+    """`_run_layer` for a single row (batch-1 decoding), compiled with ONE_ROW_OPTIONS."""
+    return forward(*args, **kwargs)
+
+
+# inductor options of the one-row decode step: each projection of one row is a matrix-vector product,
+# bound by reading the weights; autotuning picks a kernel for that shape (cuBLAS's is ~55% of the
+# bandwidth), coordinate descent tunes the generated kernels' block sizes. Costs ~20 s more warm-up.
+ONE_ROW_OPTIONS = {"max_autotune_gemm": True, "coordinate_descent_tuning": True}
 
 
 @contextlib.contextmanager

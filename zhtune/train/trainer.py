@@ -2,12 +2,13 @@
 path's loss, a count of real tokens, and token accuracy at evaluation; and `training_arguments`, the
 one mapping from zhtune's (ms-swift's) sft flags to transformers' TrainingArguments.
 
-zhtune needs transformers >= 5.17 (pyproject). Three private pieces of transformers are used, all in
+zhtune needs transformers >= 5.17 (pyproject). Four private pieces of transformers are used, all in
 `ZhTrainer`'s checkpoint section below: `Trainer._get_output_dir(trial)`, `Trainer._save_checkpoint(model,
-trial)` and `transformers.trainer_utils.rotate_checkpoints`. `PRIVATE_API` names them with the
+trial)`, `Trainer._save(output_dir, state_dict)` and `transformers.trainer_utils.rotate_checkpoints`. `PRIVATE_API` names them with the
 parameters relied on; tests/test_trainer.py fails loudly when a transformers release changes them.
 """
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from zhtune.train.packing import count_tokens
 
 STAGING = ".tmp-checkpoint"
 PRIVATE_API = {"Trainer._get_output_dir": ("self", "trial"), "Trainer._save_checkpoint": ("self", "model", "trial"),
+               "Trainer._save": ("self", "output_dir", "state_dict"),
                "trainer_utils.rotate_checkpoints": ("output_dir", "save_total_limit", "best_model_checkpoint",
                                                     "use_mtime")}
 
@@ -182,6 +184,10 @@ class ZhTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        with checkpoint_wrapper_names_hidden(self.model):
+            return super()._save(output_dir, state_dict=state_dict)
+
     def _get_output_dir(self, trial):
         base = super()._get_output_dir(trial)
         return os.path.join(base, STAGING) if self._staging else base
@@ -223,6 +229,31 @@ class ZhTrainer(Trainer):
             best = None
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=best, use_mtime=False)
+
+
+@contextlib.contextmanager
+def checkpoint_wrapper_names_hidden(model):
+    """Within the block, `model.named_modules()` names modules without torch's activation-checkpointing
+    wrapper (`._checkpoint_wrapped_module`), as the state dict names them.
+
+    FSDP2's activation checkpointing (--fsdp with --gradient_checkpointing) wraps each decoder layer; its
+    full state dict drops the wrapper from the keys, but PEFT finds each `modules_to_save` module by its
+    `named_modules()` name (it strips only FSDP1's prefix), so saving the seed's `--lora_modules_to_save LN`
+    failed with KeyError 'modules_to_save.default.weight' (H200, 2026-11-29)."""
+    wrapped = "_checkpoint_wrapped_module"
+    named = type(model).named_modules
+    if not any(wrapped in name for name, _ in named(model)):
+        yield
+        return
+
+    def named_modules(*args, **kwargs):
+        for name, module in named(model, *args, **kwargs):
+            yield name.replace(f".{wrapped}", "").replace(f"{wrapped}.", ""), module
+    model.named_modules = named_modules
+    try:
+        yield
+    finally:
+        del model.named_modules
 
 
 def token_accuracy(eval_pred) -> dict:
