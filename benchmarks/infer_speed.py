@@ -181,6 +181,34 @@ def bs1_with(scheduler, prompt, new_tokens, **settings):
     return r, tokens
 
 
+def bs1_one_row_options(scheduler, prompt, new_tokens, reference, option_sets, measured: list, save) -> None:
+    """Batch 1 with the one-row decode step recompiled under each inductor option set, then under the
+    default's again (the drift of the machine over the measurements). Appends one dict per measurement to
+    `measured`: the options, tokens/s, the seconds of its compilation and captures, whether its tokens are
+    the default's."""
+    import torch._dynamo
+
+    from zhtune.infer import batching
+    default = dict(batching.ONE_ROW_OPTIONS)
+    try:
+        for options in [*option_sets, default]:
+            batching.ONE_ROW_OPTIONS = options
+
+            def recompile():
+                torch._dynamo.reset()
+                scheduler._compiled, scheduler._graphs, scheduler._decode = None, None, scheduler._forward_decode
+            scheduler.run_exclusive(recompile)
+            r, tokens = bs1_with(scheduler, prompt, new_tokens)
+            r.update(options=options, tokens_identical_to_default=tokens == reference)
+            measured.append(r)
+            say(f"(a) batch 1, one-row step under {json.dumps(options)}: {r['decode_tokens_per_s']} tokens/s "
+                f"(compilation and captures {r['compile_and_capture_s']}s; same tokens: "
+                f"{r['tokens_identical_to_default']})")
+            save()
+    finally:
+        batching.ONE_ROW_OPTIONS = default
+
+
 def bs1_fused_gate_up(scheduler, model, prompt, new_tokens, reference) -> dict:
     """Batch 1 again with the MLPs' gate and up projections fused (a lever off by default): tokens/s, the
     compilation and captures it costs, and whether its tokens are those of the unfused run."""
@@ -336,6 +364,9 @@ def main(argv=None) -> int:
                     "GPU busy share of the wall time and the kernels that take it")
     ap.add_argument("--fused_mlp", action="store_true", help="also batch 1 with each MLP's gate and up "
                     "projections read as one weight (zhtune/infer/fused_mlp.py; recompiles and recaptures), last")
+    ap.add_argument("--one_row_options", nargs="*", default=[], metavar="JSON",
+                    help="also batch 1 with the one-row step recompiled under each of these inductor option sets "
+                    "(JSON objects, e.g. '{\"max_autotune\": true}'), then the default's again, last")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     setup_logging()  # the scheduler's own lines: compilation heartbeat, captures
@@ -472,6 +503,10 @@ def main(argv=None) -> int:
         say(f"(a) batch 1 decoded as 1 row instead of {rows}: {one_row['decode_tokens_per_s']} tokens/s "
             f"(its compilation and captures {one_row['compile_and_capture_s']}s)")
         save()
+    if "bs1" not in args.skip and args.one_row_options:  # (no one-row step without CUDA graphs: the same step)
+        results["bs1_one_row_options"] = []  # filled (and saved) measurement by measurement
+        bs1_one_row_options(scheduler, bs1_prompt, profile["bs1_new"], bs1_tokens,
+                            [json.loads(o) for o in args.one_row_options], results["bs1_one_row_options"], save)
     if "bs1" not in args.skip and args.fused_mlp:
         results["bs1_fused_gate_up"] = bs1_fused_gate_up(scheduler, model, bs1_prompt, profile["bs1_new"], bs1_tokens)
         save()

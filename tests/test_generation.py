@@ -466,7 +466,8 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     from helpers import load_benchmark
     bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--profile", "--fused_mlp", "--out", str(out)]) == 0
+    assert bench.main(["--tiny", "--profile", "--fused_mlp", "--one_row_options", '{"max_autotune": true}',
+                       "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("date", "device", "bs1_decode_tokens_per_s", "batched_tokens_per_s",
                 "hf_generate_batched_tokens_per_s", "batched_speedup_vs_hf", "bs1_bandwidth_limit_tokens_per_s"):
@@ -475,6 +476,10 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     assert r["bs1_one_step_per_read"]["new_tokens"] == r["bs1"]["new_tokens"] == 32  # runs and single steps
     assert r["bs1_profile"]["new_tokens"] == 64 and r["bs1_profile"]["wall_ms_per_token"] > 0
     assert r["bs1_fused_gate_up"]["mlps_fused"] == 2 and r["bs1_fused_gate_up"]["tokens_identical_to_unfused"]
+    options = r["bs1_one_row_options"]  # each option set, then the default's again
+    assert [o["options"] for o in options] == [{"max_autotune": True},
+                                               {"max_autotune_gemm": True, "coordinate_descent_tuning": True}]
+    assert all(o["tokens_identical_to_default"] and o["decode_tokens_per_s"] > 0 for o in options)
     # the vllm run needs vllm and a GPU: a clear refusal (exit 2), no file written
     assert bench.main(["--tiny", "--engine", "vllm", "--out", str(tmp_path / "v.json")]) == 2
     assert not (tmp_path / "v.json").exists()

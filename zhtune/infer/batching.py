@@ -266,9 +266,10 @@ class Scheduler:
         self._compiled = None
         self._graphs: GraphedDecode | None = None
         # CUDA graphs: a single row decodes through a step of its own, compiled for exactly one row with
-        # inductor's GEMM autotuning (ONE_ROW_OPTIONS; batch 1 on the H200: 158 tokens/s against 139 as two
-        # rows, benchmarks/RESULTS.md). Without it, at least 2 rows, so that the dynamic-rows step is
-        # never specialised to 1 (as one row through cuBLAS it was no faster than two).
+        # inductor's GEMM autotuning (ONE_ROW_OPTIONS; batch 1 on the H200: 145.9 tokens/s against 138.5 as
+        # two rows in the same run, benchmarks/RESULTS.md); ZHTUNE_PT_ONE_ROW_AUTOTUNE=0 turns it off.
+        # Without it, at least 2 rows, so that the dynamic-rows step is never specialised to 1 (as one row
+        # through cuBLAS it was no faster than two).
         graphs = self.compile_mode == "graphs" and on_gpu
         if one_row_autotune is None:
             one_row_autotune = os.environ.get("ZHTUNE_PT_ONE_ROW_AUTOTUNE", "1") not in ("0", "false", "off")
@@ -774,7 +775,7 @@ def _run_layer_one_row(forward, *args, **kwargs):
 
 # inductor options of the one-row decode step: each projection of one row is a matrix-vector product,
 # bound by reading the weights; autotuning picks a kernel for that shape (cuBLAS's is ~55% of the
-# bandwidth), coordinate descent tunes the generated kernels' block sizes. Costs ~20 s more warm-up.
+# bandwidth), coordinate descent tunes the generated kernels' block sizes. Costs ~30 s more warm-up.
 ONE_ROW_OPTIONS = {"max_autotune_gemm": True, "coordinate_descent_tuning": True}
 
 

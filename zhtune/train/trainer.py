@@ -4,8 +4,9 @@ one mapping from zhtune's (ms-swift's) sft flags to transformers' TrainingArgume
 
 zhtune needs transformers >= 5.17 (pyproject). Four private pieces of transformers are used, all in
 `ZhTrainer`'s checkpoint section below: `Trainer._get_output_dir(trial)`, `Trainer._save_checkpoint(model,
-trial)`, `Trainer._save(output_dir, state_dict)` and `transformers.trainer_utils.rotate_checkpoints`. `PRIVATE_API` names them with the
-parameters relied on; tests/test_trainer.py fails loudly when a transformers release changes them.
+trial)`, `Trainer._save(output_dir, state_dict)` and `transformers.trainer_utils.rotate_checkpoints`.
+`PRIVATE_API` names them with the parameters relied on; tests/test_trainer.py fails loudly when a
+transformers release changes them.
 """
 
 import contextlib
