@@ -209,24 +209,28 @@ def bs1_one_row_options(scheduler, prompt, new_tokens, reference, option_sets, m
         batching.ONE_ROW_OPTIONS = default
 
 
-def bs1_fused_gate_up(scheduler, model, prompt, new_tokens, reference) -> dict:
-    """Batch 1 again with the MLPs' gate and up projections fused (a lever off by default): tokens/s, the
+def bs1_fused_weights(scheduler, model, prompt, new_tokens, reference) -> dict:
+    """Batch 1 again with each MLP's gate and up projections read as one weight, then also each attention
+    block's q, k and v (levers off by default; zhtune/infer/fused_weights.py): for each, tokens/s, the
     compilation and captures it costs, and whether its tokens are those of the unfused run."""
     import torch._dynamo
 
-    from zhtune.infer.fused_mlp import fuse_gate_up
-    fused = scheduler.run_exclusive(lambda: fuse_gate_up(model))
-    torch._dynamo.reset()  # the compiled layers traced the MLP's own forward
-    if scheduler._graphs is not None:  # the graphs recorded the old weights' addresses
-        scheduler.run_exclusive(scheduler._graphs.reset)
-    r, tokens = bs1_with(scheduler, prompt, new_tokens)
-    r["mlps_fused"] = fused
-    r["tokens_identical_to_unfused"] = tokens == reference
-    r["first_difference"] = next((i for i, (x, y) in enumerate(zip(tokens, reference)) if x != y), None)
-    say(f"(a) batch 1 with gate/up fused in {fused} MLPs: {r['decode_tokens_per_s']} tokens/s (compilation and "
-        f"captures {r['compile_and_capture_s']}s); tokens identical to the unfused run: "
-        f"{r['tokens_identical_to_unfused']}")
-    return r
+    from zhtune.infer.fused_weights import fuse_gate_up, fuse_qkv
+    measured = {}
+    for name, fuse in (("gate_up", fuse_gate_up), ("gate_up_qkv", fuse_qkv)):
+        fused = scheduler.run_exclusive(lambda: fuse(model))
+        torch._dynamo.reset()  # the compiled layers traced the modules' own forward
+        if scheduler._graphs is not None:  # the graphs recorded the old weights' addresses
+            scheduler.run_exclusive(scheduler._graphs.reset)
+        r, tokens = bs1_with(scheduler, prompt, new_tokens)
+        r["layers_fused"] = fused
+        r["tokens_identical_to_unfused"] = tokens == reference
+        r["first_difference"] = next((i for i, (x, y) in enumerate(zip(tokens, reference)) if x != y), None)
+        measured[name] = r
+        say(f"(a) batch 1 with {name.replace('_', ' + ').replace('gate + up', 'gate/up')} fused in {fused} layers: "
+            f"{r['decode_tokens_per_s']} tokens/s (compilation and captures {r['compile_and_capture_s']}s); "
+            f"tokens identical to the unfused run: {r['tokens_identical_to_unfused']}")
+    return measured
 
 
 # -- transformers' generate ---------------------------------------------------------------------------
@@ -362,8 +366,9 @@ def main(argv=None) -> int:
                     help="pt: zhtune's scheduler against HF generate (default); vllm: vllm on the same workloads")
     ap.add_argument("--profile", action="store_true", help="also profile batch-1 decoding (torch.profiler): "
                     "GPU busy share of the wall time and the kernels that take it")
-    ap.add_argument("--fused_mlp", action="store_true", help="also batch 1 with each MLP's gate and up "
-                    "projections read as one weight (zhtune/infer/fused_mlp.py; recompiles and recaptures), last")
+    ap.add_argument("--fused_weights", action="store_true", help="also batch 1 with each MLP's gate and up "
+                    "projections read as one weight, then also q/k/v (zhtune/infer/fused_weights.py; recompiles "
+                    "and recaptures), last")
     ap.add_argument("--one_row_options", nargs="*", default=[], metavar="JSON",
                     help="also batch 1 with the one-row step recompiled under each of these inductor option sets "
                     "(JSON objects, e.g. '{\"max_autotune\": true}'), then the default's again, last")
@@ -507,8 +512,8 @@ def main(argv=None) -> int:
         results["bs1_one_row_options"] = []  # filled (and saved) measurement by measurement
         bs1_one_row_options(scheduler, bs1_prompt, profile["bs1_new"], bs1_tokens,
                             [json.loads(o) for o in args.one_row_options], results["bs1_one_row_options"], save)
-    if "bs1" not in args.skip and args.fused_mlp:
-        results["bs1_fused_gate_up"] = bs1_fused_gate_up(scheduler, model, bs1_prompt, profile["bs1_new"], bs1_tokens)
+    if "bs1" not in args.skip and args.fused_weights:
+        results["bs1_fused_weights"] = bs1_fused_weights(scheduler, model, bs1_prompt, profile["bs1_new"], bs1_tokens)
         save()
     say("summary")
     for key in ("device", "bs1_decode_tokens_per_s", "bs1_ttft_s", "bs1_bandwidth_limit_tokens_per_s",

@@ -275,29 +275,48 @@ def test_greedy_runs_give_the_tokens_of_single_steps_with_one_host_read_per_run(
     assert runs["decode_reads"] * 3 < runs["decode_steps"], runs
 
 
-def test_fused_gate_up_decodes_the_same_tokens_and_undoes(tiny_models, prompts, tmp_path):
-    """The generation lever that reads each MLP's gate and up projections as one weight: the same greedy tokens
-    as `generate` on the unfused model, no extra weight memory, and after undoing it the model saves as before."""
+@pytest.mark.parametrize("arch", ["gemma2", "qwen2"])
+def test_fused_weights_decode_the_same_tokens_and_undo(tiny_models, prompts, tmp_path, arch):
+    """The generation levers that read each MLP's gate and up projections, and each attention block's q, k and v
+    (with Qwen2's biases), as one weight: the same greedy tokens as `generate` on the unfused model, eager and
+    through the compiled per-layer decode step (no graph break), no extra weight memory, and after undoing them
+    the model saves as before."""
+    import torch._dynamo
     from transformers import AutoModelForCausalLM
 
     from zhtune.infer.batching import Request, Scheduler
-    from zhtune.infer.fused_mlp import fuse_gate_up, unfuse_gate_up
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], dtype=torch.float32,
+    from zhtune.infer.fused_weights import fuse_gate_up, fuse_qkv, unfuse_gate_up, unfuse_qkv
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32,
                                                  attn_implementation="eager").eval()
     references = [hf_tokens(model, p, 12, stop_ids=[]) for p in prompts[:4]]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     storage = sum(p.untyped_storage().nbytes() for p in model.parameters())
-    assert fuse_gate_up(model) == model.config.num_hidden_layers
+    n_layers = model.config.num_hidden_layers
+    assert fuse_gate_up(model) == n_layers and fuse_qkv(model) == n_layers
     assert all("_gate_up_weight" in layer.mlp.__dict__ for layer in model.model.layers)
-    assert sum(layer.mlp._gate_up_weight.untyped_storage().nbytes() for layer in model.model.layers) + \
-        sum(p.untyped_storage().nbytes() for n, p in model.named_parameters() if "gate_proj" not in n
-            and "up_proj" not in n) == storage  # the two weights are views of the fused one
+    distinct = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert sum(distinct.values()) == storage  # the fused weights hold the parts: nothing copied twice
+    assert len(distinct) < len(list(model.parameters()))
     scheduler = Scheduler(model, max_slots=4, compile="0")
     requests = [scheduler.submit(Request(list(p), 12)) for p in prompts[:4]]
     assert [r.result(timeout=60) for r in requests] == references
     scheduler.close()
-    assert unfuse_gate_up(model) == model.config.num_hidden_layers
+
+    torch._dynamo.reset()  # the compiled decode step over the fused projections
+    scheduler = Scheduler(model, max_slots=4, compile="0")
+    scheduler.cache.ensure(4, 64)
+    step = scheduler.compile_step("eager")
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    with torch.no_grad():
+        for rows in (1, 4):
+            ids, positions = torch.randint(3, 4000, (rows, 1)), torch.full((rows, 1), 31)
+            kv_index = scheduler._kv_index(32).clone()
+            torch.testing.assert_close(step(ids, positions, kv_index), scheduler._forward_decode(ids, positions, kv_index))
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks
+
+    assert unfuse_gate_up(model) == n_layers and unfuse_qkv(model) == n_layers
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any("forward" in m.__dict__ for m in model.modules())
     model.save_pretrained(tmp_path / "saved")  # no storage shared between tensors any more
     assert hf_tokens(model, prompts[0], 12, stop_ids=[]) == references[0]
 
@@ -466,7 +485,7 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     from helpers import load_benchmark
     bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--profile", "--fused_mlp", "--one_row_options", '{"max_autotune": true}',
+    assert bench.main(["--tiny", "--profile", "--fused_weights", "--one_row_options", '{"max_autotune": true}',
                        "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("date", "device", "bs1_decode_tokens_per_s", "batched_tokens_per_s",
@@ -475,7 +494,9 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     assert r["greedy_match"]["identical"] == r["greedy_match"]["prompts"]
     assert r["bs1_one_step_per_read"]["new_tokens"] == r["bs1"]["new_tokens"] == 32  # runs and single steps
     assert r["bs1_profile"]["new_tokens"] == 64 and r["bs1_profile"]["wall_ms_per_token"] > 0
-    assert r["bs1_fused_gate_up"]["mlps_fused"] == 2 and r["bs1_fused_gate_up"]["tokens_identical_to_unfused"]
+    fused = r["bs1_fused_weights"]
+    assert [(name, f["layers_fused"], f["tokens_identical_to_unfused"]) for name, f in fused.items()] == \
+        [("gate_up", 2, True), ("gate_up_qkv", 2, True)]
     options = r["bs1_one_row_options"]  # each option set, then the default's again
     assert [o["options"] for o in options] == [{"max_autotune": True},
                                                {"max_autotune_gemm": True, "coordinate_descent_tuning": True}]
