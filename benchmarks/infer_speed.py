@@ -186,18 +186,12 @@ def bs1_one_row_options(scheduler, prompt, new_tokens, reference, option_sets, m
     default's again (the drift of the machine over the measurements). Appends one dict per measurement to
     `measured`: the options, tokens/s, the seconds of its compilation and captures, whether its tokens are
     the default's."""
-    import torch._dynamo
-
     from zhtune.infer import batching
     default = dict(batching.ONE_ROW_OPTIONS)
     try:
         for options in [*option_sets, default]:
             batching.ONE_ROW_OPTIONS = options
-
-            def recompile():
-                torch._dynamo.reset()
-                scheduler._compiled, scheduler._graphs, scheduler._decode = None, None, scheduler._forward_decode
-            scheduler.run_exclusive(recompile)
+            scheduler.discard_compiled()
             r, tokens = bs1_with(scheduler, prompt, new_tokens)
             r.update(options=options, tokens_identical_to_default=tokens == reference)
             measured.append(r)
@@ -213,15 +207,11 @@ def bs1_fused_weights(scheduler, model, prompt, new_tokens, reference) -> dict:
     """Batch 1 again with each MLP's gate and up projections read as one weight, then also each attention
     block's q, k and v (levers off by default; zhtune/infer/fused_weights.py): for each, tokens/s, the
     compilation and captures it costs, and whether its tokens are those of the unfused run."""
-    import torch._dynamo
-
     from zhtune.infer.fused_weights import fuse_gate_up, fuse_qkv
     measured = {}
     for name, fuse in (("gate_up", fuse_gate_up), ("gate_up_qkv", fuse_qkv)):
         fused = scheduler.run_exclusive(lambda: fuse(model))
-        torch._dynamo.reset()  # the compiled layers traced the modules' own forward
-        if scheduler._graphs is not None:  # the graphs recorded the old weights' addresses
-            scheduler.run_exclusive(scheduler._graphs.reset)
+        scheduler.discard_compiled()
         r, tokens = bs1_with(scheduler, prompt, new_tokens)
         r["layers_fused"] = fused
         r["tokens_identical_to_unfused"] = tokens == reference

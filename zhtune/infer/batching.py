@@ -315,6 +315,15 @@ class Scheduler:
         with self.cond:
             self.max_slots = max(self.max_slots, n)
 
+    def discard_compiled(self) -> None:
+        """Drop the compiled decode step and its CUDA graphs, on the scheduler thread: after the model's
+        modules or the compile options changed (they traced the old ones, the graphs hold old addresses).
+        The next decode step compiles again."""
+        def discard():
+            torch._dynamo.reset()
+            self._compiled, self._graphs, self._decode = None, None, self._forward_decode
+        self.run_exclusive(discard)
+
     def warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None, all_lengths: bool = False) -> float:
         """Size the cache and compile the decode step now (when compiling), logged. Seconds spent.
         `all_lengths`: also record every key-length bucket up to the cache length (benchmarks)."""

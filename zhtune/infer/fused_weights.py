@@ -6,9 +6,9 @@ bandwidth better).
 - `fuse_gate_up(model)`: each MLP's gate_proj and up_proj as one weight, with a forward of its own for
   MLPs of the form down(act(gate(x)) * up(x)) (Gemma 2, Gemma 3, Qwen2).
 - `fuse_qkv(model)`: each attention block's q_proj, k_proj and v_proj as one weight (and bias, Qwen2's).
-  The attention's own forward is kept: the first of the three projections to run computes the fused
-  product for its input, and each projection returns its slice of it (a projection called with another
-  input, or twice, computes it again: any call order gives the same result).
+  The attention's own forward is kept (a `SharedSplit`): the first of the three projections to run
+  computes the fused product for its input, and each projection returns its slice of it (a projection
+  called with another input, or twice, computes it again: any call order gives the same result).
 
 The fused weight is made once by concatenation; the modules' weights then become views of it (no extra
 memory). The arithmetic per output element is that of the separate products. Only plain nn.Linear
@@ -17,13 +17,14 @@ their own forward and weights back. Compiled decode steps and captured CUDA grap
 forward must be rebuilt after any of these calls.
 """
 
+import functools
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zhtune.models.parts import decoder_layers
+from zhtune.models.parts import SharedSplit, layer_blocks
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -70,9 +71,8 @@ def _fused_mlp_forward(self, x):
 def fuse_gate_up(model) -> int:
     """Fuse every fusable MLP's gate and up projections; returns how many were fused."""
     n = 0
-    for layer in decoder_layers(model) or []:
-        mlp = getattr(layer, "mlp", None)
-        parts = _plain_linears(mlp, ("gate_proj", "up_proj")) if mlp is not None else None
+    for mlp in layer_blocks(model, "mlp"):
+        parts = _plain_linears(mlp, ("gate_proj", "up_proj"))
         if (parts is None or parts[0].bias is not None or not hasattr(mlp, "act_fn") or "forward" in mlp.__dict__
                 or parts[0].weight.shape != parts[1].weight.shape):
             continue
@@ -86,9 +86,8 @@ def fuse_gate_up(model) -> int:
 def unfuse_gate_up(model) -> int:
     """Give the fused MLPs their own forward and weights of their own back; returns how many."""
     n = 0
-    for layer in decoder_layers(model) or []:
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and "_gate_up_weight" in mlp.__dict__:
+    for mlp in layer_blocks(model, "mlp"):
+        if "_gate_up_weight" in mlp.__dict__:
             _own_storage([mlp.gate_proj, mlp.up_proj])
             del mlp.forward, mlp._gate_up_weight
             n += 1
@@ -97,24 +96,8 @@ def unfuse_gate_up(model) -> int:
 
 # -- q, k and v ------------------------------------------------------------------------------------
 
-class _SharedProduct:
-    """x @ W^T (+ b) of one input for a group of projections: computed by the first member to run,
-    each member takes its slice once; the references are dropped when all have taken theirs."""
-
-    def __init__(self, weight, bias, sizes):
-        self.weight, self.bias, self.sizes = weight, bias, sizes
-        self.x = self.parts = None
-        self.pending = 0  # bit i: member i has not taken its slice of `parts` yet
-
-    def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self.x is not x or not (self.pending >> index) & 1:
-            self.parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-            self.x, self.pending = x, (1 << len(self.sizes)) - 1
-        self.pending &= ~(1 << index)
-        part = self.parts[index]
-        if not self.pending:
-            self.x = self.parts = None
-        return part
+def _fused_product(weight, bias, sizes, x):
+    return F.linear(x, weight, bias).split(sizes, dim=-1)
 
 
 def _member_forward(self, x):
@@ -124,13 +107,13 @@ def _member_forward(self, x):
 def fuse_qkv(model) -> int:
     """Fuse every attention block's q, k and v projections; returns how many blocks were fused."""
     n = 0
-    for layer in decoder_layers(model) or []:
-        attention = getattr(layer, "self_attn", None)
-        parts = _plain_linears(attention, QKV) if attention is not None else None
+    for attention in layer_blocks(model, "self_attn"):
+        parts = _plain_linears(attention, QKV)
         if parts is None:
             continue
         weight, bias = _concatenate(parts)
-        shared = _SharedProduct(weight, bias, [p.weight.shape[0] for p in parts])
+        shared = SharedSplit(len(parts), functools.partial(_fused_product, weight, bias,
+                                                           [p.weight.shape[0] for p in parts]))
         for index, p in enumerate(parts):
             p._zhtune_shared, p._zhtune_index = shared, index
             p.forward = types.MethodType(_member_forward, p)
@@ -141,10 +124,9 @@ def fuse_qkv(model) -> int:
 def unfuse_qkv(model) -> int:
     """Give the fused q/k/v projections their own forward and weights back; returns how many blocks."""
     n = 0
-    for layer in decoder_layers(model) or []:
-        attention = getattr(layer, "self_attn", None)
-        parts = [getattr(attention, name, None) for name in QKV] if attention is not None else []
-        if parts and all(p is not None and "_zhtune_shared" in p.__dict__ for p in parts):
+    for attention in layer_blocks(model, "self_attn"):
+        parts = [getattr(attention, name, None) for name in QKV]
+        if all(p is not None and "_zhtune_shared" in p.__dict__ for p in parts):
             _own_storage(parts)
             for p in parts:
                 del p.forward, p._zhtune_shared, p._zhtune_index

@@ -20,51 +20,34 @@ of one per projection: each projection still sees dropout(p) of its input (the s
 PEFT's), but the masks of q, k and v (gate and up) are the same draw. Memory: one dropout output and
 one mask per group are kept for the backward instead of one per projection.
 
-How the members share `a`: the group object holds the input it was computed for and which members
-have not used it yet; a member called with another tensor, or a second time, recomputes it (so any
-call order is correct, only the fused saving needs the usual order). Anything PEFT does that this
+How the members share `a`: a `SharedSplit` (zhtune/models/parts.py) holds the input it was computed for
+and which members have not used it yet; a member called with another tensor, or a second time,
+recomputes it (so any call order is correct, only the fused saving needs the usual order). Anything PEFT does that this
 does not (several active adapters, merged or disabled adapters, DoRA and other variants,
 `adapter_names` batches) runs PEFT's own forward.
 """
 
+import functools
 import types
 
 import torch
 import torch.nn.functional as F
 
+from zhtune.models.parts import SharedSplit
+
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _ATTR = "_zhtune_fused_lora"
 
 
-class _Group:
-    def __init__(self, members: list):
-        self.members = members
-        self.x = None  # the input `a` was computed for
-        self.a = None  # one slice per member
-        self.pending = 0  # bit i: member i has not used `a` yet
-
-    def lora_a(self, x: torch.Tensor, adapter: str):
-        """Compute the group's LoRA-A outputs for input x; None when a member needs PEFT's path."""
-        if not all(_plain(m, adapter) for m in self.members):
-            return None
-        first = self.members[0]
-        weights = [m.lora_A[adapter].weight for m in self.members]
-        xa = first._cast_input_dtype(x, weights[0].dtype)
-        a = F.linear(first.lora_dropout[adapter](xa), torch.cat(weights, 0) if len(weights) > 1 else weights[0])
-        self.x, self.a = x, a.split([w.shape[0] for w in weights], dim=-1)
-        self.pending = (1 << len(self.members)) - 1
-        return self.a
-
-    def take(self, index: int, x: torch.Tensor, adapter: str):
-        if self.x is not x or not (self.pending >> index) & 1:
-            if self.lora_a(x, adapter) is None:
-                self.x = self.a = None
-                return None
-        a = self.a[index]
-        self.pending &= ~(1 << index)
-        if not self.pending:  # everyone has it: drop the group's references
-            self.x = self.a = None
-        return a
+def _lora_a(members: list, x: torch.Tensor, adapter: str):
+    """The group's LoRA-A outputs for input x, one per member; None when a member needs PEFT's path."""
+    if not all(_plain(m, adapter) for m in members):
+        return None
+    first = members[0]
+    weights = [m.lora_A[adapter].weight for m in members]
+    xa = first._cast_input_dtype(x, weights[0].dtype)
+    a = F.linear(first.lora_dropout[adapter](xa), torch.cat(weights, 0) if len(weights) > 1 else weights[0])
+    return a.split([w.shape[0] for w in weights], dim=-1)
 
 
 def _plain(module, adapter: str) -> bool:
@@ -120,7 +103,7 @@ def fuse_lora_projections(model, groups=GROUPS) -> int:
                 continue
             if not _fusable(members):
                 continue
-            group = _Group(members)
+            group = SharedSplit(len(members), functools.partial(_lora_a, members))
             for i, m in enumerate(members):
                 setattr(m, _ATTR, (group, i))
                 m.forward = types.MethodType(_fused_forward, m)
