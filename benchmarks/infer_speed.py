@@ -163,6 +163,27 @@ def profile_bs1(scheduler, prompt, new_tokens, device):
             "wall_ms_per_token": round(wall_us / n / 1000, 3), "top_kernels": top}
 
 
+def profile_batched(scheduler, prompts, replies, device) -> dict:
+    """torch.profiler over a batched run (the scheduler's continuous batching): wall time, GPU busy time, the
+    device time by kind of kernel, the longest kernels, and the scheduler's steps and forwards in the run."""
+    before = dict(scheduler.stats)
+    with device_profile(device == "cuda") as kernels:
+        b = run_scheduler(scheduler, prompts, replies, "(b) profiled")
+    steps = {k: scheduler.stats[k] - before.get(k, 0) for k in scheduler.stats}
+    kinds = {k: round(v / 1000, 1) for k, v in sorted(kernels.by_kind().items(), key=lambda kv: -kv[1])}
+    say(f"profile, batched, {len(prompts)} prompts: {b['tokens_per_s']} new tokens/s under the profiler; GPU busy "
+        f"{kernels.busy_us / 1e6:.2f} s of {b['seconds']} s wall; {steps['decode_steps']} decode steps "
+        f"({steps['decode_tokens'] / max(steps['decode_steps'], 1):.1f} rows each), {steps['prefill_forwards']} "
+        f"prefill forwards ({steps['prefill_tokens'] / max(steps['prefill_forwards'], 1):.0f} tokens each); "
+        f"device ms by kind: {kinds}")
+    top = kernels.top(25)
+    for row in top:
+        say(f"  {row['device_ms']:9.2f} ms {row['device_ms'] * 1000 / max(kernels.busy_us, 1):6.1%} "
+            f"x{row['calls']:<6} {row['name']}")
+    return {**b, "gpu_busy_s": round(kernels.busy_us / 1e6, 2), "scheduler_stats": steps,
+            "device_ms_by_kind": kinds, "top_kernels": top}
+
+
 def bs1_with(scheduler, prompt, new_tokens, **settings):
     """Batch 1 with scheduler attributes changed for the measurement, then put back: an 8-token request
     first (a new shape compiles or captures there), then the measured one. (result, tokens); the result
@@ -203,23 +224,33 @@ def bs1_one_row_options(scheduler, prompt, new_tokens, reference, option_sets, m
         batching.ONE_ROW_OPTIONS = default
 
 
-def bs1_fused_weights(scheduler, model, prompt, new_tokens, reference) -> dict:
-    """Batch 1 again with each MLP's gate and up projections read as one weight, then also each attention
-    block's q, k and v (levers off by default; zhtune/infer/fused_weights.py): for each, tokens/s, the
-    compilation and captures it costs, and whether its tokens are those of the unfused run."""
-    from zhtune.infer.fused_weights import fuse_gate_up, fuse_qkv
+def bs1_weight_fusion(scheduler, model, prompt, new_tokens, reference) -> dict:
+    """Batch 1 again with the model's projections fused otherwise than by default (zhtune/infer/
+    fused_weights.py): none, gate/up only, gate/up and q/k/v (each recompiles and recaptures). For each
+    state other than the scheduler's own: tokens/s, the compilation and captures it costs, and whether its
+    tokens are those of the default run. The model is left as the last state measured."""
+    from zhtune.infer.fused_weights import fuse_gate_up, fuse_qkv, unfuse_gate_up, unfuse_qkv
+    states = {"unfused": (), "gate_up": (fuse_gate_up,), "gate_up_qkv": (fuse_gate_up, fuse_qkv)}
+    current = "gate_up_qkv" if scheduler.fused_layers else "unfused"
     measured = {}
-    for name, fuse in (("gate_up", fuse_gate_up), ("gate_up_qkv", fuse_qkv)):
-        fused = scheduler.run_exclusive(lambda: fuse(model))
+    for name, fuses in states.items():
+        if name == current:
+            continue
+
+        def refuse(fuses=fuses):
+            unfuse_qkv(model), unfuse_gate_up(model)
+            return [fuse(model) for fuse in fuses]
+        fused = scheduler.run_exclusive(refuse)
         scheduler.discard_compiled()
         r, tokens = bs1_with(scheduler, prompt, new_tokens)
-        r["layers_fused"] = fused
-        r["tokens_identical_to_unfused"] = tokens == reference
+        r["blocks_fused"] = fused
+        r["tokens_identical_to_default"] = tokens == reference
         r["first_difference"] = next((i for i, (x, y) in enumerate(zip(tokens, reference)) if x != y), None)
         measured[name] = r
-        say(f"(a) batch 1 with {name.replace('_', ' + ').replace('gate + up', 'gate/up')} fused in {fused} layers: "
+        say(f"(a) batch 1 with {name.replace('_', ' + ').replace('gate + up', 'gate/up')} "
+            f"({'blocks fused per kind: ' + str(fused) if fused else 'no weights fused'}): "
             f"{r['decode_tokens_per_s']} tokens/s (compilation and captures {r['compile_and_capture_s']}s); "
-            f"tokens identical to the unfused run: {r['tokens_identical_to_unfused']}")
+            f"tokens identical to the default's ({current}): {r['tokens_identical_to_default']}")
     return measured
 
 
@@ -356,9 +387,13 @@ def main(argv=None) -> int:
                     help="pt: zhtune's scheduler against HF generate (default); vllm: vllm on the same workloads")
     ap.add_argument("--profile", action="store_true", help="also profile batch-1 decoding (torch.profiler): "
                     "GPU busy share of the wall time and the kernels that take it")
-    ap.add_argument("--fused_weights", action="store_true", help="also batch 1 with each MLP's gate and up "
-                    "projections read as one weight, then also q/k/v (zhtune/infer/fused_weights.py; recompiles "
-                    "and recaptures), last")
+    ap.add_argument("--profile_batched", type=int, default=0, metavar="N",
+                    help="also profile a batched run of the workload's first N prompts (torch.profiler), last")
+    ap.add_argument("--weight_fusion", action="store_true", help="also batch 1 with the weights fused "
+                    "otherwise than by default: none, gate/up only, gate/up + q/k/v (zhtune/infer/fused_weights.py; "
+                    "each recompiles and recaptures), last")
+    ap.add_argument("--unfused", action="store_true", help="the scheduler without its default weight fusion "
+                    "(gate/up and q/k/v read as one weight each on a GPU)")
     ap.add_argument("--one_row_options", nargs="*", default=[], metavar="JSON",
                     help="also batch 1 with the one-row step recompiled under each of these inductor option sets "
                     "(JSON objects, e.g. '{\"max_autotune\": true}'), then the default's again, last")
@@ -405,11 +440,34 @@ def main(argv=None) -> int:
         f"(mean {sum(map(len, prompts)) / n_prompts:.0f}), replies of {min(replies)}..{max(replies)} tokens "
         f"(mean {sum(replies) / n_prompts:.0f}); HF baseline on the first {n_hf}")
     length = profile["hi"] + profile["cap"]
+    vocab = model.config.vocab_size
+    bs1_prompt, rng = draw_bs1_prompt(profile, vocab)  # rng goes on to draw the exactness prompts
+    n_match, n_tokens = profile["match"]
+    match_prompts = [[rng.randrange(3, vocab) for _ in range(16 + 24 * i)] for i in range(n_match)]
+
+    # the baseline first, on the model as transformers builds it (the scheduler then fuses its weights)
+    if "hf" not in args.skip:
+        if "bs1" not in args.skip:
+            h = bs1_hf(model, device, bs1_prompt, profile["hf_bs1_new"])
+            results["hf_generate_bs1"] = h
+            results["hf_generate_bs1_decode_tokens_per_s"] = h["decode_tokens_per_s"]
+            say(f"(a) HF generate batch 1: {h['decode_tokens_per_s']} tokens/s, TTFT {h['ttft_s'] * 1000:.0f} ms")
+        hf = run_hf_batched(model, device, prompts[:n_hf], replies[:n_hf], batch_size)
+        results["hf_generate_batched"] = hf
+        results["hf_generate_batched_tokens_per_s"] = hf["tokens_per_s"]
+        say(f"(b) HF generate batch {batch_size}, {n_hf} prompts: {hf['tokens_per_s']} new tokens/s "
+            f"({hf['tokens_computed']} computed for {hf['new_tokens']} wanted)")
+        save()
+    if "match" not in args.skip:
+        match_refs = [hf_generate(model, device, [p], n_tokens)[0] for p in match_prompts]
+
     scheduler = Scheduler(model, max_slots=batch_size, max_len=model.config.max_position_embeddings,
-                          compile=args.compile)
+                          compile=args.compile, fuse_weights=not args.unfused)
     results["compile"] = scheduler.compile_mode
+    results["fused_blocks"] = scheduler.fused_layers
     say(f"warm-up: cache {batch_size} slots x {length} tokens, compiling the decode step "
-        f"({scheduler.compile_mode or 'no compilation'}) for every rows x keys bucket")
+        f"({scheduler.compile_mode or 'no compilation'}) for every rows x keys bucket; "
+        f"{scheduler.fused_layers} blocks of weights fused")
     rows = sorted({min(1 << k, batch_size) for k in range(batch_size.bit_length() + 1)})
     results["warm_up_s"] = round(scheduler.warm_up(rows=rows, slots=batch_size, length=length, all_lengths=True), 1)
     results["compiled"] = scheduler._compiled is not None and scheduler._decode is not scheduler._forward_decode
@@ -417,8 +475,6 @@ def main(argv=None) -> int:
     save()
 
     # (a) batch 1
-    vocab = model.config.vocab_size
-    bs1_prompt, rng = draw_bs1_prompt(profile, vocab)  # rng goes on to draw the exactness prompts
     if "bs1" not in args.skip:
         bs1_scheduler(scheduler, bs1_prompt, 8)  # warm the exact shapes
         a, bs1_tokens = bs1_scheduler(scheduler, bs1_prompt, profile["bs1_new"])
@@ -431,21 +487,13 @@ def main(argv=None) -> int:
         single, _ = bs1_with(scheduler, bs1_prompt, profile["bs1_new"], greedy_run=1)  # a host read per token
         results["bs1_one_step_per_read"] = single
         say(f"(a) batch 1, one host read per step: {single['decode_tokens_per_s']} tokens/s")
-        if "hf" not in args.skip:
-            h = bs1_hf(model, device, bs1_prompt, profile["hf_bs1_new"])
-            results["hf_generate_bs1"] = h
-            results["hf_generate_bs1_decode_tokens_per_s"] = h["decode_tokens_per_s"]
-            say(f"(a) HF generate batch 1: {h['decode_tokens_per_s']} tokens/s, TTFT {h['ttft_s'] * 1000:.0f} ms")
         save()
 
-    # exactness: first tokens of 8 fixed prompts, scheduler batch 1 vs HF generate batch 1
+    # exactness: first tokens of 8 fixed prompts, scheduler batch 1 vs HF generate batch 1 (stock model)
     if "match" not in args.skip:
-        n_match, n_tokens = profile["match"]
-        match_prompts = [[rng.randrange(3, vocab) for _ in range(16 + 24 * i)] for i in range(n_match)]
         identical, first_diff = 0, []
-        for p in match_prompts:
+        for p, ref in zip(match_prompts, match_refs):
             _, ours = bs1_scheduler(scheduler, p, n_tokens)
-            ref = hf_generate(model, device, [p], n_tokens)[0]
             same = ours == ref
             identical += same
             first_diff.append(None if same else next(i for i, (x, y) in enumerate(zip(ours, ref)) if x != y))
@@ -465,14 +513,9 @@ def main(argv=None) -> int:
     if "hf" not in args.skip:
         sub = run_scheduler(scheduler, prompts[:n_hf], replies[:n_hf], "(b) scheduler, HF's prompts")
         results["batched_same_prompts_as_hf"] = sub
-        say(f"(b) scheduler on the {n_hf} prompts of the baseline: {sub['tokens_per_s']} new tokens/s")
-        hf = run_hf_batched(model, device, prompts[:n_hf], replies[:n_hf], batch_size)
-        results["hf_generate_batched"] = hf
-        results["hf_generate_batched_tokens_per_s"] = hf["tokens_per_s"]
-        results["batched_speedup_vs_hf"] = round(sub["tokens_per_s"] / hf["tokens_per_s"], 2)
-        say(f"(b) HF generate batch {batch_size}, {n_hf} prompts: {hf['tokens_per_s']} new tokens/s "
-            f"({hf['tokens_computed']} computed for {hf['new_tokens']} wanted); speedup "
-            f"{results['batched_speedup_vs_hf']}x")
+        results["batched_speedup_vs_hf"] = round(sub["tokens_per_s"] / results["hf_generate_batched_tokens_per_s"], 2)
+        say(f"(b) scheduler on the {n_hf} prompts of the baseline: {sub['tokens_per_s']} new tokens/s; speedup "
+            f"{results['batched_speedup_vs_hf']}x over HF generate")
     results["scheduler_stats"] = dict(scheduler.stats)
     save()
     # last, so that a failure here costs nothing above: the profile, and batch 1 decoded as 1 row
@@ -498,12 +541,20 @@ def main(argv=None) -> int:
         say(f"(a) batch 1 decoded as 1 row instead of {rows}: {one_row['decode_tokens_per_s']} tokens/s "
             f"(its compilation and captures {one_row['compile_and_capture_s']}s)")
         save()
+    if args.profile_batched:
+        n = min(args.profile_batched, n_prompts)
+        try:
+            results["batched_profile"] = profile_batched(scheduler, prompts[:n], replies[:n], device)
+        except Exception as e:  # noqa: BLE001 - a measurement of its own; the numbers above stand
+            results["batched_profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            say(f"batched profile failed: {results['batched_profile']['error']}")
+        save()
     if "bs1" not in args.skip and args.one_row_options:  # (no one-row step without CUDA graphs: the same step)
         results["bs1_one_row_options"] = []  # filled (and saved) measurement by measurement
         bs1_one_row_options(scheduler, bs1_prompt, profile["bs1_new"], bs1_tokens,
                             [json.loads(o) for o in args.one_row_options], results["bs1_one_row_options"], save)
-    if "bs1" not in args.skip and args.fused_weights:
-        results["bs1_fused_weights"] = bs1_fused_weights(scheduler, model, bs1_prompt, profile["bs1_new"], bs1_tokens)
+    if "bs1" not in args.skip and args.weight_fusion:
+        results["bs1_weight_fusion"] = bs1_weight_fusion(scheduler, model, bs1_prompt, profile["bs1_new"], bs1_tokens)
         save()
     say("summary")
     for key in ("device", "bs1_decode_tokens_per_s", "bs1_ttft_s", "bs1_bandwidth_limit_tokens_per_s",

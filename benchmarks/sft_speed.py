@@ -278,6 +278,17 @@ def _keys_sliding(n: int, w: int) -> float:
     return m * (m + 1) / 2 + (n - m) * w
 
 
+def gpu_state() -> str | None:
+    """SM clock, power draw and temperature now (nvidia-smi), to tell a throttled GPU from a slow variant."""
+    import subprocess
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu", "--format=csv,noheader",
+                               "-i", str(torch.cuda.current_device())], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 # -- steps -----------------------------------------------------------------------------------------
 
 def baseline_step(model, batch, num_items=None):
@@ -355,7 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline_rows", type=int, default=None, help="time the baseline on the samples of the "
                     "first N rows only (default: all --packs rows)")
     ap.add_argument("--chunk_size", type=int, default=1024)
-    ap.add_argument("--mem_budget_gib", type=float, default=70.0, help="the planned variants' memory budget")
+    ap.add_argument("--mem_budget_gib", type=float, default=80.0, help="the planned variants' memory budget (the issue's 80 GiB)")
     ap.add_argument("--check", default="true", choices=["true", "false"], help="exactness check of every variant")
     ap.add_argument("--profile", default="", help="comma-separated variants to profile for one more step "
                     "(torch.profiler): device time by kind of kernel (matmul, attention, compiled, eager elementwise) "
@@ -485,6 +496,8 @@ def main(argv=None) -> int:
                 r["gflop_per_token"] = flops / work.tokens / 1e9
                 r["tokens_per_s"] = tok / r["seconds"]
                 r["mfu"] = fl / r["seconds"] / (H100_BF16_PEAK * world)
+            if cuda and "tokens_per_s" in r and "gpu_after" not in r:
+                r["gpu_after"] = gpu_state()  # clock, power and temperature at the end of its timed steps
             results["variants"][name] = r
             add_ratios(results)
             if rank == 0 and args.out:
@@ -505,7 +518,8 @@ def main(argv=None) -> int:
             say(f"[bench] {name:15s} {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:6.1%}  peak {r['peak_gib']:6.2f} GiB"
                 + (f"  |dloss| {check['loss_abs_diff']:.1e} cos {check['grad_cosine']:.5f}"
                    if "loss_abs_diff" in check else f"  check: {check['error']}" if check else "")
-                + (f"  ({r['note']})" if r.get("note") else ""))
+                + (f"  ({r['note']})" if r.get("note") else "")
+                + (f"  [GPU after: {r['gpu_after']}]" if r.get("gpu_after") else ""))
         else:
             say(f"[bench] {name}: {r}")
 

@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu_train_speed.sh bench           # ~8 min: baseline, eager_packed, hf_best and the compiled levers
 #   bash scripts/gpu_train_speed.sh levers engines  # ~8 min: the eager levers; ZeRO-2, ZeRO-3, FSDP2 via zhtune sft
-#   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each)
+#   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each);
+#                                                            # "single": zhtune sft on one GPU, no engine flag
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_levers.json + .log (levers), engines.json + .log.
@@ -62,8 +63,8 @@ PY
 
 bench() {  # the targets: x eager_packed and x hf_best, >= 11,000 tok/s <= 80 GiB, >= 8,500 <= 24 GiB
     timeout 570 $PY benchmarks/sft_speed.py \
-        --variants baseline,eager_packed,hf_best,compiled_fused_all,compiled_fused_all_closs,compiled_fused_selective,compiled_fused_selective_closs \
-        --baseline_rows 1 --mem_budget_gib 75 --time_budget_s 480 --profile hf_best,compiled_fused_selective \
+        --variants ${BENCH_VARIANTS:-baseline,eager_packed,hf_best,compiled_fused_all,compiled_fused_all_closs,compiled_fused_selective,compiled_fused_selective_closs} \
+        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --profile hf_best,compiled_fused_selective \
         --out "$OUT/sft_speed.json" \
         2>&1 | tee "$OUT/sft_speed.log"
 }
@@ -117,6 +118,7 @@ PY
     local port=29511 name flag
     for name in ${ENGINES:-zero2 zero3 fsdp2}; do
         case $name in
+            single) flag="" ;;  # one GPU, no engine: the fast path as a user gets it by default
             zero2) flag="--deepspeed default-zero2" ;;
             zero3) flag="--deepspeed default-zero3" ;;
             fsdp2) flag="--fsdp fsdp2" ;;
@@ -127,7 +129,7 @@ PY
         MASTER_PORT=$port timeout 420 $PY -m zhtune sft --model_id_or_path "$model" --model_type gemma2-9b-instruct \
             --dataset "$data" --dataset_test_ratio 0 --lora_target_modules EMBEDDING ALL lm_head \
             --lora_modules_to_save LN --adam_beta2 0.95 --learning_rate 5e-5 --max_length 8192 \
-            --gradient_accumulation_steps 1 --max_steps 4 --logging_steps 1 --save_steps 4 --eval_steps 1000 \
+            --gradient_accumulation_steps 1 --max_steps ${ENGINE_STEPS:-4} --logging_steps 1 --save_steps ${ENGINE_STEPS:-4} --eval_steps 1000 \
             --identity_probe false --output_dir "$WORK/engines/$name" $flag >> "$OUT/engines.log" 2>&1
         echo "[engines] $name: exit $? after $((SECONDS - start))s" | tee -a "$OUT/engines.log"
         port=$((port + 1))
@@ -137,7 +139,7 @@ import json, sys
 from pathlib import Path
 root, out, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 result = {"layers": layers, "engines": {}}
-for name in ("zero2", "zero3", "fsdp2"):
+for name in ("single", "zero2", "zero3", "fsdp2"):
     runs = sorted(root.glob(f"{name}/*/v*-*"))
     r = {"run_dir": str(runs[-1]) if runs else None}
     if runs:

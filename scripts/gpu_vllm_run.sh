@@ -9,10 +9,11 @@
 #   bash scripts/gpu_vllm_run.sh merged           # sft (seed LoRA) -> eval --ckpt_dir --merge_lora true, vllm and pt
 #   bash scripts/gpu_vllm_run.sh deploy           # zhtune deploy --infer_backend vllm answering the openai client
 #   bash scripts/gpu_vllm_run.sh speed            # benchmarks/infer_speed.py --quick --profile (needs no staging)
-#   bash scripts/gpu_vllm_run.sh speed-full       # infer_speed.py --profile --fused_weights: 1,000 prompts (~8 min, no staging)
+#   bash scripts/gpu_vllm_run.sh speed-full       # infer_speed.py --profile --weight_fusion: 1,000 prompts (~8 min, no staging)
 #   bash scripts/gpu_vllm_run.sh speed-one-row    # batch 1 only: the one-row step under other inductor options,
-#                                                 # the 2-row step, the default twice, then gate/up and q/k/v
-#                                                 # read as one weight (~5 min, no staging)
+#                                                 # the 2-row step, the default twice, then the weights unfused
+#                                                 # and gate/up fused only (~5 min, no staging)
+#   bash scripts/gpu_vllm_run.sh speed-profile-batched  # a profiled batched run of 128 quick-workload prompts
 #   bash scripts/gpu_vllm_run.sh speed-start      # the same benchmark detached (setsid), needs no staging: it
 #                                                 # runs while the staging calls copy (run those under `nice`)
 #   bash scripts/gpu_vllm_run.sh speed-collect N  # waits up to N s for it, then copies its log and JSON to $OUT
@@ -30,15 +31,19 @@ speed)  # needs no staging (random weights, the image's torch and transformers)
       2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-quick.log" | grep "bench\|zhtune\|Error\|error" | tail -40
   exit 0 ;;
 speed-full)  # the full workload: 1,000 prompts (HF baseline on 256), needs no staging (~7 min)
-  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-580} python3 benchmarks/infer_speed.py --profile --fused_weights --out "$OUT/infer-speed-full.json" \
+  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-580} python3 benchmarks/infer_speed.py --profile --weight_fusion --out "$OUT/infer-speed-full.json" \
       2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-full.log" | grep "bench\|zhtune\|Error\|error" | tail -60
   exit 0 ;;
 speed-one-row)  # which inductor options make the batch-1 (one-row) step fastest; needs no staging
   PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-540} python3 benchmarks/infer_speed.py --quick --skip match batched hf \
-      --one_row_options '{"max_autotune": true, "coordinate_descent_tuning": true}' \
-      '{"coordinate_descent_tuning": true}' '{"max_autotune_gemm": true}' --fused_weights \
+      --one_row_options '{}' '{"coordinate_descent_tuning": true, "max_autotune_pointwise": true}' --weight_fusion \
       --out "$OUT/infer-speed-one-row.json" \
       2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-one-row.log" | grep "bench\|zhtune\|Error\|error" | tail -30
+  exit 0 ;;
+speed-profile-batched)  # where a batched run's time goes (kernels by kind, steps, forwards); no staging (~2.5 min)
+  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-240} python3 benchmarks/infer_speed.py --quick --skip bs1 match batched hf \
+      --profile_batched ${PROFILE_PROMPTS:-128} --out "$OUT/infer-speed-profile-batched.json" \
+      2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-profile-batched.log" | grep "bench\|zhtune\|Error\|error" | tail -40
   exit 0 ;;
 speed-start)
   mkdir -p $SPEED/repo && cp -r zhtune benchmarks $SPEED/repo/ && cd $SPEED/repo

@@ -485,7 +485,8 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     from helpers import load_benchmark
     bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--profile", "--fused_weights", "--one_row_options", '{"max_autotune": true}',
+    assert bench.main(["--tiny", "--profile", "--profile_batched", "6", "--weight_fusion", "--one_row_options",
+                       '{"max_autotune": true}',
                        "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("date", "device", "bs1_decode_tokens_per_s", "batched_tokens_per_s",
@@ -494,12 +495,15 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     assert r["greedy_match"]["identical"] == r["greedy_match"]["prompts"]
     assert r["bs1_one_step_per_read"]["new_tokens"] == r["bs1"]["new_tokens"] == 32  # runs and single steps
     assert r["bs1_profile"]["new_tokens"] == 64 and r["bs1_profile"]["wall_ms_per_token"] > 0
-    fused = r["bs1_fused_weights"]
-    assert [(name, f["layers_fused"], f["tokens_identical_to_unfused"]) for name, f in fused.items()] == \
-        [("gate_up", 2, True), ("gate_up_qkv", 2, True)]
+    profiled = r["batched_profile"]  # the first 6 prompts again, their steps and forwards counted
+    assert profiled["prompts"] == 6 and profiled["scheduler_stats"]["prefill_forwards"] >= 1
+    assert profiled["scheduler_stats"]["decode_tokens"] > 0 and profiled["new_tokens"] > 0
+    assert r["fused_blocks"] == 0  # the weights are fused for CUDA graphs only: the other states are measured
+    fused = r["bs1_weight_fusion"]
+    assert [(name, f["blocks_fused"], f["tokens_identical_to_default"]) for name, f in fused.items()] == \
+        [("gate_up", [2], True), ("gate_up_qkv", [2, 2], True)]
     options = r["bs1_one_row_options"]  # each option set, then the default's again
-    assert [o["options"] for o in options] == [{"max_autotune": True},
-                                               {"max_autotune_gemm": True, "coordinate_descent_tuning": True}]
+    assert [o["options"] for o in options] == [{"max_autotune": True}, {"coordinate_descent_tuning": True}]
     assert all(o["tokens_identical_to_default"] and o["decode_tokens_per_s"] > 0 for o in options)
     # the vllm run needs vllm and a GPU: a clear refusal (exit 2), no file written
     assert bench.main(["--tiny", "--engine", "vllm", "--out", str(tmp_path / "v.json")]) == 2

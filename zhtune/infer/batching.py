@@ -236,7 +236,8 @@ class Scheduler:
 
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None, granularity: int | None = None,
                  compile: str | bool | None = None, cache_budget_bytes: int | None = None,
-                 prefill_tokens: int | None = None, greedy_run: int = 8, one_row_autotune: bool | None = None):
+                 prefill_tokens: int | None = None, greedy_run: int = 8, one_row_autotune: bool | None = None,
+                 fuse_weights: bool = False):
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.model.config
         self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -266,11 +267,23 @@ class Scheduler:
         self._compiled = None
         self._graphs: GraphedDecode | None = None
         # CUDA graphs: a single row decodes through a step of its own, compiled for exactly one row with
-        # inductor's GEMM autotuning (ONE_ROW_OPTIONS; batch 1 on the H200: 145.9 tokens/s against 138.5 as
-        # two rows in the same run, benchmarks/RESULTS.md); ZHTUNE_PT_ONE_ROW_AUTOTUNE=0 turns it off.
+        # inductor's coordinate-descent tuning (ONE_ROW_OPTIONS; batch 1 on the H200, weights fused: 158.7
+        # tokens/s against 153.0 as two rows in the same run, benchmarks/RESULTS.md); ZHTUNE_PT_ONE_ROW_AUTOTUNE=0
+        # turns it off.
         # Without it, at least 2 rows, so that the dynamic-rows step is never specialised to 1 (as one row
         # through cuBLAS it was no faster than two).
         graphs = self.compile_mode == "graphs" and on_gpu
+        # fuse_weights (the engine of infer/eval/deploy, which owns its model): with CUDA graphs, gate/up and
+        # q/k/v each read as one weight (zhtune/infer/fused_weights.py; same tokens; batch 1 on the H200 +9%
+        # under the earlier one-row options, +0.5% under the current ones, 2 rows 153.0 against 140.2 tokens/s
+        # unfused in an earlier run); ZHTUNE_PT_FUSED_WEIGHTS=0 turns it off. The model's forward changes for
+        # everything that runs it afterwards (same arithmetic), its weights become views of the fused ones.
+        self.fused_layers = 0
+        if fuse_weights and graphs and os.environ.get("ZHTUNE_PT_FUSED_WEIGHTS", "1") not in ("0", "false", "off"):
+            from zhtune.infer.fused_weights import fuse_gate_up, fuse_qkv
+            self.fused_layers = fuse_gate_up(self.model) + fuse_qkv(self.model)
+            if self.fused_layers:
+                logger.info(f"decode step: gate/up and q/k/v read as one weight ({self.fused_layers} blocks fused)")
         if one_row_autotune is None:
             one_row_autotune = os.environ.get("ZHTUNE_PT_ONE_ROW_AUTOTUNE", "1") not in ("0", "false", "off")
         self.one_row_autotune = bool(one_row_autotune) and graphs
@@ -783,9 +796,11 @@ def _run_layer_one_row(forward, *args, **kwargs):
 
 
 # inductor options of the one-row decode step: each projection of one row is a matrix-vector product,
-# bound by reading the weights; autotuning picks a kernel for that shape (cuBLAS's is ~55% of the
-# bandwidth), coordinate descent tunes the generated kernels' block sizes. Costs ~30 s more warm-up.
-ONE_ROW_OPTIONS = {"max_autotune_gemm": True, "coordinate_descent_tuning": True}
+# bound by reading the weights; coordinate descent tunes the block sizes of the kernels inductor generates
+# for them (cuBLAS's reach ~55% of the bandwidth). On the H200 (benchmarks/RESULTS.md, seventh session):
+# 166.3 tokens/s with this alone, 157.6 with max_autotune added, 144.8 with max_autotune_gemm added, 133.9
+# with max_autotune_gemm alone (GEMM templates instead of tuned reductions).
+ONE_ROW_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 @contextlib.contextmanager

@@ -61,7 +61,8 @@ def _load_pt(resolved: ResolvedModel, args, common: dict):
         with reading(f"--ckpt_dir {resolved.adapter_dir}", "the LoRA adapter", ADAPTER_FIX):
             model = PeftModel.from_pretrained(model, resolved.adapter_dir)
         model.eval()
-    return PtEngine(model, tokenizer, get_template(resolved.template, tokenizer), **common)
+    # the engine owns this model: on a GPU its decode step reads gate/up and q/k/v as one weight each
+    return PtEngine(model, tokenizer, get_template(resolved.template, tokenizer), fuse_weights=True, **common)
 
 
 def _load_vllm(resolved: ResolvedModel, args, common: dict):

@@ -1,4 +1,5 @@
-"""Generation levers, off by default until measured on a GPU (issue 17): projections that read the same
+"""Generation levers (issue 17; on by default for the engine that infer, eval and deploy load, with CUDA
+graphs: `Scheduler(fuse_weights=True)`): projections that read the same
 input read their weights as one matrix, so a decode step runs one larger matrix-vector product instead
 of two or three (at batch 1 every step reads all the weights: fewer, larger reads use the memory
 bandwidth better).

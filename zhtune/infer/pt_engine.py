@@ -44,10 +44,11 @@ def scheduler_unsupported(model) -> str | None:
 class PtEngine(Engine):
     """`max_batch_size`: the scheduler's slots (requests decoded together; default 32 on CUDA, 16 on the
     CPU; a `complete` call with a larger batch_size raises it). `compile`: None (default: on CUDA),
-    False, or a torch.compile mode."""
+    False, or a torch.compile mode. `fuse_weights`: the scheduler may fuse the model's projections for
+    its CUDA-graph decode step (Scheduler's argument; for an engine that owns its model)."""
 
     def __init__(self, model, tokenizer, template, *, batching: bool = True, max_batch_size: int | None = None,
-                 compile=None, **kwargs):
+                 compile=None, fuse_weights: bool = False, **kwargs):
         if kwargs.get("max_model_len") is None:
             config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
             kwargs["max_model_len"] = getattr(config, "max_position_embeddings", None)
@@ -57,7 +58,7 @@ class PtEngine(Engine):
         if batching and why:
             logger.info(f"pt backend: generating with transformers' generate ({why}; no continuous batching)")
         self.batching = why is None
-        self.max_batch_size, self.compile = max_batch_size, compile
+        self.max_batch_size, self.compile, self.fuse_weights = max_batch_size, compile, fuse_weights
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.Lock()
 
@@ -67,7 +68,8 @@ class PtEngine(Engine):
             if self._scheduler is None:
                 on_gpu = self.device.type == "cuda"
                 self._scheduler = Scheduler(self.model, max_slots=self.max_batch_size or (32 if on_gpu else 16),
-                                            max_len=self.max_model_len, compile=self.compile)
+                                            max_len=self.max_model_len, compile=self.compile,
+                                            fuse_weights=self.fuse_weights)
                 self._scheduler.stop_ids = frozenset(self.stop_ids)
             return self._scheduler
 
