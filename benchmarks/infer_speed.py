@@ -387,6 +387,8 @@ def main(argv=None) -> int:
                     help="pt: zhtune's scheduler against HF generate (default); vllm: vllm on the same workloads")
     ap.add_argument("--profile", action="store_true", help="also profile batch-1 decoding (torch.profiler): "
                     "GPU busy share of the wall time and the kernels that take it")
+    ap.add_argument("--batched_single_reads", action="store_true", help="also the batched workload with one "
+                    "host read per decode step while requests wait for a slot (the previous default)")
     ap.add_argument("--profile_batched", type=int, default=0, metavar="N",
                     help="also profile a batched run of the workload's first N prompts (torch.profiler), last")
     ap.add_argument("--weight_fusion", action="store_true", help="also batch 1 with the weights fused "
@@ -510,6 +512,18 @@ def main(argv=None) -> int:
         results["batched_tokens_per_s"] = b["tokens_per_s"]
         say(f"(b) scheduler, {n_prompts} prompts: {b['tokens_per_s']} new tokens/s ({b['seconds']}s)")
         save()
+        if args.batched_single_reads:  # the previous default, same run: one host read per step while requests wait
+            saved = scheduler.greedy_run_waiting
+            scheduler.greedy_run_waiting = 1
+            try:
+                single = run_scheduler(scheduler, prompts, replies, "(b) one read per step while requests wait")
+            finally:
+                scheduler.greedy_run_waiting = saved
+            results["batched_one_read_per_step_while_waiting"] = single
+            say(f"(b) scheduler, one host read per step while requests wait (the previous default): "
+                f"{single['tokens_per_s']} new tokens/s against {b['tokens_per_s']} with runs of up to "
+                f"{saved} steps")
+            save()
     if "hf" not in args.skip:
         sub = run_scheduler(scheduler, prompts[:n_hf], replies[:n_hf], "(b) scheduler, HF's prompts")
         results["batched_same_prompts_as_hf"] = sub

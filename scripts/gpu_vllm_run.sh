@@ -9,7 +9,7 @@
 #   bash scripts/gpu_vllm_run.sh merged           # sft (seed LoRA) -> eval --ckpt_dir --merge_lora true, vllm and pt
 #   bash scripts/gpu_vllm_run.sh deploy           # zhtune deploy --infer_backend vllm answering the openai client
 #   bash scripts/gpu_vllm_run.sh speed            # benchmarks/infer_speed.py --quick --profile (needs no staging)
-#   bash scripts/gpu_vllm_run.sh speed-full       # infer_speed.py --profile --weight_fusion: 1,000 prompts (~8 min, no staging)
+#   bash scripts/gpu_vllm_run.sh speed-full       # infer_speed.py --profile --batched_single_reads: 1,000 prompts (~8 min, no staging)
 #   bash scripts/gpu_vllm_run.sh speed-one-row    # batch 1 only: the one-row step under other inductor options,
 #                                                 # the 2-row step, the default twice, then the weights unfused
 #                                                 # and gate/up fused only (~5 min, no staging)
@@ -31,7 +31,7 @@ speed)  # needs no staging (random weights, the image's torch and transformers)
       2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-quick.log" | grep "bench\|zhtune\|Error\|error" | tail -40
   exit 0 ;;
 speed-full)  # the full workload: 1,000 prompts (HF baseline on 256), needs no staging (~7 min)
-  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-580} python3 benchmarks/infer_speed.py --profile --weight_fusion --out "$OUT/infer-speed-full.json" \
+  PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-580} python3 benchmarks/infer_speed.py --profile --batched_single_reads --out "$OUT/infer-speed-full.json" \
       2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-full.log" | grep "bench\|zhtune\|Error\|error" | tail -60
   exit 0 ;;
 speed-one-row)  # which inductor options make the batch-1 (one-row) step fastest; needs no staging

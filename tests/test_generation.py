@@ -275,6 +275,34 @@ def test_greedy_runs_give_the_tokens_of_single_steps_with_one_host_read_per_run(
     assert runs["decode_reads"] * 3 < runs["decode_steps"], runs
 
 
+def test_greedy_runs_while_requests_wait_for_a_slot(tiny, prompts):
+    """More requests than slots: while some wait, greedy runs stay short (`greedy_run_waiting`) and end at the
+    first reply that ends by length, so its slot is refilled right after the run; a stop token inside a run
+    ends that reply there. Same tokens as one step per read and as `generate`, fewer reads than steps."""
+    from zhtune.infer.batching import Request, Scheduler
+    model, _ = tiny
+    stop = hf_tokens(model, prompts[3], 30, stop_ids=[])[9]
+    cases = [(prompts[3], 30), (prompts[0], 5), (prompts[1], 17), (prompts[5], 11), (prompts[2], 9),
+             (prompts[4], 13)]
+    results = {}
+    for run in (1, 8):
+        scheduler = Scheduler(model, max_slots=2, compile="0", greedy_run=run, greedy_run_waiting=3)
+        scheduler.stop_ids = frozenset([stop])
+        requests = [Request(list(p), n) for p, n in cases]
+        for r in requests:
+            scheduler.submit(r)
+        results[run] = ([r.result(timeout=60) for r in requests], [r.finish_reason for r in requests],
+                        dict(scheduler.stats))
+        scheduler.close()
+    assert results[8][:2] == results[1][:2]
+    for (p, n), tokens in zip(cases, results[8][0]):
+        assert tokens == hf_tokens(model, p, n, stop_ids=[stop])
+    assert results[8][1][0] == "stop"
+    single, runs = results[1][2], results[8][2]
+    assert single["decode_reads"] == single["decode_steps"]
+    assert runs["decode_reads"] < runs["decode_steps"] * 0.6, runs
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "qwen2"])
 def test_fused_weights_decode_the_same_tokens_and_undo(tiny_models, prompts, tmp_path, arch):
     """The generation levers that read each MLP's gate and up projections, and each attention block's q, k and v
@@ -485,7 +513,8 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     from helpers import load_benchmark
     bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--profile", "--profile_batched", "6", "--weight_fusion", "--one_row_options",
+    assert bench.main(["--tiny", "--profile", "--profile_batched", "6", "--batched_single_reads", "--weight_fusion",
+                       "--one_row_options",
                        '{"max_autotune": true}',
                        "--out", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -495,6 +524,8 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     assert r["greedy_match"]["identical"] == r["greedy_match"]["prompts"]
     assert r["bs1_one_step_per_read"]["new_tokens"] == r["bs1"]["new_tokens"] == 32  # runs and single steps
     assert r["bs1_profile"]["new_tokens"] == 64 and r["bs1_profile"]["wall_ms_per_token"] > 0
+    single_reads = r["batched_one_read_per_step_while_waiting"]  # the same replies, the previous read policy
+    assert single_reads["new_tokens"] == r["batched"]["new_tokens"] and single_reads["tokens_per_s"] > 0
     profiled = r["batched_profile"]  # the first 6 prompts again, their steps and forwards counted
     assert profiled["prompts"] == 6 and profiled["scheduler_stats"]["prefill_forwards"] >= 1
     assert profiled["scheduler_stats"]["decode_tokens"] > 0 and profiled["new_tokens"] > 0

@@ -11,7 +11,8 @@ own attention function runs (eager with softcap for Gemma 2), over a cache we in
   slot r; each row writes its new keys at its own positions and attends to positions <= its own
   (and > position - sliding_window on sliding layers), through a 4-D additive mask per layer type, the
   same 0 / finfo.min mask transformers builds. Stale entries beyond a row's position are masked out.
-- Prefill: one request at a time, eager, into its slot (logits of the last prompt token only).
+- Prefill: waiting requests into free slots, several in one forward (up to `prefill_tokens` padded
+  tokens), eager (logits of each prompt's last token only).
 - Decode: every active slot in one forward of [rows, 1] tokens. Rows are bucketed to a power of two
   (slots are handed out lowest first) and attended keys to a multiple of `granularity`, so the compiled
   step sees few shapes and never one per prompt length. On CUDA the step is replayed as CUDA graphs
@@ -19,6 +20,8 @@ own attention function runs (eager with softcap for Gemma 2), over a cache we in
   dynamic rows and key lengths, so that one compiled graph serves every layer of a kind (compile time
   grows with the kinds of layers, not with their number) and every shape; the embedding, final norm,
   lm_head and softcap run eager inside the recorded graph. The one-time warm-up is logged.
+- Greedy runs: while every active request decodes greedily, several steps run back to back (each fed the
+  previous step's argmax on the device) with one host read at the end (`greedy_run`, `greedy_run_waiting`).
 - Token choice per request: greedy argmax on float32 logits (as `generate`), or repetition penalty,
   temperature, top-k, top-p and multinomial with the request's own seeded generator.
 
@@ -236,8 +239,8 @@ class Scheduler:
 
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None, granularity: int | None = None,
                  compile: str | bool | None = None, cache_budget_bytes: int | None = None,
-                 prefill_tokens: int | None = None, greedy_run: int = 8, one_row_autotune: bool | None = None,
-                 fuse_weights: bool = False):
+                 prefill_tokens: int | None = None, greedy_run: int = 8, greedy_run_waiting: int = 4,
+                 one_row_autotune: bool | None = None, fuse_weights: bool = False):
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.model.config
         self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -293,6 +296,7 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens or (8192 if on_gpu else 1024)
         # greedy decode steps run back to back, their tokens read on the host once per run (see _greedy_run)
         self.greedy_run = greedy_run
+        self.greedy_run_waiting = greedy_run_waiting
         self.pending: list[Request] = []
         self.active: dict[int, Request] = {}
         self.jobs: list[tuple] = []
@@ -544,15 +548,20 @@ class Scheduler:
             self._append(request, chosen[slot])
 
     def _greedy_run_length(self, requests, keys_left: int) -> int:
-        """How many argmax-only decode steps to run back to back: up to `greedy_run` while no request waits
-        for a slot, never past a request's last token, `max_len`, or the key bucket (`keys_left` positions
-        before the longest row needs more keys: another compiled shape)."""
-        if self.greedy_run < 2 or self.pending:
+        """How many argmax-only decode steps to run back to back: up to `greedy_run`, or up to
+        `greedy_run_waiting` while requests wait for a slot (a row that stops on a stop token inside the run
+        keeps its slot to the run's end: a waiting request starts at most that many steps later); never past
+        a request's last token (a slot freed by length is refilled right after the run), `max_len`, or the
+        key bucket (`keys_left` positions before the longest row needs more keys: another compiled shape).
+        Each run ends in one host read instead of one per step: the H200 profile of a batched run with one
+        read per step while requests waited had its GPU idle 36% of the wall time (benchmarks/RESULTS.md)."""
+        limit = min(self.greedy_run, self.greedy_run_waiting) if self.pending else self.greedy_run
+        if limit < 2:
             return 1
         left = [r.max_new_tokens - len(r.generated) for _, r in requests]
         if self.max_len:
             left += [self.max_len - r.position for _, r in requests]
-        return max(1, min(self.greedy_run, keys_left, *left))
+        return max(1, min(limit, keys_left, *left))
 
     def _greedy_run(self, requests, ids, pos, kv_len: int, n: int):
         """n argmax-only decode steps, each fed the previous step's argmax on the device, with one host read of
