@@ -238,7 +238,8 @@ def bs1_weight_fusion(scheduler, model, prompt, new_tokens, reference) -> dict:
             continue
 
         def refuse(fuses=fuses):
-            unfuse_qkv(model), unfuse_gate_up(model)
+            unfuse_qkv(model)
+            unfuse_gate_up(model)
             return [fuse(model) for fuse in fuses]
         fused = scheduler.run_exclusive(refuse)
         scheduler.discard_compiled()

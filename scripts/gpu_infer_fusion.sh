@@ -2,6 +2,8 @@
 # On the GPU machine (no staging; carry .carry16 for the tokenizer): `zhtune infer --val_dataset` on a random
 # Gemma-2-9B config of 4 layers, once with the engine's default weight fusion (gate/up and q/k/v read as one
 # weight in the CUDA-graph decode step) and once with ZHTUNE_PT_FUSED_WEIGHTS=0; the replies must be equal.
+# A random model's greedy tokens may all be special tokens that decode to empty replies: then this checks that
+# the fused path runs through the CLI (its log line, the compilation), and the benchmark compares the tokens.
 #   OUT=... bash scripts/gpu_infer_fusion.sh      (~2-3 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/fusion}; mkdir -p "$OUT" "$WORK"
