@@ -390,6 +390,8 @@ def main(argv=None) -> int:
                     "GPU busy share of the wall time and the kernels that take it")
     ap.add_argument("--batched_single_reads", action="store_true", help="also the batched workload with one "
                     "host read per decode step while requests wait for a slot (the previous default)")
+    ap.add_argument("--compiled_prefill", action="store_true", help="also the batched workload with the prefill's "
+                    "decoder layers compiled (Scheduler compile_prefill, opt-in)")
     ap.add_argument("--profile_batched", type=int, default=0, metavar="N",
                     help="also profile a batched run of the workload's first N prompts (torch.profiler), last")
     ap.add_argument("--weight_fusion", action="store_true", help="also batch 1 with the weights fused "
@@ -524,6 +526,18 @@ def main(argv=None) -> int:
             say(f"(b) scheduler, one host read per step while requests wait (the previous default): "
                 f"{single['tokens_per_s']} new tokens/s against {b['tokens_per_s']} with runs of up to "
                 f"{saved} steps")
+            save()
+        if args.compiled_prefill and not scheduler.compile_prefill:  # the opt-in lever, same run, then off again
+            scheduler.compile_prefill = True
+            try:
+                warm = scheduler.warm_up_prefill()
+                compiled = run_scheduler(scheduler, prompts, replies, "(b) compiled prefill")
+            finally:
+                scheduler.compile_prefill = False
+            results["batched_compiled_prefill"] = {**compiled, "compile_s": round(warm, 1),
+                                                   "compiled": scheduler._prefill_compiled_once}
+            say(f"(b) scheduler with the compiled prefill (compiled: {scheduler._prefill_compiled_once}, in "
+                f"{warm:.1f}s beforehand): {compiled['tokens_per_s']} new tokens/s against {b['tokens_per_s']} eager")
             save()
     if "hf" not in args.skip:
         sub = run_scheduler(scheduler, prompts[:n_hf], replies[:n_hf], "(b) scheduler, HF's prompts")

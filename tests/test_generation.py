@@ -136,6 +136,33 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny, prompts, monkeypatch):
     assert engine.scheduler._decode is not engine.scheduler._forward_decode  # still compiled, no fallback
 
 
+def test_compiled_prefill_gives_the_same_tokens_without_a_graph_break(tiny, prompts, monkeypatch):
+    """The prefill's decoder layers through torch.compile (opt-in; aot_eager here): 8 prompts of 1..40 tokens,
+    one and several per forward, more requests than slots, the decode step compiled too: the tokens of
+    `generate`, no graph per prompt length, no graph break, no fallback to eager."""
+    import torch._dynamo
+    from zhtune.infer.batching import Request, Scheduler
+    monkeypatch.setenv("ZHTUNE_PT_COMPILE_BACKEND", "aot_eager")
+    model, _ = tiny
+    expected = [hf_tokens(model, p, 12) for p in prompts]
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    scheduler = Scheduler(model, max_slots=3, compile="default", compile_prefill=True)
+    assert scheduler.warm_up_prefill() > 0 and scheduler._prefill_compiled_once  # dummy rows into slots 0, 1
+    requests = [scheduler.submit(Request(list(p), 12)) for p in prompts]
+    try:
+        assert [r.result(timeout=120) for r in requests] == expected
+    finally:
+        scheduler.close()
+    assert scheduler.compile_prefill and scheduler._prefill_compiled_once  # compiled, not fallen back
+    assert scheduler.stats["prefill_forwards"] < len(prompts)  # some forwards held several prompts
+    assert sum(counters["graph_break"].values()) == breaks
+    # the decode step's one graph (compile="default") and two of the prefill's (one row, several rows: 1 is a
+    # size torch.compile specialises): none per prompt length
+    assert counters["stats"]["unique_graphs"] - graphs <= 3
+
+
 def test_the_compiled_step_compiles_once_for_every_shape():
     """What the CUDA-graph mode captures on a GPU: the decoder layers compiled one at a time (the
     embedding, final norm, lm_head and softcap stay eager), one compiled graph for every layer of a kind,
@@ -437,8 +464,11 @@ def test_beam_search_still_goes_through_generate(tiny, tiny_engine, prompts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_compiled_greedy_matches_generate_first_64_tokens():
-    """The embedded model on the GPU, compiled decode step (CUDA graphs): 8 prompts, 64 tokens, in fp32.
+@pytest.mark.parametrize("levers", [False, True], ids=["plain", "fused-weights-compiled-prefill"])
+def test_gpu_compiled_greedy_matches_generate_first_64_tokens(levers, monkeypatch):
+    """The embedded model on the GPU, compiled decode step (CUDA graphs): 8 prompts, 64 tokens, in fp32;
+    then again with the engine's levers: gate/up and q/k/v fused (infer/eval/deploy's default) and the
+    compiled prefill (opt-in).
 
     fp32, because this checks the algorithm (cache, masks, buckets, graphs), not bf16 rounding: on the H200
     (2026-11-29) in bf16 the compiled step's equivalent kernels split a greedy near-tie against `generate`
@@ -450,21 +480,27 @@ def test_gpu_compiled_greedy_matches_generate_first_64_tokens():
     resolved = resolve_model("gemma3-270m")
     # the reference runs eager attention: the operations the scheduler's grouped attention performs
     model, tokenizer = load_model_and_tokenizer(resolved, "fp32", device="cuda", attn_implementation="eager")
-    engine = PtEngine(model.eval(), tokenizer, get_template(resolved.template, tokenizer), name="g", model_type="g")
+    monkeypatch.setenv("ZHTUNE_PT_COMPILE_PREFILL", "1" if levers else "0")
+    engine = PtEngine(model.eval(), tokenizer, get_template(resolved.template, tokenizer), name="g", model_type="g",
+                      fuse_weights=levers)
     engine.stop_ids = []  # 64 tokens each, whatever they are
-    engine.scheduler.stop_ids = frozenset()
     model.generation_config.eos_token_id = None
+    prompts = [engine.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+    refs = []  # the stock model's, before the engine's scheduler (made on first use) fuses any weight
+    for p in prompts:
+        with torch.no_grad():
+            refs.append(model.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=64, do_sample=False,
+                                       temperature=None, top_k=None, top_p=None, eos_token_id=None)[0, len(p):].tolist())
+    assert (engine.scheduler.fused_layers > 0) == levers and engine.scheduler.compile_prefill == levers
+    engine.scheduler.stop_ids = frozenset()
     engine.warm_up(rows=(1, 8), slots=8, length=512)
     settings = GenerationSettings(max_new_tokens=64, **GREEDY)
-    prompts = [engine.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
-    for p in prompts:  # batch of one (interactive), then all eight together
-        with torch.no_grad():
-            ref = model.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=64, do_sample=False,
-                                 temperature=None, top_k=None, top_p=None, eos_token_id=None)[0, len(p):].tolist()
+    for p, ref in zip(prompts, refs):  # batch of one (interactive), then all eight together
         assert tokens_of(engine, p, settings) == ref
     requests = [engine.scheduler.submit(engine._request(p, settings, None)) for p in prompts]
     results = [r.result(timeout=300) for r in requests]
     assert all(len(r) == 64 for r in results)
+    assert engine.scheduler.compile_prefill == levers  # no fallback to the eager prefill
 
 
 # -- --val_dataset rows without a reply --------------------------------------------------------------
@@ -513,7 +549,8 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     from helpers import load_benchmark
     bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--profile", "--profile_batched", "6", "--batched_single_reads", "--weight_fusion",
+    assert bench.main(["--tiny", "--profile", "--profile_batched", "6", "--batched_single_reads", "--compiled_prefill",
+                       "--weight_fusion",
                        "--one_row_options",
                        '{"max_autotune": true}',
                        "--out", str(out)]) == 0
@@ -526,6 +563,8 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     assert r["bs1_profile"]["new_tokens"] == 64 and r["bs1_profile"]["wall_ms_per_token"] > 0
     single_reads = r["batched_one_read_per_step_while_waiting"]  # the same replies, the previous read policy
     assert single_reads["new_tokens"] == r["batched"]["new_tokens"] and single_reads["tokens_per_s"] > 0
+    compiled_prefill = r["batched_compiled_prefill"]  # no compilation on the CPU: the lever's wiring, eager
+    assert compiled_prefill["new_tokens"] == r["batched"]["new_tokens"] and compiled_prefill["compiled"] is False
     profiled = r["batched_profile"]  # the first 6 prompts again, their steps and forwards counted
     assert profiled["prompts"] == 6 and profiled["scheduler_stats"]["prefill_forwards"] >= 1
     assert profiled["scheduler_stats"]["decode_tokens"] > 0 and profiled["new_tokens"] > 0

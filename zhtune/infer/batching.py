@@ -12,7 +12,8 @@ own attention function runs (eager with softcap for Gemma 2), over a cache we in
   (and > position - sliding_window on sliding layers), through a 4-D additive mask per layer type, the
   same 0 / finfo.min mask transformers builds. Stale entries beyond a row's position are masked out.
 - Prefill: waiting requests into free slots, several in one forward (up to `prefill_tokens` padded
-  tokens), eager (logits of each prompt's last token only).
+  tokens), eager, or with its decoder layers compiled (`compile_prefill`, opt-in); logits of each prompt's
+  last token only.
 - Decode: every active slot in one forward of [rows, 1] tokens. Rows are bucketed to a power of two
   (slots are handed out lowest first) and attended keys to a multiple of `granularity`, so the compiled
   step sees few shapes and never one per prompt length. On CUDA the step is replayed as CUDA graphs
@@ -169,9 +170,9 @@ class CacheView:
         raise RuntimeError("CacheView needs explicit position_ids")
 
     def layer(self, layer_idx: int, kv_index: torch.Tensor) -> "LayerCache":
-        """Layer `layer_idx`'s share of a decode view (slots None), for a compiled decoder layer."""
+        """Layer `layer_idx`'s share of this view, for a compiled decoder layer."""
         return LayerCache(self.cache.keys[layer_idx], self.cache.values[layer_idx], self.rows, self.positions,
-                          kv_index)
+                          kv_index, self.slots)
 
 
 class LayerCache:
@@ -182,13 +183,17 @@ class LayerCache:
 
     is_compileable = True
 
-    def __init__(self, keys, values, rows, positions, kv_index):
+    def __init__(self, keys, values, rows, positions, kv_index, slots=None):
         self.keys, self.values, self.rows, self.positions, self.kv_index = keys, values, rows, positions, kv_index
+        self.slots = slots  # the prefill's cache rows (None: rows 0..n, a decode step)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.keys, self.values
         _write(keys, values, self.rows, self.positions, key_states, value_states)
-        n, kv_len = self.positions.shape[0], self.kv_index.shape[0]
+        kv_len = self.kv_index.shape[0]
+        if self.slots is not None:
+            return keys[self.slots, :, :kv_len], values[self.slots, :, :kv_len]
+        n = self.positions.shape[0]
         return keys[:n, :, :kv_len], values[:n, :, :kv_len]
 
 
@@ -240,7 +245,8 @@ class Scheduler:
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None, granularity: int | None = None,
                  compile: str | bool | None = None, cache_budget_bytes: int | None = None,
                  prefill_tokens: int | None = None, greedy_run: int = 8, greedy_run_waiting: int = 4,
-                 one_row_autotune: bool | None = None, fuse_weights: bool = False):
+                 one_row_autotune: bool | None = None, fuse_weights: bool = False,
+                 compile_prefill: bool | None = None):
         self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.model.config
         self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -292,6 +298,15 @@ class Scheduler:
         self.one_row_autotune = bool(one_row_autotune) and graphs
         self.min_rows = 2 if graphs and not self.one_row_autotune else 1
         self._one_row_used = False  # a one-row step has run (its graph exists when compiling)
+        # compile_prefill (off by default until measured on a GPU; ZHTUNE_PT_COMPILE_PREFILL=1): when the
+        # decode step compiles, the prefill's decoder layers run through a torch.compile of their own
+        # (dynamic rows, prompt and key lengths; no CUDA graphs), instead of eager: the H200 profile of a
+        # batched run spent 1.98 of its 9.70 s GPU time in eager elementwise kernels, nearly all the prefill's
+        if compile_prefill is None:
+            compile_prefill = os.environ.get("ZHTUNE_PT_COMPILE_PREFILL", "0") not in ("0", "false", "off")
+        self.compile_prefill = bool(compile_prefill)
+        self._prefill_layer = None  # the compiled per-layer function of the prefill, built on first use
+        self._prefill_compiled_once = False
         # padded prompt tokens per prefill forward
         self.prefill_tokens = prefill_tokens or (8192 if on_gpu else 1024)
         # greedy decode steps run back to back, their tokens read on the host once per run (see _greedy_run)
@@ -339,12 +354,18 @@ class Scheduler:
         def discard():
             torch._dynamo.reset()
             self._compiled, self._graphs, self._decode = None, None, self._forward_decode
+            self._prefill_layer, self._prefill_compiled_once = None, False
         self.run_exclusive(discard)
 
     def warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None, all_lengths: bool = False) -> float:
-        """Size the cache and compile the decode step now (when compiling), logged. Seconds spent.
-        `all_lengths`: also record every key-length bucket up to the cache length (benchmarks)."""
-        return self.run_exclusive(lambda: self._warm_up(rows, slots, length, all_lengths))
+        """Size the cache and compile the decode step now (when compiling), logged; with compile_prefill,
+        the prefill too. Seconds spent. `all_lengths`: also record every key-length bucket up to the cache
+        length (benchmarks)."""
+        return self.run_exclusive(lambda: self._warm_up(rows, slots, length, all_lengths) + self._warm_up_prefill())
+
+    def warm_up_prefill(self) -> float:
+        """Compile the prefill now (compile_prefill on, not yet compiled, no request running), logged."""
+        return self.run_exclusive(self._warm_up_prefill)
 
     # -- the loop, scheduler thread -------------------------------------------------------------
     def _start(self):
@@ -647,12 +668,44 @@ class Scheduler:
 
     def _forward(self, ids, positions, kv_len, slots: torch.Tensor, keep: torch.Tensor):
         """Prefill: logits [rows, len(keep), vocab] at the sequence indices `keep`."""
+        kv_index = self._kv_index(kv_len)
+        layers = self._compiled_prefill_layers()
+        if layers is not None:
+            first = not self._prefill_compiled_once
+            try:
+                with _compiled_layers(layers[0], layers[1], kv_index), \
+                        still_running("compiling the prefill") if first else contextlib.nullcontext():
+                    logits = self._forward_eager(ids, positions, kv_len, slots, keep, kv_index)
+                self._prefill_compiled_once = True
+                return logits
+            except torch._dynamo.exc.TorchDynamoException as e:  # compilation failed: fall back, same tokens
+                logger.warning(f"compiling the prefill failed ({type(e).__name__}: {str(e)[:300]}); "
+                               "prefilling without compilation from now on")
+                self.compile_prefill = False
+        return self._forward_eager(ids, positions, kv_len, slots, keep, kv_index)
+
+    def _forward_eager(self, ids, positions, kv_len, slots, keep, kv_index):
         view = CacheView(self.cache, positions, kv_len, slots)
-        masks = self._masks(positions, self._kv_index(kv_len))
         with grouped_attention(self.config):
-            out = self.model(input_ids=ids, position_ids=positions, attention_mask=masks, use_cache=True,
-                             logits_to_keep=keep, **{self._cache_kwarg: view})
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._masks(positions, kv_index),
+                             use_cache=True, logits_to_keep=keep, **{self._cache_kwarg: view})
         return out.logits
+
+    def _compiled_prefill_layers(self):
+        """(decoder layers, their compiled runner) for the prefill, or None: eager (compile_prefill off, no
+        compilation, or decoder layers not found)."""
+        if not self.compile_prefill or self.compile_mode is None:
+            return None
+        layers = decoder_layers(self.model)
+        if layers is None or len(layers) != self.config.num_hidden_layers:
+            return None
+        if self._prefill_layer is None:
+            self._inductor_setup()
+            logger.info("compiling the prefill's decoder layers (torch.compile, dynamic shapes) on first use; "
+                        "one-time, may take a minute")
+            torch.fx.experimental._config.use_duck_shape = False
+            self._prefill_layer = torch.compile(_run_layer_prefill, dynamic=True, backend=self._backend())
+        return layers, self._prefill_layer
 
     def _forward_decode(self, ids, positions, kv_index):
         view = CacheView(self.cache, positions, kv_index.shape[0])
@@ -691,6 +744,28 @@ class Scheduler:
             return "torch.compile, dynamic shapes, replayed as CUDA graphs per rows x keys bucket"
         return f"torch.compile mode={self.compile_mode}"
 
+    def _warm_up_prefill(self) -> float:
+        """A prefill of one row and one of two rows (the shapes torch.compile tells apart) into idle slots
+        (their keys are overwritten by the next prompts there), so that the first requests do not compile it."""
+        if self.active or self._prefill_compiled_once or self._compiled_prefill_layers() is None:
+            return 0.0
+        start = time.perf_counter()
+        if self.cache.ensure(max(self.cache.slots, 2), _round_up(max(self.cache.length, self.granularity),
+                                                                self.granularity)) and self._graphs is not None:
+            self._graphs.reset()
+        width = self.granularity
+        for n in (1, 2):
+            ids = torch.zeros((n, width), dtype=torch.long, device=self.device)
+            positions = torch.arange(width, device=self.device)[None].expand(n, width)
+            self._forward(ids, positions, self._kv_bucket(width), torch.arange(n, device=self.device),
+                          torch.tensor([width - 1], device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        logger.info(f"prefill compiled in {seconds:.1f}s" if self.compile_prefill else
+                    "prefill: compilation failed, eager")
+        return seconds
+
     def _warm_up(self, rows=(1,), slots: int | None = None, length: int | None = None, all_lengths: bool = False):
         """Size the cache (slots x length) and, when compiling, build the decode step and run it once
         per rows bucket (and key bucket) on idle slots, logged. Seconds spent."""
@@ -727,11 +802,18 @@ class Scheduler:
         logger.info(f"decode step ready in {seconds:.1f}s")
         return seconds
 
-    def _compile(self):
+    def _inductor_setup(self) -> None:
         if self.device.type == "cuda":
             import torch._inductor.config as inductor_config
             inductor_config.emulate_precision_casts = True  # round like eager bf16: same greedy tokens
-        backend = os.environ.get("ZHTUNE_PT_COMPILE_BACKEND", "inductor")
+
+    @staticmethod
+    def _backend() -> str:
+        return os.environ.get("ZHTUNE_PT_COMPILE_BACKEND", "inductor")
+
+    def _compile(self):
+        self._inductor_setup()
+        backend = self._backend()
         if self.compile_mode == "graphs":
             self._compiled = self.compile_step(backend)
             self._graphs = GraphedDecode(self._compiled, self.device)
@@ -796,6 +878,11 @@ class Scheduler:
 def _run_layer(forward, *args, **kwargs):
     """Compiled once per kind of decoder layer: `forward` is a layer's own (bound) forward, its weights are
     graph inputs (dynamo inlines nn modules), its cache a `LayerCache`."""
+    return forward(*args, **kwargs)
+
+
+def _run_layer_prefill(forward, *args, **kwargs):
+    """`_run_layer` for the prefill (its own code object: its own dynamo cache and recompilation limit)."""
     return forward(*args, **kwargs)
 
 
