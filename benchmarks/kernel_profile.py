@@ -26,6 +26,15 @@ class Kernels:
     def device_us(event) -> float:
         return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0
 
+    @staticmethod
+    def on_device(event) -> bool:
+        """A kernel (or memcpy) on the device: torch's own table sums these for its device total. The CPU
+        ops that launched them carry the same time as their "self device time", and inductor's annotations
+        repeat each Triton kernel's name: counting those too counted much of the time twice."""
+        from torch.autograd import DeviceType
+        return getattr(event, "device_type", None) in (DeviceType.CUDA, DeviceType.PrivateUse1, DeviceType.XPU) \
+            and not getattr(event, "is_user_annotation", False)
+
     @property
     def busy_us(self) -> float:
         return sum(self.device_us(e) for e in self.events)
@@ -52,5 +61,10 @@ def device_profile(cuda: bool):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         yield kernels
-    kernels.events = sorted((e for e in prof.key_averages() if Kernels.device_us(e) > 0), key=Kernels.device_us,
-                            reverse=True)
+    kernels.events = device_events(prof.key_averages())
+
+
+def device_events(averages) -> list:
+    """The device's kernels among the profiler's key averages, longest first."""
+    return sorted((e for e in averages if Kernels.on_device(e) and Kernels.device_us(e) > 0), key=Kernels.device_us,
+                  reverse=True)

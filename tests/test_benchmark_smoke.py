@@ -100,3 +100,24 @@ def test_liger_patches_are_undone(monkeypatch):
     assert {n: getattr(modeling_gemma2, n) for n in before_globals} == before_globals
     assert F.cross_entropy is before_ce
     assert all(set(m.__dict__) == set(d) for m, d in before_dicts.items())
+
+
+def test_kernel_profile_counts_each_kernel_once():
+    """The profiler lists a kernel's time three times over: on the kernel itself, as the "self device time"
+    of the CPU op that launched it, and (Triton) on inductor's annotation of the same name. The busy time
+    and the table count the kernels only, as torch's own table does."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    kernel_profile = load_benchmark("kernel_profile")
+
+    def event(key, us, device, annotation=False):
+        return SimpleNamespace(key=key, count=1, self_device_time_total=us, device_type=device,
+                               is_user_annotation=annotation)
+    averages = [event("aten::mm", 400, DeviceType.CPU), event("nvjet_sm90_tst_256x128", 400, DeviceType.CUDA),
+                event("triton_poi_fused_gelu", 100, DeviceType.CPU, annotation=True),
+                event("triton_poi_fused_gelu", 100, DeviceType.CUDA), event("cudaGraphLaunch", 0, DeviceType.CPU)]
+    kernels = kernel_profile.Kernels(kernel_profile.device_events(averages))
+    assert kernels.busy_us == 500
+    assert [row["name"] for row in kernels.top(10)] == ["nvjet_sm90_tst_256x128", "triton_poi_fused_gelu"]
+    assert kernels.by_kind() == {"matmul": 400, "compiled (inductor)": 100}
