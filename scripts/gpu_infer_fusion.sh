@@ -8,25 +8,11 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/fusion}; mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 - "$WORK" .carry16/tok <<'PY'
-import gzip, json, shutil, sys
+python3 scripts/random_gemma2.py "$WORK/gemma2-9b-random-L4" .carry16/tok --layers 4
+python3 - "$WORK" <<'PY'
+import json, sys
 from pathlib import Path
-import torch
-from transformers import AutoModelForCausalLM, Gemma2Config
-work, tok = Path(sys.argv[1]), Path(sys.argv[2])
-out = work / "gemma2-9b-random-L4"
-config = Gemma2Config(vocab_size=262144, hidden_size=3584, intermediate_size=14336, num_hidden_layers=4,
-                      num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=4096,
-                      query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                      max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-torch.manual_seed(0)
-with torch.device("cuda"):
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-model.save_pretrained(out, safe_serialization=True)
-with gzip.open(tok / "tokenizer.json.gz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
-    shutil.copyfileobj(src, dst)
-shutil.copy(tok / "tokenizer_config.json", out / "tokenizer_config.json")
+work = Path(sys.argv[1])
 rows = [{"query": q} for q in ("你好，你是谁？", "浙江的省会在哪里？", "写一首关于春天的短诗。", "1+1=?")]
 (work / "queries.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 PY

@@ -79,31 +79,11 @@ levers() {  # each eager lever alone, same run (the reference is computed again:
 engines() {  # zhtune sft --deepspeed default-zero2|default-zero3 and --fsdp fsdp2, the seed's LoRA, 9B config
     local layers=${ENGINE_LAYERS:-42}
     local model="$WORK/gemma2-9b-random-L${layers}" data="$WORK/engine_data.jsonl"
-    $PY - "$model" "$CARRY/tok" "$data" "$layers" <<'PY' 2>&1 | tee "$OUT/engines.log"
-import gzip, json, random, shutil, sys, time
+    $PY scripts/random_gemma2.py "$model" "$CARRY/tok" --layers "$layers" 2>&1 | tee "$OUT/engines.log"
+    $PY - "$data" <<'PY' 2>&1 | tee -a "$OUT/engines.log"
+import json, random, sys
 from pathlib import Path
-import torch
-from transformers import AutoModelForCausalLM, Gemma2Config
-out, tok, data, layers = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-t = time.time()
-if not (out / "config.json").exists():
-    with gzip.open(tok / "tokenizer.json.gz", "rt", encoding="utf-8") as f:
-        vocab_json = json.load(f)
-    vocab = max(256000, len(vocab_json["model"]["vocab"]), 1 + max(a["id"] for a in vocab_json["added_tokens"]))
-    config = Gemma2Config(vocab_size=vocab, hidden_size=3584, intermediate_size=14336, num_hidden_layers=layers,
-                          num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=4096,
-                          query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                          max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    del model
-    torch.cuda.empty_cache()
-    with gzip.open(tok / "tokenizer.json.gz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    shutil.copy(tok / "tokenizer_config.json", out / "tokenizer_config.json")
-    print(f"[engines] random Gemma-2-9B config ({layers} layers, vocab {vocab}) written in {time.time() - t:.0f}s")
+data = Path(sys.argv[1])
 # chat rows of about alpaca_zh_demo's token lengths (benchmarks/alpaca_zh_lengths.json): random CJK
 # characters, which the Gemma tokenizer splits into ~2.2 tokens each
 rng = random.Random(0)

@@ -273,19 +273,12 @@ def test_per_request_max_new_tokens_and_stop(tiny, prompts):
     assert (one.finish_reason, one.completion_tokens) == ("length", 1) or first == 0
 
 
-def test_greedy_runs_give_the_tokens_of_single_steps_with_one_host_read_per_run(tiny, prompts):
-    """Greedy steps run back to back (the next token fed on the device, the host reading a run's tokens once):
-    the same tokens as one step at a time and as `generate`, with a stop token inside a run, replies of
-    different lengths ending mid-run, and key buckets crossed (32 keys per bucket on the CPU); far fewer
-    host reads than steps."""
+def greedy_run_results(model, cases, stop, **scheduler_kwargs) -> dict:
+    """{greedy_run: (tokens per case, finish reasons, scheduler stats)} for one step per read (1) and runs of 8."""
     from zhtune.infer.batching import Request, Scheduler
-    model, _ = tiny
-    long_prompt = prompts[3]  # 40 tokens: its keys cross the 64-key bucket boundary while decoding
-    stop = hf_tokens(model, long_prompt, 30, stop_ids=[])[13]
-    cases = [(long_prompt, 30), (prompts[0], 19), (prompts[1], 7), (prompts[5], 26)]
     results = {}
     for run in (1, 8):
-        scheduler = Scheduler(model, max_slots=4, compile="0", greedy_run=run)
+        scheduler = Scheduler(model, compile="0", greedy_run=run, **scheduler_kwargs)
         scheduler.stop_ids = frozenset([stop])
         requests = [Request(list(p), n) for p, n in cases]
         for r in requests:
@@ -293,6 +286,19 @@ def test_greedy_runs_give_the_tokens_of_single_steps_with_one_host_read_per_run(
         results[run] = ([r.result(timeout=60) for r in requests], [r.finish_reason for r in requests],
                         dict(scheduler.stats))
         scheduler.close()
+    return results
+
+
+def test_greedy_runs_give_the_tokens_of_single_steps_with_one_host_read_per_run(tiny, prompts):
+    """Greedy steps run back to back (the next token fed on the device, the host reading a run's tokens once):
+    the same tokens as one step at a time and as `generate`, with a stop token inside a run, replies of
+    different lengths ending mid-run, and key buckets crossed (32 keys per bucket on the CPU); far fewer
+    host reads than steps."""
+    model, _ = tiny
+    long_prompt = prompts[3]  # 40 tokens: its keys cross the 64-key bucket boundary while decoding
+    stop = hf_tokens(model, long_prompt, 30, stop_ids=[])[13]
+    cases = [(long_prompt, 30), (prompts[0], 19), (prompts[1], 7), (prompts[5], 26)]
+    results = greedy_run_results(model, cases, stop, max_slots=4)
     assert results[8][:2] == results[1][:2]
     for (p, n), tokens in zip(cases, results[8][0]):
         assert tokens == hf_tokens(model, p, n, stop_ids=[stop])
@@ -306,21 +312,11 @@ def test_greedy_runs_while_requests_wait_for_a_slot(tiny, prompts):
     """More requests than slots: while some wait, greedy runs stay short (`greedy_run_waiting`) and end at the
     first reply that ends by length, so its slot is refilled right after the run; a stop token inside a run
     ends that reply there. Same tokens as one step per read and as `generate`, fewer reads than steps."""
-    from zhtune.infer.batching import Request, Scheduler
     model, _ = tiny
     stop = hf_tokens(model, prompts[3], 30, stop_ids=[])[9]
     cases = [(prompts[3], 30), (prompts[0], 5), (prompts[1], 17), (prompts[5], 11), (prompts[2], 9),
              (prompts[4], 13)]
-    results = {}
-    for run in (1, 8):
-        scheduler = Scheduler(model, max_slots=2, compile="0", greedy_run=run, greedy_run_waiting=3)
-        scheduler.stop_ids = frozenset([stop])
-        requests = [Request(list(p), n) for p, n in cases]
-        for r in requests:
-            scheduler.submit(r)
-        results[run] = ([r.result(timeout=60) for r in requests], [r.finish_reason for r in requests],
-                        dict(scheduler.stats))
-        scheduler.close()
+    results = greedy_run_results(model, cases, stop, max_slots=2, greedy_run_waiting=3)
     assert results[8][:2] == results[1][:2]
     for (p, n), tokens in zip(cases, results[8][0]):
         assert tokens == hf_tokens(model, p, n, stop_ids=[stop])

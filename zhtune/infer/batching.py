@@ -473,6 +473,14 @@ class Scheduler:
             raise ValueError(f"the prompt has {n} tokens; this model takes at most {self.max_len} "
                              "(prompt + reply)")
 
+    def _grow_cache(self, slots: int, length: int) -> bool:
+        """The cache at least `slots` x `length`; True when it was reallocated (the CUDA graphs recorded with the
+        old buffers are dropped then)."""
+        grown = self.cache.ensure(slots, length)
+        if grown and self._graphs is not None:
+            self._graphs.reset()
+        return grown
+
     def _prefill(self, group: list[Request], slots: list[int]):
         """One forward over the prompts of `group` (right-padded: a row's padding writes keys past its
         prompt, which stay masked until its own decode steps overwrite them), each into its slot."""
@@ -493,9 +501,7 @@ class Scheduler:
         capacity = self.max_slots
         if self.cache_budget:
             capacity = min(capacity, max(1, self.cache_budget // (max(length, self.cache.length) * self.cache.bytes_per_token)))
-        if self.cache.ensure(max(top, capacity), length):
-            if self._graphs is not None:
-                self._graphs.reset()
+        if self._grow_cache(max(top, capacity), length):
             logger.info(f"generation cache: {self.cache.slots} slots x {self.cache.length} tokens "
                         f"({self.cache.slots * self.cache.length * self.cache.bytes_per_token / 2**30:.2f} GiB)")
         now = time.perf_counter()
@@ -750,9 +756,7 @@ class Scheduler:
         if self.active or self._prefill_compiled_once or self._compiled_prefill_layers() is None:
             return 0.0
         start = time.perf_counter()
-        if self.cache.ensure(max(self.cache.slots, 2), _round_up(max(self.cache.length, self.granularity),
-                                                                self.granularity)) and self._graphs is not None:
-            self._graphs.reset()
+        self._grow_cache(max(self.cache.slots, 2), _round_up(max(self.cache.length, self.granularity), self.granularity))
         width = self.granularity
         for n in (1, 2):
             ids = torch.zeros((n, width), dtype=torch.long, device=self.device)
@@ -770,10 +774,8 @@ class Scheduler:
         """Size the cache (slots x length) and, when compiling, build the decode step and run it once
         per rows bucket (and key bucket) on idle slots, logged. Seconds spent."""
         start = time.perf_counter()
-        if self.cache.ensure(max(slots or 0, self.cache.slots, 1),
-                             _round_up(max(length or 0, self.cache.length, self.granularity), self.granularity)):
-            if self._graphs is not None:
-                self._graphs.reset()
+        self._grow_cache(max(slots or 0, self.cache.slots, 1),
+                         _round_up(max(length or 0, self.cache.length, self.granularity), self.granularity))
         if self.compile_mode is None or self.active:
             return 0.0
         if self._compiled is not None and not (self._graphs is not None and all_lengths):
