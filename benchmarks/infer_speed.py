@@ -133,7 +133,13 @@ def run_scheduler(scheduler: Scheduler, prompts, replies, label: str, every: flo
     tokens = sum(len(r.generated) for r in requests)
     assert tokens == sum(replies), (tokens, sum(replies))
     return {"prompts": len(prompts), "new_tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+            "tokens_per_s": round(tokens / seconds, 1)}, [list(r.generated) for r in requests]
+
+
+def same_replies(ours, reference) -> dict:
+    """How many replies are token for token those of the reference run (same prompts, greedy)."""
+    identical = sum(a == b for a, b in zip(ours, reference))
+    return {"replies_identical_to_default": identical, "replies": len(reference)}
 
 
 def bs1_scheduler(scheduler, prompt, new_tokens):
@@ -168,7 +174,7 @@ def profile_batched(scheduler, prompts, replies, device) -> dict:
     device time by kind of kernel, the longest kernels, and the scheduler's steps and forwards in the run."""
     before = dict(scheduler.stats)
     with device_profile(device == "cuda") as kernels:
-        b = run_scheduler(scheduler, prompts, replies, "(b) profiled")
+        b, _ = run_scheduler(scheduler, prompts, replies, "(b) profiled")
     steps = {k: scheduler.stats[k] - before.get(k, 0) for k in scheduler.stats}
     kinds = {k: round(v / 1000, 1) for k, v in sorted(kernels.by_kind().items(), key=lambda kv: -kv[1])}
     say(f"profile, batched, {len(prompts)} prompts: {b['tokens_per_s']} new tokens/s under the profiler; GPU busy "
@@ -390,8 +396,8 @@ def main(argv=None) -> int:
                     "GPU busy share of the wall time and the kernels that take it")
     ap.add_argument("--batched_single_reads", action="store_true", help="also the batched workload with one "
                     "host read per decode step while requests wait for a slot (the previous default)")
-    ap.add_argument("--compiled_prefill", action="store_true", help="also the batched workload with the prefill's "
-                    "decoder layers compiled (Scheduler compile_prefill, opt-in)")
+    ap.add_argument("--other_prefill", action="store_true", help="also the batched workload with the prefill "
+                    "the other way: eager where it compiles by default (CUDA graphs), compiled where it runs eager")
     ap.add_argument("--profile_batched", type=int, default=0, metavar="N",
                     help="also profile a batched run of the workload's first N prompts (torch.profiler), last")
     ap.add_argument("--weight_fusion", action="store_true", help="also batch 1 with the weights fused "
@@ -510,37 +516,41 @@ def main(argv=None) -> int:
 
     # (b) batched
     if "batched" not in args.skip:
-        b = run_scheduler(scheduler, prompts, replies, "(b) scheduler")
+        b, b_tokens = run_scheduler(scheduler, prompts, replies, "(b) scheduler")
         results["batched"] = b
         results["batched_tokens_per_s"] = b["tokens_per_s"]
-        say(f"(b) scheduler, {n_prompts} prompts: {b['tokens_per_s']} new tokens/s ({b['seconds']}s)")
+        say(f"(b) scheduler, {n_prompts} prompts: {b['tokens_per_s']} new tokens/s ({b['seconds']}s; prefill "
+            f"{'compiled' if scheduler.compile_prefill else 'eager'})")
         save()
         if args.batched_single_reads:  # the previous default, same run: one host read per step while requests wait
             saved = scheduler.greedy_run_waiting
             scheduler.greedy_run_waiting = 1
             try:
-                single = run_scheduler(scheduler, prompts, replies, "(b) one read per step while requests wait")
+                single, tokens = run_scheduler(scheduler, prompts, replies, "(b) one read per step while requests wait")
             finally:
                 scheduler.greedy_run_waiting = saved
-            results["batched_one_read_per_step_while_waiting"] = single
-            say(f"(b) scheduler, one host read per step while requests wait (the previous default): "
-                f"{single['tokens_per_s']} new tokens/s against {b['tokens_per_s']} with runs of up to "
-                f"{saved} steps")
+            results["batched_one_read_per_step_while_waiting"] = {**single, **same_replies(tokens, b_tokens)}
+            say(f"(b) scheduler, one host read per step while requests wait: {single['tokens_per_s']} new tokens/s "
+                f"against {b['tokens_per_s']} with runs of up to {saved} steps; "
+                f"{same_replies(tokens, b_tokens)['replies_identical_to_default']}/{n_prompts} replies identical")
             save()
-        if args.compiled_prefill and not scheduler.compile_prefill:  # the opt-in lever, same run, then off again
-            scheduler.compile_prefill = True
+        if args.other_prefill:  # the prefill the other way, same run, then back
+            default = scheduler.compile_prefill
+            scheduler.compile_prefill = not default
             try:
                 warm = scheduler.warm_up_prefill()
-                compiled = run_scheduler(scheduler, prompts, replies, "(b) compiled prefill")
+                other, tokens = run_scheduler(scheduler, prompts, replies, "(b) other prefill")
+                compiled = scheduler.compile_prefill and scheduler._prefill_compiled_once  # False: fell back
             finally:
-                scheduler.compile_prefill = False
-            results["batched_compiled_prefill"] = {**compiled, "compile_s": round(warm, 1),
-                                                   "compiled": scheduler._prefill_compiled_once}
-            say(f"(b) scheduler with the compiled prefill (compiled: {scheduler._prefill_compiled_once}, in "
-                f"{warm:.1f}s beforehand): {compiled['tokens_per_s']} new tokens/s against {b['tokens_per_s']} eager")
+                scheduler.compile_prefill = default
+            key = "batched_eager_prefill" if default else "batched_compiled_prefill"
+            results[key] = {**other, "compile_s": round(warm, 1), "compiled": compiled, **same_replies(tokens, b_tokens)}
+            say(f"(b) scheduler with the prefill {'eager' if default else 'compiled'} (the default: "
+                f"{'compiled' if default else 'eager'}): {other['tokens_per_s']} new tokens/s against "
+                f"{b['tokens_per_s']}; {results[key]['replies_identical_to_default']}/{n_prompts} replies identical")
             save()
     if "hf" not in args.skip:
-        sub = run_scheduler(scheduler, prompts[:n_hf], replies[:n_hf], "(b) scheduler, HF's prompts")
+        sub, _ = run_scheduler(scheduler, prompts[:n_hf], replies[:n_hf], "(b) scheduler, HF's prompts")
         results["batched_same_prompts_as_hf"] = sub
         results["batched_speedup_vs_hf"] = round(sub["tokens_per_s"] / results["hf_generate_batched_tokens_per_s"], 2)
         say(f"(b) scheduler on the {n_hf} prompts of the baseline: {sub['tokens_per_s']} new tokens/s; speedup "

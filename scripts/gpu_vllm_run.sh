@@ -14,7 +14,7 @@
 #                                                 # the 2-row step, the default twice, then the weights unfused
 #                                                 # and gate/up fused only (~5 min, no staging)
 #   bash scripts/gpu_vllm_run.sh speed-levers     # batched, quick workload: the default against one read per step
-#                                                 # while requests wait and against the compiled prefill (~4 min)
+#                                                 # while requests wait and against the eager prefill (~4 min)
 #   bash scripts/gpu_vllm_run.sh speed-profile-batched  # a profiled batched run of 128 quick-workload prompts
 #   bash scripts/gpu_vllm_run.sh speed-start      # the same benchmark detached (setsid), needs no staging: it
 #                                                 # runs while the staging calls copy (run those under `nice`)
@@ -43,9 +43,9 @@ speed-one-row)  # which inductor options make the batch-1 (one-row) step fastest
       2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-one-row.log" | grep "bench\|zhtune\|Error\|error" | tail -30
   exit 0 ;;
 speed-levers)  # the batched levers against the default in one run, quick workload: one host read per step while
-  # requests wait (the previous default) and the compiled prefill (opt-in); no staging (~4 min)
+  # requests wait (the previous default) and the prefill eager (the default before the eighth session); ~4 min
   PYTHONUNBUFFERED=1 timeout ${SPEED_TIMEOUT:-400} python3 benchmarks/infer_speed.py --quick --skip bs1 match hf \
-      --batched_single_reads --compiled_prefill --out "$OUT/infer-speed-levers.json" \
+      --batched_single_reads --other_prefill --out "$OUT/infer-speed-levers.json" \
       2>&1 | grep -v "it/s" | tee "$OUT/infer-speed-levers.log" | grep "bench\|zhtune\|Error\|error" | tail -40
   exit 0 ;;
 speed-profile-batched)  # where a batched run's time goes (kernels by kind, steps, forwards); no staging (~2.5 min)

@@ -137,7 +137,7 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny, prompts, monkeypatch):
 
 
 def test_compiled_prefill_gives_the_same_tokens_without_a_graph_break(tiny, prompts, monkeypatch):
-    """The prefill's decoder layers through torch.compile (opt-in; aot_eager here): 8 prompts of 1..40 tokens,
+    """The prefill's decoder layers through torch.compile (on with CUDA graphs; aot_eager here): 8 prompts of 1..40 tokens,
     one and several per forward, more requests than slots, the decode step compiled too: the tokens of
     `generate`, no graph per prompt length, no graph break, no fallback to eager."""
     import torch._dynamo
@@ -464,7 +464,7 @@ def test_beam_search_still_goes_through_generate(tiny, tiny_engine, prompts):
 def test_gpu_compiled_greedy_matches_generate_first_64_tokens(levers, monkeypatch):
     """The embedded model on the GPU, compiled decode step (CUDA graphs): 8 prompts, 64 tokens, in fp32;
     then again with the engine's levers: gate/up and q/k/v fused (infer/eval/deploy's default) and the
-    compiled prefill (opt-in).
+    compiled prefill (both on by default with CUDA graphs).
 
     fp32, because this checks the algorithm (cache, masks, buckets, graphs), not bf16 rounding: on the H200
     (2026-11-29) in bf16 the compiled step's equivalent kernels split a greedy near-tie against `generate`
@@ -545,7 +545,7 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     from helpers import load_benchmark
     bench = load_benchmark("infer_speed")
     out = tmp_path / "r.json"
-    assert bench.main(["--tiny", "--profile", "--profile_batched", "6", "--batched_single_reads", "--compiled_prefill",
+    assert bench.main(["--tiny", "--profile", "--profile_batched", "6", "--batched_single_reads", "--other_prefill",
                        "--weight_fusion",
                        "--one_row_options",
                        '{"max_autotune": true}',
@@ -558,9 +558,10 @@ def test_infer_speed_benchmark_tiny(tmp_path):
     assert r["bs1_one_step_per_read"]["new_tokens"] == r["bs1"]["new_tokens"] == 32  # runs and single steps
     assert r["bs1_profile"]["new_tokens"] == 64 and r["bs1_profile"]["wall_ms_per_token"] > 0
     single_reads = r["batched_one_read_per_step_while_waiting"]  # the same replies, the previous read policy
-    assert single_reads["new_tokens"] == r["batched"]["new_tokens"] and single_reads["tokens_per_s"] > 0
-    compiled_prefill = r["batched_compiled_prefill"]  # no compilation on the CPU: the lever's wiring, eager
-    assert compiled_prefill["new_tokens"] == r["batched"]["new_tokens"] and compiled_prefill["compiled"] is False
+    assert single_reads["replies_identical_to_default"] == single_reads["replies"] == r["batched"]["prompts"]
+    compiled_prefill = r["batched_compiled_prefill"]  # eager by default on the CPU; no compilation there: eager
+    assert compiled_prefill["replies_identical_to_default"] == compiled_prefill["replies"]
+    assert compiled_prefill["compiled"] is False
     profiled = r["batched_profile"]  # the first 6 prompts again, their steps and forwards counted
     assert profiled["prompts"] == 6 and profiled["scheduler_stats"]["prefill_forwards"] >= 1
     assert profiled["scheduler_stats"]["decode_tokens"] > 0 and profiled["new_tokens"] > 0
