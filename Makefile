@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU build these machines keep on disk; on a GPU machine install your CUDA torch first
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q -e ".[embedded,data,test]"
+	$(PY) -m pip install -q -e ".[embedded,data,test,fp8]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -120,7 +120,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # What each variant changes from the fast path's defaults (packed rows, the fast attention, chunked loss,
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
-                    compiled=False, ckpt="all", liger=False, closs=False)
+                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
     "eager_packed": dict(attn="eager", loss="full", cast=True),
@@ -144,6 +144,13 @@ VARIANT_SPECS = {
     # + the chunked loss's per-chunk arithmetic compiled (FastPath.compile_loss; zhtune/train/loss.py)
     "compiled_fused_all_closs": dict(compiled=True, fused=True, selective=True, closs=True),
     "compiled_fused_selective_closs": dict(compiled=True, fused=True, selective=True, ckpt="plan", closs=True),
+    # not exact: the frozen base linears multiply in float8 (`zhtune sft --fp8 true`, zhtune/train/fp8.py), with
+    # torchao's per-row scales (zhtune's default) or one scale per tensor
+    "compiled_fused_selective_closs_fp8": dict(compiled=True, fused=True, selective=True, ckpt="plan", closs=True,
+                                               fp8="rowwise"),
+    "compiled_fused_selective_closs_fp8_tensorwise": dict(compiled=True, fused=True, selective=True, ckpt="plan",
+                                                          closs=True, fp8="tensorwise"),
+    "compiled_fused_all_closs_fp8": dict(compiled=True, fused=True, selective=True, closs=True, fp8="rowwise"),
 }
 VARIANTS = list(VARIANT_SPECS)
 REFERENCES = ("baseline", "eager_packed", "hf_best")  # the results report x each of these
@@ -376,6 +383,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled variants "
                     "(aot_eager: the same graphs without code generation, for a CPU check of the flow)")
     ap.add_argument("--time_budget_s", type=float, default=400.0, help="skip variants that would start later")
+    ap.add_argument("--fp8_curve", type=int, default=0, metavar="N", help="after the variants: N AdamW steps from "
+                    "the same LoRA weights in bf16 and with each float8 recipe (the headline levers), and the "
+                    "largest relative gap between their per-step losses")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     setup_logging()
@@ -523,6 +533,14 @@ def main(argv=None) -> int:
         else:
             say(f"[bench] {name}: {r}")
 
+    if args.fp8_curve and world == 1:
+        try:
+            results["fp8_curve"] = fp8_loss_curve(train_model, model, fast, workloads["packed"], device, autocast,
+                                                  timer, args, say)
+        except Exception as e:  # noqa: BLE001 - the variants above stand
+            import traceback
+            traceback.print_exc()
+            results["fp8_curve"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     results["seconds_total"] = time.perf_counter() - t0
     if rank == 0:
         summary(results, say)
@@ -565,6 +583,11 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
             unfuse_lora_projections(model)
         set_selective_recomputation(model, spec["selective"])
         undo.callback(set_checkpointed_layers, model, n_layers)
+        if spec["fp8"]:
+            from zhtune.train.fp8 import apply_fp8, remove_fp8
+            apply_fp8(model, spec["fp8"])
+            undo.callback(remove_fp8, model)
+            note.append(f"float8 base weights ({spec['fp8']} scales; not exact)")
         if spec["compiled"]:
             compile_decoder_layers(model, "layer", backend=args.compile_backend)
             undo.callback(_uncompile, model)
@@ -594,6 +617,62 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
                 traceback.print_exc()
                 r["check"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return r
+
+
+def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, timer, args, say) -> dict:
+    """`--fp8_curve N`: N optimizer steps over the packed rows (AdamW as `zhtune sft`'s defaults: lr 1e-4,
+    weight decay 0.1, gradients clipped to 0.5) from the same LoRA weights, in bf16 and then with each float8
+    recipe, under the headline levers (compiled layers, fused LoRA-A, selective recomputation, compiled loss,
+    planned checkpointing); dropout draws alike (seeded per step). Per-step losses and the largest relative gap."""
+    from zhtune.train.fp8 import RECIPES, apply_fp8, remove_fp8
+    chunked = FastPath(chunk_size=fast.chunk_size, softcap=fast.softcap, compile_loss=True)
+    step = make_chunked_step(chunked)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start_weights = [p.detach().clone() for p in params]
+    fuse_lora_projections(model)
+    set_selective_recomputation(model, True)
+    compile_decoder_layers(model, "layer", backend=args.compile_backend)
+    curves, seconds = {}, {}
+    try:
+        for recipe in (None, *RECIPES):
+            name = recipe or "bf16"
+            if recipe:
+                apply_fp8(model, recipe)
+            try:
+                with torch.no_grad():
+                    for p, w in zip(params, start_weights):
+                        p.copy_(w)
+                auto_checkpointing(train_model, model, step, work.batches[0], device, autocast, timer,
+                                   args.mem_budget_gib, say)
+                model.zero_grad(set_to_none=True)
+                optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+                losses, start = [], time.perf_counter()
+                for i in range(args.fp8_curve):
+                    torch.manual_seed(1000 + i)
+                    with autocast():
+                        loss = step(train_model, to_device(work.batches[i % len(work.batches)], device))
+                    torch.nn.utils.clip_grad_norm_(params, 0.5)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(float(loss))
+                    if (i + 1) % 10 == 0 or i + 1 == args.fp8_curve:
+                        say(f"[bench] fp8 curve, {name}: step {i + 1}/{args.fp8_curve}, loss {losses[-1]:.4f}")
+                curves[name], seconds[name] = losses, round(time.perf_counter() - start, 1)
+            finally:
+                if recipe:
+                    remove_fp8(model)
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, start_weights):
+                p.copy_(w)
+        _uncompile(model)
+        set_checkpointed_layers(model, n_layers_of(model))
+    ref = curves["bf16"]
+    gaps = {name: max(abs(a - b) / abs(b) for a, b in zip(c, ref)) for name, c in curves.items() if name != "bf16"}
+    for name, gap in gaps.items():
+        say(f"[bench] fp8 curve: {name} against bf16 over {len(ref)} steps: largest relative loss gap {gap:.2%}; "
+            f"last loss {curves[name][-1]:.4f} against {ref[-1]:.4f} ({seconds[name]}s against {seconds['bf16']}s)")
+    return {"steps": args.fp8_curve, "losses": curves, "largest_relative_gap": gaps, "seconds": seconds}
 
 
 def profile_step(train_model, step, batch, device, autocast, timer, name, say) -> dict:
@@ -750,7 +829,10 @@ def summary(results: dict, say) -> None:
                                         "variants": {n: {k: r.get(k) for k in ("tokens_per_s", "mfu", "peak_gib",
                                                                                "note", "error", "skipped", "check")
                                                          + tuple(f"x_{ref}" for ref in refs)}
-                                                     for n, r in v.items()}}))
+                                                     for n, r in v.items()}}
+                                     | ({"fp8_curve": {k: results["fp8_curve"].get(k) for k in
+                                                       ("steps", "largest_relative_gap", "seconds", "error")}}
+                                        if "fp8_curve" in results else {})))
 
 
 def _versions() -> dict:
@@ -758,7 +840,7 @@ def _versions() -> dict:
     import transformers
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     from importlib.metadata import PackageNotFoundError, version
-    for name in ("triton", "liger-kernel"):
+    for name in ("triton", "liger-kernel", "torchao"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

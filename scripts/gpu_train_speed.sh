@@ -4,9 +4,12 @@
 # `bash scripts/gpu_train_speed.sh carry` on a machine with PyPI):
 #
 #   bash scripts/gpu_train_speed.sh bench           # ~8 min: baseline, eager_packed, hf_best and the compiled levers
+#   bash scripts/gpu_train_speed.sh fp8             # ~8 min: --fp8's float8 variants beside the exact headline,
+#                                                   # and 50-step loss curves bf16 vs each float8 recipe
 #   bash scripts/gpu_train_speed.sh levers engines  # ~8 min: the eager levers; ZeRO-2, ZeRO-3, FSDP2 via zhtune sft
 #   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each);
-#                                                            # "single": zhtune sft on one GPU, no engine flag
+#                                                            # "single": zhtune sft on one GPU, no engine flag;
+#                                                            # "fp8": the same with --fp8 true
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_levers.json + .log (levers), engines.json + .log.
@@ -19,12 +22,12 @@ CARRY=${CARRY:-.carry16}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
-WHEELS="deepspeed liger-kernel hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions"
+WHEELS="deepspeed liger-kernel torchao hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions"
 
 carry() {  # here, not on the GPU machine: wheels (< 50 MiB together) and the tokenizer into .carry16
     mkdir -p $CARRY/whl $CARRY/tok
     local pip="$PY -m pip"
-    $pip download -q --no-deps -d $CARRY/whl liger-kernel==0.8.5 hjson==3.1.0 pydantic==2.14.4 \
+    $pip download -q --no-deps -d $CARRY/whl liger-kernel==0.8.5 torchao==0.18.0 hjson==3.1.0 pydantic==2.14.4 \
         annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
     for py in 3.11 3.12; do  # the GPU machine's python was 3.12.3 when last seen; 3.11 in case
         $pip download -q --no-deps --only-binary=:all: --python-version $py --implementation cp \
@@ -51,7 +54,7 @@ env_report() {
         $PY - <<'PY'
 import importlib.metadata as md, sys
 print("python", sys.version.split()[0])
-for name in ("torch", "transformers", "peft", "accelerate", "triton", "liger-kernel", "deepspeed", "pydantic"):
+for name in ("torch", "transformers", "peft", "accelerate", "triton", "liger-kernel", "torchao", "deepspeed", "pydantic"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:
@@ -67,6 +70,13 @@ bench() {  # the issue's targets: x eager_packed and x hf_best, >= 11,000 tok/s 
         --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --profile hf_best,compiled_fused_selective_closs \
         --out "$OUT/sft_speed.json" \
         2>&1 | tee "$OUT/sft_speed.log"
+}
+
+fp8() {  # --fp8 true's variants (not exact) beside the exact headline, then the 50-step loss curves (~8 min)
+    timeout 570 $PY benchmarks/sft_speed.py \
+        --variants ${FP8_VARIANTS:-compiled_fused_selective_closs,compiled_fused_selective_closs_fp8,compiled_fused_selective_closs_fp8_tensorwise,compiled_fused_all_closs_fp8} \
+        --mem_budget_gib 80 --time_budget_s 330 --fp8_curve ${FP8_STEPS:-50} --out "$OUT/sft_speed_fp8.json" \
+        2>&1 | tee "$OUT/sft_speed_fp8.log"
 }
 
 levers() {  # each eager lever alone, same run (the reference is computed again: ~10 s)
@@ -99,6 +109,7 @@ PY
     for name in ${ENGINES:-zero2 zero3 fsdp2}; do
         case $name in
             single) flag="" ;;  # one GPU, no engine: the fast path as a user gets it by default
+            fp8) flag="--fp8 true" ;;  # the same, the frozen base weights in float8
             zero2) flag="--deepspeed default-zero2" ;;
             zero3) flag="--deepspeed default-zero3" ;;
             fsdp2) flag="--fsdp fsdp2" ;;
@@ -119,7 +130,7 @@ import json, sys
 from pathlib import Path
 root, out, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 result = {"layers": layers, "engines": {}}
-for name in ("single", "zero2", "zero3", "fsdp2"):
+for name in ("single", "fp8", "zero2", "zero3", "fsdp2"):
     runs = sorted(root.glob(f"{name}/*/v*-*"))
     r = {"run_dir": str(runs[-1]) if runs else None}
     if runs:
@@ -142,11 +153,11 @@ phases=${*:-bench}
 for phase in $phases; do
     case $phase in
         carry) carry ;;
-        bench|levers|engines)
+        bench|fp8|levers|engines)
             install || { echo "wheel install failed"; exit 1; }
             export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
             [ -f "$OUT/env.txt" ] || env_report
             $phase ;;
-        *) echo "unknown phase $phase (carry, bench, levers, engines)"; exit 2 ;;
+        *) echo "unknown phase $phase (carry, bench, fp8, levers, engines)"; exit 2 ;;
     esac
 done

@@ -124,6 +124,8 @@ class SftArguments(ModelArguments, DataArguments):
     packing: bool | None = field(default=None, metadata={"help": "padding-free packing; default: on for the GPU fast path"})
     fast_path: bool | None = field(default=None, metadata={"help": "GPU fast path (packing, chunked softcapped loss); "
                                                            "default: on where supported"})
+    fp8: bool = field(default=False, metadata={"help": "the fast path's frozen base weights multiply in float8 "
+                                               "(torchao; GPU of compute capability 8.9+; not exact, LoRA only)"})
     memory_budget_gib: float | None = field(default=None, metadata={
         "min": 1.0, "help": "GPU fast path: checkpoint only as many decoder layers as keep the peak within this many "
                             "GiB per GPU (measured over the first two steps); default: 80% of the GPU's memory"})

@@ -10,6 +10,12 @@ import time
 
 logger = logging.getLogger("zhtune")
 
+# Import-time notices of optional packages that say nothing to a zhtune user: torchao (zhtune[fp8], which peft
+# and transformers import when it is installed) cannot load its CUDA-only extensions on a CPU, and torch's
+# pytree calls its enum registration deprecated; one line each, on every command.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
 
 class _RankZero(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:

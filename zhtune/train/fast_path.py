@@ -15,7 +15,8 @@ each LoRA input under bf16 autocast), and, wherever the layers compile (by defau
 (train/fused_lora.py), `selective_recompute` (train/recompute.py) and `compile_loss` (train/loss.py): on
 the H200 (9B config, seed LoRA, no layer checkpointed) the three together gave 10,504 tokens/s at 73 GiB,
 10,020 without the compiled loss; compiled layers alone gave 9,999 at 89 GiB (another day); all exact
-(benchmarks/RESULTS.md). Each is also a field here: False turns it off.
+(benchmarks/RESULTS.md). Each is also a field here: False turns it off. Not exact, off unless asked
+(`--fp8 true`): `fp8`, the frozen base linears in float8 (train/fp8.py).
 `set_checkpointed_layers` checkpoints only as many decoder layers as memory needs.
 """
 
@@ -61,6 +62,7 @@ class FastPath:
     fused_lora: bool | None = None  # one matmul for the LoRA-A of q/k/v and of gate/up (train/fused_lora.py)
     selective_recompute: bool | None = None  # norms/activations recomputed in un-checkpointed layers (train/recompute.py)
     compile_loss: bool | None = None  # the chunked loss's per-chunk arithmetic through torch.compile (train/loss.py)
+    fp8: str | None = None  # --fp8 true: the frozen base linears in float8 with this torchao recipe (train/fp8.py)
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
     device: str = "cpu"  # set by decide()
 
@@ -69,7 +71,8 @@ class FastPath:
     def create(cls, model, device: str, args) -> "FastPath | None":
         """The recipe's entry: a FastPath for this (already loaded, maybe PEFT-wrapped) model, or None
         for the exact plain path. Logs the one line."""
-        fast = cls(packing=getattr(args, "packing", None) is not False)
+        fast = cls(packing=getattr(args, "packing", None) is not False,
+                   fp8="rowwise" if getattr(args, "fp8", False) else None)
         enabled, _ = fast.decide(base_model(model).config, device, args)
         return fast if enabled else None
 
@@ -92,7 +95,7 @@ class FastPath:
         if not supported(arch):
             names = ", ".join(a.name for a in ARCHITECTURES.values() if a.fast_path)
             return False, f"the fast path supports {names}, not {arch}"
-        if _zero3(getattr(args, "deepspeed", None)):
+        if is_zero3(getattr(args, "deepspeed", None)):
             return False, "DeepSpeed ZeRO-3 partitions the lm_head the chunked loss calls"
         if getattr(args, "fsdp", None):
             return False, "FSDP shards the lm_head the chunked loss calls outside the model's forward"
@@ -148,6 +151,10 @@ class FastPath:
             from zhtune.train.recompute import set_selective_recomputation
             if set_selective_recomputation(model):
                 applied.append("selective recomputation")
+        if self.fp8:
+            from zhtune.train.fp8 import apply_fp8
+            if apply_fp8(model, self.fp8):
+                applied.append(f"float8 base weights ({self.fp8}, not exact)")
         if self.compiles():
             compile_decoder_layers(model, "layer")
             applied.append("torch.compile per decoder layer")
@@ -157,6 +164,9 @@ class FastPath:
         """Undo `prepare_model` (for evaluation or generation outside the training loop)."""
         from zhtune.train.fused_lora import unfuse_lora_projections
         from zhtune.train.recompute import set_selective_recomputation
+        if self.fp8:
+            from zhtune.train.fp8 import remove_fp8
+            remove_fp8(model)
         set_lora_input_casting(model, True)
         unfuse_lora_projections(model)
         set_selective_recomputation(model, False)
@@ -279,7 +289,7 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _zero3(deepspeed) -> bool:
+def is_zero3(deepspeed) -> bool:
     if not deepspeed:
         return False
     if isinstance(deepspeed, str):

@@ -54,12 +54,32 @@ def _check(args) -> None:
         if not torch.cuda.is_available():  # accelerate would quietly run plain DDP instead
             raise UserError("--fsdp needs CUDA GPUs: accelerate runs FSDP on GPUs only (on a CPU it would train "
                             "with plain data parallelism instead). Drop --fsdp to train on the CPU.")
+    if args.fp8:
+        _check_fp8(args)
     if args.deepspeed:
         try:
             import deepspeed  # noqa: F401
         except ImportError:
             raise UserError("--deepspeed needs DeepSpeed: `pip install 'zhtune[deepspeed]'`, or drop --deepspeed "
                             "to train with DDP.") from None
+
+
+def _check_fp8(args) -> None:
+    """--fp8 true needs LoRA, the fast path, torchao and float8 matmuls: one line before anything loads."""
+    import torch
+
+    from zhtune.train.fast_path import is_zero3
+    from zhtune.train.fp8 import check_fp8_support
+    if args.sft_type != "lora":
+        raise UserError("--fp8 true runs LoRA's frozen base weights in float8; with --sft_type full drop --fp8.")
+    off = "--fast_path false" if args.fast_path is False else "--fsdp" if args.fsdp else \
+        "DeepSpeed ZeRO-3" if is_zero3(args.deepspeed) else None
+    if off:
+        raise UserError(f"--fp8 true runs on the fast path, which {off} turns off: drop --fp8 or {off}.")
+    if not torch.cuda.is_available() and args.fast_path is not True:
+        raise UserError("--fp8 true runs on the GPU fast path and this machine has no CUDA GPU: drop --fp8 "
+                        "(or add --fast_path true to check the float8 path on the CPU, slowly).")
+    check_fp8_support(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 
 
 def _check_resume_checkpoint(ckpt: Path) -> None:
@@ -189,6 +209,9 @@ def _pick_training_path(args, model, device):
     """The GPU fast path where it is supported, else the exact plain path; one log line says which."""
     from zhtune.train.fast_path import FastPath
     fast_path = FastPath.create(model, device, args)
+    if fast_path is None and args.fp8:
+        raise UserError("--fp8 true runs on the GPU fast path, and this run takes the exact plain path (the line "
+                        "above says why); drop --fp8, or remove what keeps the fast path off.")
     if fast_path is not None:
         levers = fast_path.prepare_model(model)
         if levers:

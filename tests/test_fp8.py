@@ -1,0 +1,103 @@
+"""`--fp8 true` (zhtune/train/fp8.py): which linears multiply in float8, how close the loss and the LoRA
+gradients stay to bf16's, that undoing it gives the exact model back, and the CLI's run and its errors.
+On the CPU torch's own float8 kernels run the same torchao code the GPU runs (slowly)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_fused_lora import loss_and_grads, lora_model
+
+from zhtune.cli import main
+
+pytest.importorskip("torchao", reason="--fp8 needs torchao (zhtune[fp8])")
+from torchao.float8.float8_linear import Float8Linear  # noqa: E402
+
+from zhtune.train.fp8 import apply_fp8, remove_fp8  # noqa: E402
+
+BASE_LINEARS = 7  # q, k, v, o, gate, up, down in each decoder layer
+
+
+def float8_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
+
+
+def test_only_the_frozen_base_linears_of_the_decoder_layers_go_float8():
+    model = lora_model(layers=2)
+    assert apply_fp8(model) == 2 * BASE_LINEARS
+    names = float8_names(model)
+    assert all(n.endswith(".base_layer") and ".layers." in n for n in names), names
+    assert not any("lm_head" in n or "embed" in n for n in names)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".base_layer." in n)
+    assert apply_fp8(model) == 0  # idempotent
+    with pytest.raises(ValueError, match="known: rowwise, tensorwise"):
+        apply_fp8(model, "delayed")
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_loss_and_lora_gradients_stay_close_and_removing_restores_the_exact_model(recipe):
+    plain = lora_model(layers=2)
+    fp8 = copy.deepcopy(plain)
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss_ref, logits_ref, grads_ref = loss_and_grads(plain, ids)
+    assert apply_fp8(fp8, recipe) == 2 * BASE_LINEARS
+    loss_8, logits_8, grads_8 = loss_and_grads(fp8, ids)
+    assert set(grads_8) == set(grads_ref)
+    assert loss_8 != loss_ref, "float8 rounding must show: the float8 kernels ran"
+    assert abs(loss_8 - loss_ref) / loss_ref < 0.02
+    lora = [n for n in grads_ref if "lora_A" in n or "lora_B" in n]
+    flat = lambda g: torch.cat([g[n].flatten() for n in lora])  # noqa: E731
+    assert torch.nn.functional.cosine_similarity(flat(grads_8), flat(grads_ref), dim=0) > 0.98
+    assert remove_fp8(fp8) == 2 * BASE_LINEARS and not float8_names(fp8)
+    loss_back, logits_back, _ = loss_and_grads(fp8, ids)
+    torch.testing.assert_close(logits_back, logits_ref, rtol=0, atol=0)
+    assert fp8.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_path, capsys):
+    from helpers import write_chat_jsonl
+    data = write_chat_jsonl(tmp_path / "d.jsonl", 12)
+    common = ["sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset", str(data),
+              "--lora_target_modules", "EMBEDDING", "ALL", "lm_head", "--lora_modules_to_save", "LN",
+              "--dtype", "bf16", "--fast_path", "true", "--max_steps", "2", "--eval_steps", "2",
+              "--logging_steps", "1", "--gradient_accumulation_steps", "1"]
+    runs = {}
+    for fp8 in ("false", "true"):
+        out = tmp_path / f"out-{fp8}"
+        assert main(common + ["--fp8", fp8, "--output_dir", str(out)]) == 0
+        runs[fp8] = next(out.glob("*/v*"))
+    err = capsys.readouterr().err
+    assert "frozen linear layers of 2 decoder layers multiply in float8" in err
+    assert "float8 base weights (rowwise, not exact)" in err
+    from safetensors import safe_open
+    keys = {}
+    for fp8, run in runs.items():
+        with safe_open(str(run / "checkpoint-2" / "adapter_model.safetensors"), "pt") as f:
+            keys[fp8] = set(f.keys())
+    assert keys["true"] == keys["false"] and keys["true"]
+    losses = {fp8: [r["loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
+              for fp8, run in runs.items()}
+    assert len(losses["true"]) == len(losses["false"]) == 2
+    for a, b in zip(losses["true"], losses["false"]):
+        assert abs(a - b) / b < 0.05, losses
+
+
+def test_fp8_bad_combinations_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    base = ["sft", "--model_type", "gemma3-270m", "--dataset", "self-cognition#4", "--model_name", "小黄",
+            "Xiao Huang", "--model_author", "魔搭", "ModelScope", "--output_dir", str(out), "--fp8", "true"]
+    cases = {("--sft_type", "full"): "with --sft_type full drop --fp8",
+             ("--fast_path", "false"): "which --fast_path false turns off",
+             ("--deepspeed", "default-zero3"): "which DeepSpeed ZeRO-3 turns off"}
+    if not torch.cuda.is_available():
+        cases[()] = "this machine has no CUDA GPU"
+    for extra, message in cases.items():
+        assert main(base + list(extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # as if torchao were not installed
+    assert main(base + ["--fast_path", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'zhtune[fp8]'" in err[0], err
+    assert not out.exists(), "nothing written"
