@@ -101,3 +101,31 @@ def test_fp8_bad_combinations_are_one_line_and_write_nothing(tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'zhtune[fp8]'" in err[0], err
     assert not out.exists(), "nothing written"
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_compiled_backward_of_a_frozen_float8_linear_has_one_matmul(recipe):
+    """Where the decoder layers compile, torchao's weight-gradient matmul of a frozen weight is dropped: one
+    float8 matmul forward and one backward (the input's gradient), as for the bf16 linear it replaces."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, _inputs):
+            graphs[name] = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm)
+        return compiler
+
+    linear = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False)).to(torch.bfloat16)
+    linear[0].weight.requires_grad_(False)
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    convert_to_float8_training(linear, config=Float8LinearConfig.from_recipe_name(recipe))
+    assert float8_names(linear) == ["0"]
+    compiled = torch.compile(linear, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    compiled(x).float().sum().backward()
+    torch._dynamo.reset()
+    matmuls = {k: sum(t.endswith("mm.default") for t in targets) for k, targets in graphs.items()}
+    assert matmuls == {"forward": 1, "backward": 1}, graphs
+    assert any("_scaled_mm" in t for t in graphs["backward"]) and x.grad is not None

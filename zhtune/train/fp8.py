@@ -10,7 +10,8 @@ capability 8.9 or newer (L4, RTX 4090, H100, H200, B200); on a CPU, torch's own 
 checking the wiring).
 
 The weight gradient torchao's matmul also computes is dropped where the decoder layers compile (the weights
-are frozen, so the compiled backward never returns it); on the eager plain path it is computed and discarded.
+are frozen, so the compiled backward never returns it: one float8 matmul forward, one backward, checked on the
+CPU); where they run eagerly (the fast path forced on a CPU) it is computed and discarded.
 """
 
 from types import SimpleNamespace
