@@ -623,7 +623,8 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
     """`--fp8_curve N`: N optimizer steps over the packed rows (AdamW as `zhtune sft`'s defaults: lr 1e-4,
     weight decay 0.1, gradients clipped to 0.5) from the same LoRA weights, in bf16 and then with each float8
     recipe, under the headline levers (compiled layers, fused LoRA-A, selective recomputation, compiled loss,
-    planned checkpointing); dropout draws alike (seeded per step). Per-step losses and the largest relative gap."""
+    planned checkpointing); dropout draws alike (seeded per step). Per-step losses and the largest relative gap;
+    `seconds` is each curve's wall time, any compilation of new graphs included (compare speed in the variants)."""
     from zhtune.train.fp8 import RECIPES, apply_fp8, remove_fp8
     chunked = FastPath(chunk_size=fast.chunk_size, softcap=fast.softcap, compile_loss=True)
     step = make_chunked_step(chunked)
@@ -671,7 +672,8 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
     gaps = {name: max(abs(a - b) / abs(b) for a, b in zip(c, ref)) for name, c in curves.items() if name != "bf16"}
     for name, gap in gaps.items():
         say(f"[bench] fp8 curve: {name} against bf16 over {len(ref)} steps: largest relative loss gap {gap:.2%}; "
-            f"last loss {curves[name][-1]:.4f} against {ref[-1]:.4f} ({seconds[name]}s against {seconds['bf16']}s)")
+            f"last loss {curves[name][-1]:.4f} against {ref[-1]:.4f} (wall {seconds[name]}s against {seconds['bf16']}s, "
+            f"compilation included)")
     return {"steps": args.fp8_curve, "losses": curves, "largest_relative_gap": gaps, "seconds": seconds}
 
 
