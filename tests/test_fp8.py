@@ -63,24 +63,26 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
               "--dtype", "bf16", "--fast_path", "true", "--max_steps", "2", "--eval_steps", "2",
               "--logging_steps", "1", "--gradient_accumulation_steps", "1"]
     runs = {}
-    for fp8 in ("false", "true"):
+    for fp8, extra in (("false", []), ("true", []), ("rowwise", ["--fp8_recipe", "rowwise"])):
         out = tmp_path / f"out-{fp8}"
-        assert main(common + ["--fp8", fp8, "--output_dir", str(out)]) == 0
+        assert main(common + ["--fp8", "false" if fp8 == "false" else "true", "--output_dir", str(out)] + extra) == 0
         runs[fp8] = next(out.glob("*/v*"))
     err = capsys.readouterr().err
     assert "frozen linear layers of 2 decoder layers multiply in float8" in err
+    assert "float8 base weights (tensorwise, not exact)" in err  # the default: measured faster on the H200
     assert "float8 base weights (rowwise, not exact)" in err
     from safetensors import safe_open
     keys = {}
     for fp8, run in runs.items():
         with safe_open(str(run / "checkpoint-2" / "adapter_model.safetensors"), "pt") as f:
             keys[fp8] = set(f.keys())
-    assert keys["true"] == keys["false"] and keys["true"]
+    assert keys["true"] == keys["rowwise"] == keys["false"] and keys["true"]
     losses = {fp8: [r["loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
               for fp8, run in runs.items()}
-    assert len(losses["true"]) == len(losses["false"]) == 2
-    for a, b in zip(losses["true"], losses["false"]):
-        assert abs(a - b) / b < 0.05, losses
+    assert len(losses["true"]) == len(losses["rowwise"]) == len(losses["false"]) == 2
+    for recipe in ("true", "rowwise"):
+        for a, b in zip(losses[recipe], losses["false"]):
+            assert abs(a - b) / b < 0.05, losses
 
 
 def test_fp8_bad_combinations_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch):
@@ -96,6 +98,9 @@ def test_fp8_bad_combinations_are_one_line_and_write_nothing(tmp_path, capsys, m
         assert main(base + list(extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    assert main(base[:-2] + ["--fp8_recipe", "rowwise"]) == 2  # a recipe without --fp8 true
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "add --fp8 true, or drop --fp8_recipe" in err[0], err
     monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # as if torchao were not installed
     assert main(base + ["--fast_path", "true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -72,7 +72,7 @@ class FastPath:
         """The recipe's entry: a FastPath for this (already loaded, maybe PEFT-wrapped) model, or None
         for the exact plain path. Logs the one line."""
         fast = cls(packing=getattr(args, "packing", None) is not False,
-                   fp8="rowwise" if getattr(args, "fp8", False) else None)
+                   fp8=(getattr(args, "fp8_recipe", None) or "tensorwise") if getattr(args, "fp8", False) else None)
         enabled, _ = fast.decide(base_model(model).config, device, args)
         return fast if enabled else None
 

@@ -40,7 +40,7 @@ def check_fp8_support(device: str) -> None:
                             f"(L4, RTX 4090, H100, H200); {name} has {major}.{minor}. Drop --fp8 to train in bf16.")
 
 
-def apply_fp8(model, recipe: str = "rowwise") -> int:
+def apply_fp8(model, recipe: str = "tensorwise") -> int:
     """Swap the frozen base linears of the decoder layers (PEFT's `base_layer`, or the plain linears where no
     LoRA wraps them) for torchao `Float8Linear`s sharing their weights; returns how many. Trainable linears
     and every module outside the decoder layers are left alone."""

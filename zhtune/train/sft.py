@@ -56,6 +56,8 @@ def _check(args) -> None:
                             "with plain data parallelism instead). Drop --fsdp to train on the CPU.")
     if args.fp8:
         _check_fp8(args)
+    elif args.fp8_recipe:
+        raise UserError(f"--fp8_recipe {args.fp8_recipe} chooses --fp8's scales: add --fp8 true, or drop --fp8_recipe.")
     if args.deepspeed:
         try:
             import deepspeed  # noqa: F401
