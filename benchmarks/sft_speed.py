@@ -120,7 +120,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # What each variant changes from the fast path's defaults (packed rows, the fast attention, chunked loss,
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
-                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None)
+                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
     "eager_packed": dict(attn="eager", loss="full", cast=True),
@@ -144,8 +144,11 @@ VARIANT_SPECS = {
     # + the chunked loss's per-chunk arithmetic compiled (FastPath.compile_loss; zhtune/train/loss.py)
     "compiled_fused_all_closs": dict(compiled=True, fused=True, selective=True, closs=True),
     "compiled_fused_selective_closs": dict(compiled=True, fused=True, selective=True, ckpt="plan", closs=True),
+    # the same with inductor's default flex_attention tiles (FastPath.flex_kernels off; zhtune/train/flex_kernels.py)
+    "compiled_fused_selective_closs_stockflex": dict(compiled=True, fused=True, selective=True, ckpt="plan",
+                                                     closs=True, flex=False),
     # not exact: the frozen base linears multiply in float8 (`zhtune sft --fp8 true`, zhtune/train/fp8.py), with
-    # torchao's per-row scales (zhtune's default) or one scale per tensor
+    # torchao's per-row scales or one scale per tensor (zhtune's default since the ninth session's measurement)
     "compiled_fused_selective_closs_fp8": dict(compiled=True, fused=True, selective=True, ckpt="plan", closs=True,
                                                fp8="rowwise"),
     "compiled_fused_selective_closs_fp8_tensorwise": dict(compiled=True, fused=True, selective=True, ckpt="plan",
@@ -413,7 +416,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.smoke and args.variants == ",".join(VARIANTS):
         variants = [v for v in variants if not spec_of(v)["compiled"]]  # inductor on a CPU: minutes
-    if any(spec_of(v)["compiled"] for v in variants):
+    if args.fp8_curve or any(spec_of(v)["compiled"] for v in variants):  # the curves compile the layers too
         _raise_recompile_limits()  # fused / selective / checkpointed / dropout-0 graphs of one layer code
     timer = Timer(device)
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(local) if cuda else "cpu",
@@ -561,6 +564,7 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
     else:
         chunked = fast if spec["chunk"] is None else FastPath(chunk_size=spec["chunk"], softcap=fast.softcap)
         chunked.compile_loss = spec["closs"]
+        chunked.flex_kernels = spec["flex"]
         step = make_chunked_step(chunked)
     repeat = 1 if spec["data"] == "samples" else args.slow_repeat if spec["loss"] == "full" else args.repeat
     batches = work.batches[:1] + work.batches * repeat

@@ -6,14 +6,16 @@
 #   bash scripts/gpu_train_speed.sh bench           # ~8 min: baseline, eager_packed, hf_best and the compiled levers
 #   bash scripts/gpu_train_speed.sh fp8             # ~8 min: --fp8's float8 variants beside the exact headline,
 #                                                   # and 50-step loss curves bf16 vs each float8 recipe
+#   bash scripts/gpu_train_speed.sh flex            # ~4 min: flex_attention's tiles (default, autotuned, zhtune's)
 #   bash scripts/gpu_train_speed.sh levers engines  # ~8 min: the eager levers; ZeRO-2, ZeRO-3, FSDP2 via zhtune sft
 #   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each);
 #                                                            # "single": zhtune sft on one GPU, no engine flag;
 #                                                            # "fp8": the same with --fp8 true
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
-#   env.txt, sft_speed.json + .log (bench), sft_speed_levers.json + .log (levers), engines.json + .log.
-# Phases: carry (here, with PyPI: fills .carry16), bench, levers, engines; several may be given.
+#   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), flex_configs.json (flex),
+#   sft_speed_levers.json + .log (levers), engines.json + .log.
+# Phases: carry (here, with PyPI: fills .carry16), bench, fp8, flex, levers, engines; several may be given.
 set -uo pipefail
 OUT=${OUT:-/tmp/out16}
 WORK=${WORK:-/tmp/work16}
@@ -66,7 +68,7 @@ PY
 
 bench() {  # the issue's targets: x eager_packed and x hf_best, >= 11,000 tok/s <= 80 GiB, >= 8,500 <= 24 GiB
     timeout 570 $PY benchmarks/sft_speed.py \
-        --variants ${BENCH_VARIANTS:-baseline,eager_packed,hf_best,compiled_fused_all,compiled_fused_all_closs,compiled_fused_selective,compiled_fused_selective_closs} \
+        --variants ${BENCH_VARIANTS:-baseline,eager_packed,hf_best,compiled_fused_all_closs,compiled_fused_selective_closs,compiled_fused_selective_closs_stockflex} \
         --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --profile hf_best,compiled_fused_selective_closs \
         --out "$OUT/sft_speed.json" \
         2>&1 | tee "$OUT/sft_speed.log"
@@ -77,6 +79,13 @@ fp8() {  # --fp8 true's variants (not exact) beside the exact headline, then the
         --variants ${FP8_VARIANTS:-compiled_fused_selective_closs,compiled_fused_selective_closs_fp8,compiled_fused_selective_closs_fp8_tensorwise,compiled_fused_all_closs_fp8} \
         --mem_budget_gib 80 --time_budget_s 330 --fp8_curve ${FP8_STEPS:-50} --out "$OUT/sft_speed_fp8.json" \
         2>&1 | tee "$OUT/sft_speed_fp8.log"
+}
+
+flex() {  # flex_attention's tiles for Gemma 2's head_dim 256: inductor's default, its autotuning, zhtune's (~4 min)
+    local measured
+    measured=$($PY -c "import json; from zhtune.train.flex_kernels import MEASURED; print(json.dumps(MEASURED[((9, 0), 256)]))")
+    timeout 330 $PY benchmarks/flex_attention_configs.py --kernel_options "$measured" --out "$OUT/flex_configs.json" \
+        2>&1 | tee "$OUT/flex_configs.log"
 }
 
 levers() {  # each eager lever alone, same run (the reference is computed again: ~10 s)
@@ -153,11 +162,11 @@ phases=${*:-bench}
 for phase in $phases; do
     case $phase in
         carry) carry ;;
-        bench|fp8|levers|engines)
+        bench|fp8|flex|levers|engines)
             install || { echo "wheel install failed"; exit 1; }
             export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
             [ -f "$OUT/env.txt" ] || env_report
             $phase ;;
-        *) echo "unknown phase $phase (carry, bench, fp8, levers, engines)"; exit 2 ;;
+        *) echo "unknown phase $phase (carry, bench, fp8, flex, levers, engines)"; exit 2 ;;
     esac
 done

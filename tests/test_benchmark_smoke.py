@@ -142,3 +142,20 @@ def test_sft_speed_fp8_variant_and_loss_curve_smoke(tmp_path, capsys):
     assert all(len(c) == 3 for c in curve["losses"].values())
     assert all(0 < gap < 0.05 for gap in curve["largest_relative_gap"].values()), curve
     assert "fp8 curve: rowwise against bf16 over 3 steps" in capsys.readouterr().out
+
+
+def test_flex_attention_configs_rows_match_the_training_benchmark():
+    """benchmarks/flex_attention_configs.py times attention on sft_speed's packed rows: each position's
+    document index runs through the row's samples in order, and padding is its own document."""
+    flex = load_benchmark("flex_attention_configs")
+    sft = load_benchmark("sft_speed")
+    ids = flex.doc_ids_of_rows(2, 1024, smoke=True)
+    pool = sft.make_samples(1000, 1024, seed=0, scale=0.25, n_long=6)
+    rows = sft.pack_encoded(pool, 1024, seed=0)[:2]
+    assert len(ids) == 2
+    for row_ids, row in zip(ids, rows):
+        lengths = [len(d["input_ids"]) for d in sft.split_row(row)]
+        assert row_ids.shape == (1024,)
+        real = row_ids[row_ids < 10**6]
+        assert torch.bincount(real.long()).tolist() == lengths
+        assert bool((real[1:] >= real[:-1]).all()) and (row_ids >= 10**6).sum() == 1024 - sum(lengths)

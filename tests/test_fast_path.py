@@ -355,3 +355,59 @@ def test_token_counts_leave_out_padding():
     assert count_tokens(packed, pad_id=0) == (31, n_targets(items))
     padded = PaddedCollator()([{"input_ids": e.input_ids, "labels": e.labels} for e in items])
     assert count_tokens(padded, pad_id=0) == (31, n_targets(items))
+
+
+# -- flex_attention's measured tiles -------------------------------------------------------------------
+
+def test_flex_kernel_options_only_where_measured(monkeypatch):
+    """The measured tiles go to head_dim 256 in bf16/fp16 under flex_attention on compute capability 9.0;
+    every other case keeps inductor's default (None)."""
+    from types import SimpleNamespace
+
+    from zhtune.train.flex_kernels import MEASURED, training_kernel_options
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    gemma = SimpleNamespace(_attn_implementation="flex_attention", head_dim=256, hidden_size=3584,
+                            num_attention_heads=16)
+    options = training_kernel_options(gemma, "cuda:0", torch.bfloat16)
+    assert options == MEASURED[((9, 0), 256)] and options is not MEASURED[((9, 0), 256)]
+    assert options["bwd_num_warps"] == 8 and options["fwd_BLOCK_M"] == 128
+    assert training_kernel_options(gemma, "cuda", torch.float16) == options
+    assert training_kernel_options(gemma, "cuda:0", torch.float32) is None
+    assert training_kernel_options(gemma, "cpu", torch.bfloat16) is None
+    qwen = SimpleNamespace(_attn_implementation="flex_attention", head_dim=None, hidden_size=1536,
+                           num_attention_heads=12)  # head_dim 128
+    assert training_kernel_options(qwen, "cuda:0", torch.bfloat16) is None
+    sdpa = SimpleNamespace(**{**vars(gemma), "_attn_implementation": "sdpa"})
+    assert training_kernel_options(sdpa, "cuda:0", torch.bfloat16) is None
+    capability["value"] = (8, 0)  # A100: not measured
+    assert training_kernel_options(gemma, "cuda:0", torch.bfloat16) is None
+
+
+def test_compute_loss_hands_the_tiles_to_every_layers_attention(monkeypatch):
+    """Through PEFT and transformers' forward, kernel_options reach each decoder layer's attention call
+    (where flex_attention reads them); the loss is the same, and with the lever off nothing is passed."""
+    from transformers.models.gemma2 import modeling_gemma2
+
+    import zhtune.train.flex_kernels as flex_kernels
+    seen = []
+    eager = modeling_gemma2.eager_attention_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("kernel_options"))
+        return eager(*args, **kwargs)
+    monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", spy)
+    monkeypatch.setattr(flex_kernels, "training_kernel_options", lambda config, device, dtype: {"fwd_BLOCK_M": 128})
+    model = tiny_model("gemma2")
+    items = samples([9, 14])
+    losses = {}
+    for lever in (True, False):
+        fast = FastPath(flex_kernels=lever)
+        rows, collator = fast.prepare_data(items, _Args())
+        seen.clear()
+        with torch.no_grad():
+            losses[lever] = float(fast.compute_loss(model, collator(rows)))
+        n_layers = model.get_base_model().config.num_hidden_layers
+        assert seen == ([{"fwd_BLOCK_M": 128}] * n_layers if lever else [None] * n_layers), seen
+    assert losses[True] == losses[False]
+    assert "flex_attention tiles measured for this GPU" in FastPath(flex_kernels=True).prepare_model(model)

@@ -15,8 +15,10 @@ each LoRA input under bf16 autocast), and, wherever the layers compile (by defau
 (train/fused_lora.py), `selective_recompute` (train/recompute.py) and `compile_loss` (train/loss.py): on
 the H200 (9B config, seed LoRA, no layer checkpointed) the three together gave 10,504 tokens/s at 73 GiB,
 10,020 without the compiled loss; compiled layers alone gave 9,999 at 89 GiB (another day); all exact
-(benchmarks/RESULTS.md). Each is also a field here: False turns it off. Not exact, off unless asked
-(`--fp8 true`): `fp8`, the frozen base linears in float8 (train/fp8.py).
+(benchmarks/RESULTS.md); and `flex_kernels` (train/flex_kernels.py: flex_attention's tiles where they
+beat inductor's default; head_dim 256 on compute capability 9.0, measured on the attention alone on an H200).
+Each is also a field here: False turns it off. Not exact, off unless asked (`--fp8 true`): `fp8`, the frozen
+base linears in float8 (train/fp8.py).
 `set_checkpointed_layers` checkpoints only as many decoder layers as memory needs.
 """
 
@@ -58,10 +60,11 @@ class FastPath:
     pad_to_multiple_of: int | None = None  # None: --batch_size x --max_length when compiling (one shape), else 128
     compile: bool | None = None  # None: on a GPU
     bf16_lora_inputs: bool = True
-    # the three levers below: None = on wherever the decoder layers compile (the measured configuration)
+    # the four levers below: None = on wherever the decoder layers compile (the measured configuration)
     fused_lora: bool | None = None  # one matmul for the LoRA-A of q/k/v and of gate/up (train/fused_lora.py)
     selective_recompute: bool | None = None  # norms/activations recomputed in un-checkpointed layers (train/recompute.py)
     compile_loss: bool | None = None  # the chunked loss's per-chunk arithmetic through torch.compile (train/loss.py)
+    flex_kernels: bool | None = None  # flex_attention's tiles measured for this GPU and head size (train/flex_kernels.py)
     fp8: str | None = None  # --fp8 true: the frozen base linears in float8 with this torchao recipe (train/fp8.py)
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
     device: str = "cpu"  # set by decide()
@@ -155,6 +158,8 @@ class FastPath:
             from zhtune.train.fp8 import apply_fp8
             if apply_fp8(model, self.fp8):
                 applied.append(f"float8 base weights ({self.fp8}, not exact)")
+        if self._flex_kernel_options(model):
+            applied.append("flex_attention tiles measured for this GPU")
         if self.compiles():
             compile_decoder_layers(model, "layer")
             applied.append("torch.compile per decoder layer")
@@ -180,6 +185,14 @@ class FastPath:
     def _lever(self, value: bool | None) -> bool:
         return self.compiles() if value is None else bool(value)
 
+    def _flex_kernel_options(self, model) -> dict | None:
+        """flex_attention's kernel_options for the forward (None: inductor's default tiles)."""
+        if not self._lever(self.flex_kernels):
+            return None
+        from zhtune.train.flex_kernels import training_kernel_options
+        base = base_model(model)
+        return training_kernel_options(base.config, self.device, base.dtype)
+
     # -- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """The mean token loss, like transformers Trainer.compute_loss: loss_sum / num_items_in_batch
@@ -199,6 +212,9 @@ class FastPath:
         def keep_hidden(_module, _args, output):
             captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
+        options = self._flex_kernel_options(model)
+        if options:
+            inputs["kernel_options"] = options  # transformers passes it down to flex_attention
         hook = decoder.register_forward_hook(keep_hidden)
         try:
             model(**inputs, use_cache=False,
