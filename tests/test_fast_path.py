@@ -380,6 +380,9 @@ def test_flex_kernel_options_only_where_measured(monkeypatch):
     assert training_kernel_options(qwen, "cuda:0", torch.bfloat16) is None
     sdpa = SimpleNamespace(**{**vars(gemma), "_attn_implementation": "sdpa"})
     assert training_kernel_options(sdpa, "cuda:0", torch.bfloat16) is None
+    monkeypatch.setenv("ZHTUNE_FLEX_TILES", "0")  # the user's way back to inductor's default
+    assert training_kernel_options(gemma, "cuda:0", torch.bfloat16) is None
+    monkeypatch.delenv("ZHTUNE_FLEX_TILES")
     capability["value"] = (8, 0)  # A100: not measured
     assert training_kernel_options(gemma, "cuda:0", torch.bfloat16) is None
 

@@ -2,12 +2,15 @@
 
 Inductor picks one forward and one backward configuration per head size and GPU unless it autotunes
 (`max_autotune`: minutes of compilation, and its candidate list misses the best one here). For Gemma 2/3's
-head_dim 256 in bf16 on compute capability 9.0 (H100/H200; measured on an H200) the configuration below ran the forward +
-backward of one layer's attention 1.33x as fast as the default (2.80 against 3.73 ms per 8192-token packed
-row, Gemma-2-9B's 16/8 heads, softcap and document mask; inductor's own autotuning reached 1.17x), the
-gradients identical and the output within bf16 rounding: benchmarks/flex_attention_configs.py, results in
-benchmarks/RESULTS.md (2026-11-29, ninth session). Elsewhere: None, inductor's default.
+head_dim 256 in bf16 on compute capability 9.0 (H100/H200; measured on an H200) the configuration below ran
+the forward + backward of one layer's attention 1.33x as fast as the default (2.80 against 3.73 ms per
+8192-token packed row, Gemma-2-9B's 16/8 heads, softcap and document mask; inductor's own autotuning reached
+1.17x), output and gradients within bf16 rounding of the default's (max |diff| 0.031; the backward tiles alone
+changed nothing): benchmarks/flex_attention_configs.py, results in
+benchmarks/RESULTS.md (2026-11-29, ninth session). Elsewhere, or with ZHTUNE_FLEX_TILES=0 in the
+environment: None, inductor's default.
 """
+import os
 
 import torch
 
@@ -21,6 +24,8 @@ MEASURED = {
 
 def training_kernel_options(config, device: str, dtype: torch.dtype) -> dict | None:
     """The measured kernel_options for this model's attention on this device, or None (inductor's default)."""
+    if os.environ.get("ZHTUNE_FLEX_TILES") == "0":
+        return None
     if getattr(config, "_attn_implementation", None) != "flex_attention" or not str(device).startswith("cuda"):
         return None
     if dtype not in (torch.bfloat16, torch.float16):
