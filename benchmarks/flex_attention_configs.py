@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5, help="timed passes over the rows")
     ap.add_argument("--autotune", default="true", choices=["true", "false"])
     ap.add_argument("--kernel_options", action="append", default=[], help="a JSON dict; may be given again")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the flow only")
+    ap.add_argument("--smoke", action="store_true", help="on the CPU: builds the rows and the block mask only (flex_attention has no CPU backward, "
+                    "so every configuration reports that error)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
