@@ -21,18 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gemma2_9b
 
+import gemma2_9b  # noqa: E402
 from zhtune.train.fast_path import set_lora_input_casting  # noqa: E402
 from zhtune.train.fused_lora import fuse_lora_projections  # noqa: E402
 from zhtune.train.recompute import set_selective_recomputation  # noqa: E402
 
-GEMMA2_9B_ONE_LAYER = dict(
-    architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=1024, hidden_size=3584,
-    intermediate_size=14336, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
-    attention_bias=False, attention_dropout=0.0, sliding_window=4096, attn_logit_softcapping=50.0,
-    final_logit_softcapping=30.0, query_pre_attn_scalar=256, tie_word_embeddings=True, pad_token_id=0,
-)
+GEMMA2_9B_ONE_LAYER = dict(gemma2_9b.ARCHITECTURE, **dict(gemma2_9b.CONFIG, vocab_size=1024, num_hidden_layers=1))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 
 

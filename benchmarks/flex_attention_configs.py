@@ -27,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gemma2_9b import CONFIG  # noqa: E402
+
 
 def say(msg: str) -> None:
     print(msg, flush=True)
@@ -53,10 +55,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv_heads", type=int, default=8)
-    ap.add_argument("--head_dim", type=int, default=256)
-    ap.add_argument("--softcap", type=float, default=50.0)
+    ap.add_argument("--heads", type=int, default=CONFIG["num_attention_heads"])
+    ap.add_argument("--kv_heads", type=int, default=CONFIG["num_key_value_heads"])
+    ap.add_argument("--head_dim", type=int, default=CONFIG["head_dim"])
+    ap.add_argument("--softcap", type=float, default=CONFIG["attn_logit_softcapping"])
     ap.add_argument("--repeat", type=int, default=5, help="timed passes over the rows")
     ap.add_argument("--autotune", default="true", choices=["true", "false"])
     ap.add_argument("--kernel_options", action="append", default=[], help="a JSON dict; may be given again")

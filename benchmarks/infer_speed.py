@@ -40,17 +40,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_profile
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_profile, gemma2_9b
 
 from zhtune.infer.batching import Request, Scheduler  # noqa: E402
 from zhtune.log import setup_logging  # noqa: E402
+import gemma2_9b  # noqa: E402
 from kernel_profile import device_profile  # noqa: E402
 
-GEMMA2_9B = dict(  # google/gemma-2-9b config.json (the published values)
-    vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=256, max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
-    sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+GEMMA2_9B = gemma2_9b.CONFIG
 TINY = dict(GEMMA2_9B, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
 LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
@@ -529,10 +526,11 @@ def main(argv=None) -> int:
                 single, tokens = run_scheduler(scheduler, prompts, replies, "(b) one read per step while requests wait")
             finally:
                 scheduler.greedy_run_waiting = saved
-            results["batched_one_read_per_step_while_waiting"] = {**single, **same_replies(tokens, b_tokens)}
+            same = same_replies(tokens, b_tokens)
+            results["batched_one_read_per_step_while_waiting"] = {**single, **same}
             say(f"(b) scheduler, one host read per step while requests wait: {single['tokens_per_s']} new tokens/s "
                 f"against {b['tokens_per_s']} with runs of up to {saved} steps; "
-                f"{same_replies(tokens, b_tokens)['replies_identical_to_default']}/{n_prompts} replies identical")
+                f"{same['replies_identical_to_default']}/{n_prompts} replies identical")
             save()
         if args.other_prefill:  # the prefill the other way, same run, then back
             default = scheduler.compile_prefill

@@ -94,9 +94,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_profile
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_profile, gemma2_9b
 
 from zhtune.log import setup_logging  # noqa: E402
+import gemma2_9b  # noqa: E402
 from kernel_profile import device_profile  # noqa: E402
 from zhtune.train.fast_path import (FastPath, compile_decoder_layers, set_checkpointed_layers,  # noqa: E402
                                     set_lora_input_casting)
@@ -105,14 +106,7 @@ from zhtune.train.packing import (FLEX_BLOCK, IGNORE_INDEX, PackedCollator, Padd
                                   pack_encoded)
 from zhtune.train.recompute import set_selective_recomputation  # noqa: E402
 
-GEMMA2_9B = dict(  # google/gemma-2-9b config.json
-    architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000, hidden_size=3584,
-    intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
-    head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6,
-    rope_theta=10000.0, attention_bias=False, attention_dropout=0.0, sliding_window=4096,
-    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=256,
-    tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1,
-)
+GEMMA2_9B = dict(gemma2_9b.ARCHITECTURE, **gemma2_9b.CONFIG)
 SMOKE = dict(GEMMA2_9B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32, query_pre_attn_scalar=16)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]

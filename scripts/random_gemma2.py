@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gemma2_9b  # noqa: E402 - the real config, one place for the benchmarks and these scripts
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,11 +36,7 @@ def main(argv=None) -> int:
     with gzip.open(args.tokenizer / "tokenizer.json.gz", "rt", encoding="utf-8") as f:
         tok = json.load(f)
     vocab = max(256000, len(tok["model"]["vocab"]), 1 + max(t["id"] for t in tok["added_tokens"]))
-    config = Gemma2Config(vocab_size=vocab, hidden_size=3584, intermediate_size=14336, num_hidden_layers=args.layers,
-                          num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=4096,
-                          query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                          max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    config = Gemma2Config(**dict(gemma2_9b.CONFIG, vocab_size=vocab, num_hidden_layers=args.layers))
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

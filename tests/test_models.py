@@ -190,3 +190,19 @@ def test_a_saved_tokenizer_that_does_not_read_back_is_saved_as_the_generic_one(t
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharLevel())
     with pytest.raises(RuntimeError, match="cannot convert the embedded model"):
         check_saved_tokenizer(tmp_path)
+
+
+def test_env_switches_read_one_way(monkeypatch):
+    """Every on/off variable (USE_HF, the hub's offline ones, the ZHTUNE_PT_* levers, ZHTUNE_FLEX_TILES) reads
+    1/true/yes/on and 0/false/no/off in any case; unset or anything else keeps its default."""
+    from zhtune.env import env_switch
+    monkeypatch.delenv("ZHTUNE_X", raising=False)
+    assert env_switch("ZHTUNE_X", True) and not env_switch("ZHTUNE_X", False)
+    for word in ("0", "false", "No", " OFF "):
+        monkeypatch.setenv("ZHTUNE_X", word)
+        assert not env_switch("ZHTUNE_X", True) and not env_switch("ZHTUNE_X", False)
+    for word in ("1", "TRUE", "yes", "on"):
+        monkeypatch.setenv("ZHTUNE_X", word)
+        assert env_switch("ZHTUNE_X", True) and env_switch("ZHTUNE_X", False)
+    monkeypatch.setenv("ZHTUNE_X", "maybe")
+    assert env_switch("ZHTUNE_X", True) and not env_switch("ZHTUNE_X", False)

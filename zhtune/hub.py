@@ -10,15 +10,13 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from zhtune.env import env_switch
 from zhtune.errors import UserError
 from zhtune.files import one_line
 
-_TRUE = ("1", "true", "yes", "on")
-
-
 def use_hf() -> bool:
     """USE_HF=1/true/yes/on (any case) selects Hugging Face; anything else, or unset, ModelScope."""
-    return os.environ.get("USE_HF", "0").strip().lower() in _TRUE
+    return env_switch("USE_HF", False)
 
 
 def hub_name(hf: bool | None = None) -> str:
@@ -26,8 +24,7 @@ def hub_name(hf: bool | None = None) -> str:
 
 
 def offline() -> bool:
-    return any(os.environ.get(v, "0").strip().lower() in _TRUE
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ZHTUNE_OFFLINE"))
+    return any(env_switch(v, False) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ZHTUNE_OFFLINE"))
 
 
 def download_model(hub_id: str, revision: str | None = None) -> Path:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zhtune.env import env_switch
 from zhtune.infer.attention import grouped_attention, register as register_grouped_attention
 from zhtune.infer.decode_graphs import GraphedDecode
 from zhtune.log import logger, still_running
@@ -288,13 +289,13 @@ class Scheduler:
         # unfused in an earlier run); ZHTUNE_PT_FUSED_WEIGHTS=0 turns it off. The model's forward changes for
         # everything that runs it afterwards (same arithmetic), its weights become views of the fused ones.
         self.fused_layers = 0
-        if fuse_weights and graphs and os.environ.get("ZHTUNE_PT_FUSED_WEIGHTS", "1") not in ("0", "false", "off"):
+        if fuse_weights and graphs and env_switch("ZHTUNE_PT_FUSED_WEIGHTS", True):
             from zhtune.infer.fused_weights import fuse_gate_up, fuse_qkv
             self.fused_layers = fuse_gate_up(self.model) + fuse_qkv(self.model)
             if self.fused_layers:
                 logger.info(f"decode step: gate/up and q/k/v read as one weight ({self.fused_layers} blocks fused)")
         if one_row_autotune is None:
-            one_row_autotune = os.environ.get("ZHTUNE_PT_ONE_ROW_AUTOTUNE", "1") not in ("0", "false", "off")
+            one_row_autotune = env_switch("ZHTUNE_PT_ONE_ROW_AUTOTUNE", True)
         self.one_row_autotune = bool(one_row_autotune) and graphs
         self.min_rows = 2 if graphs and not self.one_row_autotune else 1
         self._one_row_used = False  # a one-row step has run (its graph exists when compiling)
@@ -304,7 +305,7 @@ class Scheduler:
         # GPU time in eager elementwise kernels, nearly all the prefill's; compiled, the quick batched workload
         # ran 1,805.3 new tokens/s against 1,295.9 eager in one run (20 s of compilation beforehand).
         if compile_prefill is None:
-            compile_prefill = graphs and os.environ.get("ZHTUNE_PT_COMPILE_PREFILL", "1") not in ("0", "false", "off")
+            compile_prefill = graphs and env_switch("ZHTUNE_PT_COMPILE_PREFILL", True)
         self.compile_prefill = bool(compile_prefill)
         self._prefill_layer = None  # the compiled per-layer function of the prefill, built on first use
         self._prefill_compiled_once = False

@@ -31,6 +31,7 @@ from zhtune.log import logger
 from zhtune.models.architectures import ARCHITECTURES, Architecture, get_architecture
 from zhtune.models.parts import base_model, decoder_layers
 
+from zhtune.train.fp8 import DEFAULT_RECIPE
 from zhtune.train.loss import chunked_causal_lm_loss
 from zhtune.train.packing import FLEX_BLOCK, PackedCollator, PaddedCollator, pack_encoded
 
@@ -75,7 +76,7 @@ class FastPath:
         """The recipe's entry: a FastPath for this (already loaded, maybe PEFT-wrapped) model, or None
         for the exact plain path. Logs the one line."""
         fast = cls(packing=getattr(args, "packing", None) is not False,
-                   fp8=(getattr(args, "fp8_recipe", None) or "tensorwise") if getattr(args, "fp8", False) else None)
+                   fp8=(getattr(args, "fp8_recipe", None) or DEFAULT_RECIPE) if getattr(args, "fp8", False) else None)
         enabled, _ = fast.decide(base_model(model).config, device, args)
         return fast if enabled else None
 

@@ -10,9 +10,9 @@ changed nothing): benchmarks/flex_attention_configs.py, results in
 benchmarks/RESULTS.md (2026-11-29, ninth session). Elsewhere, or with ZHTUNE_FLEX_TILES=0 in the
 environment: None, inductor's default.
 """
-import os
-
 import torch
+
+from zhtune.env import env_switch
 
 # (compute capability, head_dim) -> flex_attention kernel_options (fwd_/bwd_: that pass only)
 MEASURED = {
@@ -24,7 +24,7 @@ MEASURED = {
 
 def training_kernel_options(config, device: str, dtype: torch.dtype) -> dict | None:
     """The measured kernel_options for this model's attention on this device, or None (inductor's default)."""
-    if os.environ.get("ZHTUNE_FLEX_TILES") == "0":
+    if not env_switch("ZHTUNE_FLEX_TILES", True):
         return None
     if getattr(config, "_attn_implementation", None) != "flex_attention" or not str(device).startswith("cuda"):
         return None

@@ -25,6 +25,7 @@ from zhtune.log import logger
 from zhtune.models.parts import decoder_layers
 
 RECIPES = ("rowwise", "tensorwise")  # torchao's recipe names: per-row scales (more accurate) or one per tensor
+DEFAULT_RECIPE = "tensorwise"  # the faster on the H200, both within 0.25% of bf16 (benchmarks/RESULTS.md)
 INSTALL_HINT = "`pip install 'zhtune[fp8]'` (torchao)"
 
 
@@ -42,7 +43,7 @@ def check_fp8_support(device: str) -> None:
                             f"(L4, RTX 4090, H100, H200); {name} has {major}.{minor}. Drop --fp8 to train in bf16.")
 
 
-def apply_fp8(model, recipe: str = "tensorwise") -> int:
+def apply_fp8(model, recipe: str = DEFAULT_RECIPE) -> int:
     """Swap the frozen base linears of the decoder layers (PEFT's `base_layer`, or the plain linears where no
     LoRA wraps them) for torchao `Float8Linear`s sharing their weights; returns how many. Trainable linears
     and every module outside the decoder layers are left alone."""
