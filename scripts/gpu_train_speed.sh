@@ -15,7 +15,9 @@
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), flex_configs.json (flex),
 #   sft_speed_levers.json + .log (levers), engines.json + .log.
-# Phases: carry (here, with PyPI: fills .carry16), bench, fp8, flex, levers, engines; several may be given.
+# Phases: carry (here, with PyPI: fills .carry16), setup (the wheels and env.txt only: run it first when phases
+# run side by side on separate GPUs), bench, fp8, flex, levers, engines; several may be given.
+# On several GPUs: NPROC_PER_NODE=2 ... engines runs each engine's zhtune sft over 2 processes (torchrun).
 set -uo pipefail
 OUT=${OUT:-/tmp/out16}
 WORK=${WORK:-/tmp/work16}
@@ -69,7 +71,7 @@ PY
 bench() {  # the targets: x eager_packed and x hf_best, >= 11,000 tok/s <= 80 GiB, >= 8,500 <= 24 GiB
     timeout 570 $PY benchmarks/sft_speed.py \
         --variants ${BENCH_VARIANTS:-baseline,eager_packed,hf_best,compiled_fused_all_closs,compiled_fused_selective_closs,compiled_fused_selective_closs_stockflex} \
-        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --profile hf_best,compiled_fused_selective_closs \
+        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --profile ${BENCH_PROFILE-hf_best,compiled_fused_selective_closs} \
         --out "$OUT/sft_speed.json" \
         2>&1 | tee "$OUT/sft_speed.log"
 }
@@ -124,7 +126,7 @@ PY
             fsdp2) flag="--fsdp fsdp2" ;;
         esac
         local start=$SECONDS
-        echo "[engines] $name: zhtune sft $flag" | tee -a "$OUT/engines.log"
+        echo "[engines] $name: ${NPROC_PER_NODE:+NPROC_PER_NODE=$NPROC_PER_NODE }zhtune sft $flag" | tee -a "$OUT/engines.log"
         rm -rf "$WORK/engines/$name"
         MASTER_PORT=$port timeout 420 $PY -m zhtune sft --model_id_or_path "$model" --model_type gemma2-9b-instruct \
             --dataset "$data" --dataset_test_ratio 0 --lora_target_modules EMBEDDING ALL lm_head \
@@ -162,11 +164,11 @@ phases=${*:-bench}
 for phase in $phases; do
     case $phase in
         carry) carry ;;
-        bench|fp8|flex|levers|engines)
+        setup|bench|fp8|flex|levers|engines)
             install || { echo "wheel install failed"; exit 1; }
             export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
             [ -f "$OUT/env.txt" ] || env_report
-            $phase ;;
-        *) echo "unknown phase $phase (carry, bench, fp8, flex, levers, engines)"; exit 2 ;;
+            [ "$phase" = setup ] || $phase ;;
+        *) echo "unknown phase $phase (carry, setup, bench, fp8, flex, levers, engines)"; exit 2 ;;
     esac
 done

@@ -132,8 +132,10 @@ def _grads(model) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "qwen2"])
-def test_fast_path_matches_per_sample_eager(arch):
+@pytest.mark.parametrize("arch,deepspeed", [("gemma2", None), ("gemma3_text", None), ("qwen2", None),
+                                             ("gemma2", "default-zero3")])
+def test_fast_path_matches_per_sample_eager(arch, deepspeed):
+    """Under ZeRO-3 (deepspeed) the packed rows' loss is transformers' own on full logits: the same again."""
     model = tiny_model(arch)
     items = samples([5, 17, 9, 30, 12, 3, 21])  # 17, 30 and 21 tokens: longer than the sliding window (8)
     n_items = n_targets(items)
@@ -147,8 +149,11 @@ def test_fast_path_matches_per_sample_eager(arch):
         baseline += float(out.loss)
     ref = _grads(model)
 
+    args = type("Args", (_Args,), {"deepspeed": deepspeed})()
     fast = FastPath(chunk_size=16)
-    rows, collator = fast.prepare_data(items, _Args())
+    assert fast.decide(model.get_base_model().config, "cpu", args)[0]
+    assert fast.chunked_loss is (deepspeed is None)
+    rows, collator = fast.prepare_data(items, args)
     assert len(rows) == 2
     model.zero_grad()
     total = 0.0
@@ -236,15 +241,19 @@ def test_decide_logs_one_line_and_falls_back(zhtune_log):
     assert fast.decide(model.config, "cuda", A()) == (False, "--fast_path false")
     A.fast_path, A.deepspeed = None, "default-zero3"
     model.config._attn_implementation = "flex_attention"
-    assert fast.decide(model.config, "cuda", A())[0] is False
-    A.deepspeed, A.fsdp = None, "fsdp2"
-    assert fast.decide(model.config, "cuda", A()) == (
-        False, "FSDP shards the lm_head the chunked loss calls outside the model's forward")
+    for engine in ("DeepSpeed ZeRO-3", "FSDP"):  # packing and flex_attention stay; the loss is transformers'
+        sharded = FastPath()
+        assert sharded.decide(model.config, "cuda", A()) == (
+            True, f"packing + flex_attention with softcap + transformers' loss on full logits ({engine} shards the "
+            "lm_head the chunked loss calls outside the model's forward; no compiled levers)")
+        assert not (sharded.chunked_loss or sharded.compiles() or sharded.bf16_lora_inputs)
+        A.deepspeed, A.fsdp = None, "fsdp2"
     A.fsdp = None
     llama = type("Cfg", (), {"model_type": "llama", "_attn_implementation": "sdpa"})()
     enabled, reason = fast.decide(llama, "cuda", A())
     assert not enabled and "llama" in reason
     assert len(zhtune_log.messages) == 7
+    assert FastPath().chunked_loss and FastPath().decide(model.config, "cuda", A())[0]
 
 
 def test_prepare_model_and_data_levers():

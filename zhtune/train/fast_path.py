@@ -5,8 +5,11 @@ padded batches) on the same tokens; benchmarks/sft_speed.py measures both, and R
 records each switch's effect.
 
 Where it runs: on a GPU, for Gemma 2, Gemma 3 (text) and Qwen2, unless --fast_path false. Elsewhere
-(CPU, other models, DeepSpeed ZeRO-3, FSDP) the exact plain path runs. `--fast_path true` forces it on a
-CPU too (with eager attention: exact, slower; useful for tests). One log line says which path runs.
+(CPU, other models) the exact plain path runs. `--fast_path true` forces it on a CPU too (with eager
+attention: exact, slower; useful for tests). Under DeepSpeed ZeRO-3 and FSDP, which shard the lm_head the
+chunked loss calls outside the model's forward, it keeps packing and flex_attention and takes
+transformers' own loss on full logits, without the compiled levers (`chunked_loss` False): one sample
+per step would otherwise recompile flex_attention for each new length. One log line says which path runs.
 
 Switches (each measured in benchmarks/RESULTS.md): `packing` (--packing), `chunk_size` of the loss,
 and levers on the model that `prepare_model` applies and `restore_model` undoes:
@@ -67,6 +70,7 @@ class FastPath:
     compile_loss: bool | None = None  # the chunked loss's per-chunk arithmetic through torch.compile (train/loss.py)
     flex_kernels: bool | None = None  # flex_attention's tiles measured for this GPU and head size (train/flex_kernels.py)
     fp8: str | None = None  # --fp8 true: the frozen base linears in float8 with this torchao recipe (train/fp8.py)
+    chunked_loss: bool = True  # False under ZeRO-3 / FSDP (set by decide()): transformers' loss, no levers
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
     device: str = "cpu"  # set by decide()
 
@@ -85,6 +89,8 @@ class FastPath:
         enabled, reason = self._decide(model_config, str(device), args)
         self.softcap = getattr(model_config, "final_logit_softcapping", None)
         self.device = str(device)
+        if enabled and sharded_head(args):  # the model's own loss; PEFT's own LoRA inputs (no autocast there)
+            self.chunked_loss, self.compile, self.bf16_lora_inputs = False, False, False
         logger.info(LOG_PREFIX + (f"fast ({reason})" if enabled else f"exact plain path: {reason}"))
         return enabled, reason
 
@@ -99,10 +105,6 @@ class FastPath:
         if not supported(arch):
             names = ", ".join(a.name for a in ARCHITECTURES.values() if a.fast_path)
             return False, f"the fast path supports {names}, not {arch}"
-        if is_zero3(getattr(args, "deepspeed", None)):
-            return False, "DeepSpeed ZeRO-3 partitions the lm_head the chunked loss calls"
-        if getattr(args, "fsdp", None):
-            return False, "FSDP shards the lm_head the chunked loss calls outside the model's forward"
         if self.packing and attn not in ("flex_attention", "eager", "sdpa", "flash_attention_2"):
             return False, f"packing needs flex_attention, eager, sdpa or flash_attention_2, not {attn}"
         softcap_attn = getattr(config, "attn_logit_softcapping", None) is not None
@@ -114,6 +116,11 @@ class FastPath:
         if self.packing:
             parts.append("packing")
         parts.append(attn + (" with softcap" if softcap_attn else ""))
+        sharded = sharded_head(args)
+        if sharded:
+            parts.append(f"transformers' loss on full logits ({sharded} shards the lm_head the chunked loss "
+                         "calls outside the model's forward; no compiled levers)")
+            return True, " + ".join(parts)
         softcap_loss = getattr(config, "final_logit_softcapping", None) is not None
         parts.append("chunked softcapped loss" if softcap_loss else "chunked loss")
         return True, " + ".join(parts)
@@ -129,9 +136,11 @@ class FastPath:
             logger.info(f"packing: {len(items)} samples into {len(rows)} rows of at most "
                      f"{args.max_length} tokens")
             multiple = self.pad_to_multiple_of
-            if multiple is None:  # compiled: every micro-batch one shape, a short last one included (one
-                # compilation: on the H200 a second shape cost the embedded model's first step minutes)
-                multiple = _round_up(args.max_length, FLEX_BLOCK) * args.batch_size if self.compiles() else FLEX_BLOCK
+            if multiple is None:  # on a GPU every micro-batch one shape, a short last one included (compiled
+                # layers and flex_attention compile once per shape: on the H200 a second shape cost the
+                # embedded model's first step minutes)
+                on_gpu = self.compiles() or self.device.startswith("cuda")
+                multiple = _round_up(args.max_length, FLEX_BLOCK) * args.batch_size if on_gpu else FLEX_BLOCK
             return rows, PackedCollator(pad_id=pad_id, pad_to_multiple_of=multiple)
         rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in items]
         return rows, PaddedCollator(pad_id=pad_id)
@@ -205,6 +214,9 @@ class FastPath:
         no logits computed (logits_to_keep selects none), and a hook on the decoder takes its final
         hidden states for the chunked loss against the (possibly LoRA-wrapped) lm_head."""
         inputs = dict(inputs)
+        if not self.chunked_loss:  # ZeRO-3 / FSDP: the model's own loss (its lm_head's shards gathered in its forward)
+            counted = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            return model(**inputs, use_cache=False, **counted).loss
         labels = inputs.pop("labels")
         base = base_model(model)
         decoder, head = base.get_decoder(), base.get_output_embeddings()
@@ -304,6 +316,13 @@ def _pad_id(tokenizer) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def sharded_head(args) -> str | None:
+    """The engine that shards the lm_head (DeepSpeed ZeRO-3, FSDP), or None."""
+    if getattr(args, "fsdp", None):
+        return "FSDP"
+    return "DeepSpeed ZeRO-3" if is_zero3(getattr(args, "deepspeed", None)) else None
 
 
 def is_zero3(deepspeed) -> bool:

@@ -70,14 +70,14 @@ def _check_fp8(args) -> None:
     """--fp8 true needs LoRA, the fast path, torchao and float8 matmuls: one line before anything loads."""
     import torch
 
-    from zhtune.train.fast_path import is_zero3
+    from zhtune.train.fast_path import sharded_head
     from zhtune.train.fp8 import check_fp8_support
     if args.sft_type != "lora":
         raise UserError("--fp8 true runs LoRA's frozen base weights in float8; with --sft_type full drop --fp8.")
-    off = "--fast_path false" if args.fast_path is False else "--fsdp" if args.fsdp else \
-        "DeepSpeed ZeRO-3" if is_zero3(args.deepspeed) else None
+    off = "--fast_path false" if args.fast_path is False else sharded_head(args)
     if off:
-        raise UserError(f"--fp8 true runs on the fast path, which {off} turns off: drop --fp8 or {off}.")
+        raise UserError(f"--fp8 true runs on the fast path's compiled layers, which {off} turns off: drop --fp8 "
+                        f"or {off}.")
     if not torch.cuda.is_available() and args.fast_path is not True:
         raise UserError("--fp8 true runs on the GPU fast path and this machine has no CUDA GPU: drop --fp8 "
                         "(or add --fast_path true to check the float8 path on the CPU, slowly).")
@@ -247,13 +247,15 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
     trainer.add_callback(StepHeartbeat(first_step_note="the first training steps compile the decoder layers "
                                        "(torch.compile, one-time: minutes on a GPU; later steps are fast)"
                                        if compiling else None))
-    if fast_path is not None and args.gradient_checkpointing and device.startswith("cuda"):
+    planned = fast_path is not None and fast_path.chunked_loss  # ZeRO-3 / FSDP checkpoint every layer
+    if planned and args.gradient_checkpointing and device.startswith("cuda"):
         from zhtune.train.memory_plan import CheckpointPlanner
         trainer.add_callback(CheckpointPlanner(model, budget_gib=args.memory_budget_gib))
     elif args.memory_budget_gib:
         logger.warning(f"--memory_budget_gib {args.memory_budget_gib:g} is not used: it plans the GPU fast path's "
                        "activation checkpointing, and this run " + ("has no GPU" if not device.startswith("cuda") else
-                       "trains on the plain path" if fast_path is None else "has --gradient_checkpointing false"))
+                       "trains on the plain path" if fast_path is None else
+                       "shards the model (ZeRO-3 / FSDP)" if not planned else "has --gradient_checkpointing false"))
     return trainer
 
 
