@@ -148,6 +148,8 @@ VARIANT_SPECS = {
     "compiled_fused_selective_closs_fp8_tensorwise": dict(compiled=True, fused=True, selective=True, ckpt="plan",
                                                           closs=True, fp8="tensorwise"),
     "compiled_fused_all_closs_fp8": dict(compiled=True, fused=True, selective=True, closs=True, fp8="rowwise"),
+    "compiled_fused_all_closs_fp8_tensorwise": dict(compiled=True, fused=True, selective=True, closs=True,
+                                                    fp8="tensorwise"),
 }
 VARIANTS = list(VARIANT_SPECS)
 REFERENCES = ("baseline", "eager_packed", "hf_best")  # the results report x each of these

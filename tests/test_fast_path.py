@@ -423,3 +423,33 @@ def test_compute_loss_hands_the_tiles_to_every_layers_attention(monkeypatch):
         assert seen == ([{"fwd_BLOCK_M": 128}] * n_layers if lever else [None] * n_layers), seen
     assert losses[True] == losses[False]
     assert "flex_attention tiles measured for this GPU" in FastPath(flex_kernels=True).prepare_model(model)
+
+
+def test_levers_and_sharded_mode_train_the_same_trajectory():
+    """Eight AdamW steps (clipped, as Trainer does) from the same LoRA weights: the fast path with its CPU
+    levers (fused LoRA-A, selective recomputation) and its ZeRO-3 / FSDP mode (transformers' loss on full
+    logits) follow the plain fast path's losses (dropout off: the fused LoRA-A shares one mask per group)."""
+    def train(deepspeed=None, levers=False):
+        model = tiny_model("gemma2", seed=0)
+        args = type("Args", (_Args,), {"deepspeed": deepspeed})()
+        fast = FastPath(chunk_size=16, fused_lora=levers, selective_recompute=levers)
+        assert fast.decide(model.get_base_model().config, "cpu", args)[0]
+        applied = fast.prepare_model(model)
+        assert ("fused LoRA-A" in applied) is levers
+        rows, collator = fast.prepare_data(samples([5, 17, 9, 30, 12, 3, 21, 40, 11, 25, 8, 19] * 2), args)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+        losses = []
+        for step in range(8):
+            loss = fast.compute_loss(model, collator([rows[step % len(rows)]]))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    plain = train()
+    assert plain[-1] != plain[0]
+    assert train(levers=True) == pytest.approx(plain, abs=1e-4)
+    assert train(deepspeed="default-zero3") == pytest.approx(plain, abs=1e-4)

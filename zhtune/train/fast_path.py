@@ -19,7 +19,7 @@ each LoRA input under bf16 autocast), and, wherever the layers compile (by defau
 the H200 (9B config, seed LoRA, no layer checkpointed) the three together gave 10,504 tokens/s at 73 GiB,
 10,020 without the compiled loss; compiled layers alone gave 9,999 at 89 GiB (another day); all exact
 (benchmarks/RESULTS.md); and `flex_kernels` (train/flex_kernels.py: flex_attention's tiles where they
-beat inductor's default; head_dim 256 on compute capability 9.0, measured on the attention alone on an H200).
+beat inductor's default; head_dim 256 on compute capability 9.0: 1.04x on the whole step on an H200).
 Each is also a field here: False turns it off. Not exact, off unless asked (`--fp8 true`): `fp8`, the frozen
 base linears in float8 (train/fp8.py).
 `set_checkpointed_layers` checkpoints only as many decoder layers as memory needs.
