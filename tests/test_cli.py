@@ -79,6 +79,8 @@ def test_help_lists_the_five_commands():
     ("zhtune sfft", "unknown command 'sfft'. Did you mean 'sft'?"),
     ("zhtune infer --merge_lora maybe", "--merge_lora takes true or false"),
     ("zhtune infer --model_id_or_path ./no/such/folder", "no config.json there"),
+    ("zhtune sft --model_type gemma3-270m --model_id_or_path /no/such/folder --dataset self-cognition#4 "
+     "--model_name 小黄 --model_author 魔搭", "--model_id_or_path /no/such/folder: no config.json there"),
 ])
 def test_bad_input_is_one_error_line(command, message):
     result = run_cli(command)

@@ -110,6 +110,8 @@ def _locate(model_type: str | None, model_id_or_path: str | None,
         path = Path(model_id_or_path).expanduser()
         if model_type is None:
             model_type = _model_type_of_folder(path, model_id_or_path, arg)
+        elif not (path / "config.json").is_file():  # --model_type names the kind; the folder must still be one
+            raise _no_config(arg, model_id_or_path)
         return get_model_info(model_type), "local", str(path)
     if model_id_or_path:
         info = get_model_info(model_type) if model_type else find_by_hub_id(model_id_or_path)
@@ -127,8 +129,7 @@ def _locate(model_type: str | None, model_id_or_path: str | None,
 def _model_type_of_folder(path: Path, given: str, arg: str = "--model_id_or_path") -> str:
     config = path / "config.json"
     if not config.is_file():
-        raise UserError(f"{arg} {given}: no config.json there. Give a Hugging Face model folder "
-                        "(config.json + safetensors + tokenizer) or a hub id.")
+        raise _no_config(arg, given)
     fix = ("Use another checkpoint-N folder of the run." if arg == "--ckpt_dir"
            else "Re-download or re-export the model folder.")
     arch = read_json_file(config, "the model's config", fix, arg=arg).get("model_type", "")
@@ -137,6 +138,11 @@ def _model_type_of_folder(path: Path, given: str, arg: str = "--model_id_or_path
         raise UserError(f"{arg} {given}: cannot tell the model type (architecture '{arch}'): add --model_type, "
                         "e.g. --model_type qwen2.5-7b-instruct.")
     return model_type
+
+
+def _no_config(arg: str, given: str) -> UserError:
+    return UserError(f"{arg} {given}: no config.json there. Give a Hugging Face model folder "
+                     "(config.json + safetensors + tokenizer) or a hub id.")
 
 
 def _looks_local(s: str) -> bool:

@@ -89,7 +89,8 @@ class FastPath:
         enabled, reason = self._decide(model_config, str(device), args)
         self.softcap = getattr(model_config, "final_logit_softcapping", None)
         self.device = str(device)
-        if enabled and sharded_head(args):  # the model's own loss; PEFT's own LoRA inputs (no autocast there)
+        if enabled and sharded_head(args):  # the model's own loss; PEFT's own LoRA input casting (bf16_lora_inputs
+            # assumes autocast, which DeepSpeed's bf16 mode does not use)
             self.chunked_loss, self.compile, self.bf16_lora_inputs = False, False, False
         logger.info(LOG_PREFIX + (f"fast ({reason})" if enabled else f"exact plain path: {reason}"))
         return enabled, reason
