@@ -385,6 +385,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8_curve", type=int, default=0, metavar="N", help="after the variants: N AdamW steps from "
                     "the same LoRA weights in bf16 and with each float8 recipe (the headline levers), and the "
                     "largest relative gap between their per-step losses")
+    ap.add_argument("--uncompiled_curve", action="store_true", help="with --fp8_curve: first one more bf16 curve "
+                    "without the levers (transformers' own loss, no compilation, fused LoRA-A or selective "
+                    "recomputation; every layer checkpointed): does the fast path learn as the plain computation?")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     setup_logging()
@@ -623,42 +626,50 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
     """`--fp8_curve N`: N optimizer steps over the packed rows (AdamW as `zhtune sft`'s defaults: lr 1e-4,
     weight decay 0.1, gradients clipped to 0.5) from the same LoRA weights, in bf16 and then with each float8
     recipe, under the headline levers (compiled layers, fused LoRA-A, selective recomputation, compiled loss,
-    planned checkpointing); dropout draws alike (seeded per step). Per-step losses and the largest relative gap;
+    planned checkpointing); dropout draws alike (seeded per step). With --uncompiled_curve first one more bf16
+    curve without any lever ("bf16_uncompiled": transformers' loss, every layer checkpointed; its dropout masks
+    are drawn per projection, the fused LoRA-A's per group). Per-step losses and the largest relative gap;
     `seconds` is each curve's wall time, any compilation of new graphs included (compare speed in the variants)."""
     from zhtune.train.fp8 import RECIPES, apply_fp8, remove_fp8
     chunked = FastPath(chunk_size=fast.chunk_size, softcap=fast.softcap, compile_loss=True)
     step = make_chunked_step(chunked)
     params = [p for p in model.parameters() if p.requires_grad]
     start_weights = [p.detach().clone() for p in params]
-    fuse_lora_projections(model)
-    set_selective_recomputation(model, True)
-    compile_decoder_layers(model, "layer", backend=args.compile_backend)
     curves, seconds = {}, {}
+
+    def curve(name, step):
+        with torch.no_grad():
+            for p, w in zip(params, start_weights):
+                p.copy_(w)
+        model.zero_grad(set_to_none=True)
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+        losses, start = [], time.perf_counter()
+        for i in range(args.fp8_curve):
+            torch.manual_seed(1000 + i)
+            with autocast():
+                loss = step(train_model, to_device(work.batches[i % len(work.batches)], device))
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            if (i + 1) % 10 == 0 or i + 1 == args.fp8_curve:
+                say(f"[bench] fp8 curve, {name}: step {i + 1}/{args.fp8_curve}, loss {losses[-1]:.4f}")
+        curves[name], seconds[name] = losses, round(time.perf_counter() - start, 1)
+
     try:
+        if getattr(args, "uncompiled_curve", False):  # the plain computation: the model's own loss, no levers
+            set_checkpointed_layers(model, n_layers_of(model))
+            curve("bf16_uncompiled", make_chunked_step(FastPath(chunked_loss=False)))
+        fuse_lora_projections(model)
+        set_selective_recomputation(model, True)
+        compile_decoder_layers(model, "layer", backend=args.compile_backend)
         for recipe in (None, *RECIPES):
-            name = recipe or "bf16"
             if recipe:
                 apply_fp8(model, recipe)
             try:
-                with torch.no_grad():
-                    for p, w in zip(params, start_weights):
-                        p.copy_(w)
                 auto_checkpointing(train_model, model, step, work.batches[0], device, autocast, timer,
                                    args.mem_budget_gib, say)
-                model.zero_grad(set_to_none=True)
-                optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
-                losses, start = [], time.perf_counter()
-                for i in range(args.fp8_curve):
-                    torch.manual_seed(1000 + i)
-                    with autocast():
-                        loss = step(train_model, to_device(work.batches[i % len(work.batches)], device))
-                    torch.nn.utils.clip_grad_norm_(params, 0.5)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(float(loss))
-                    if (i + 1) % 10 == 0 or i + 1 == args.fp8_curve:
-                        say(f"[bench] fp8 curve, {name}: step {i + 1}/{args.fp8_curve}, loss {losses[-1]:.4f}")
-                curves[name], seconds[name] = losses, round(time.perf_counter() - start, 1)
+                curve(recipe or "bf16", step)
             finally:
                 if recipe:
                     remove_fp8(model)
@@ -667,6 +678,8 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
             for p, w in zip(params, start_weights):
                 p.copy_(w)
         _uncompile(model)
+        unfuse_lora_projections(model)
+        set_selective_recomputation(model, False)
         set_checkpointed_layers(model, n_layers_of(model))
     ref = curves["bf16"]
     gaps = {name: max(abs(a - b) / abs(b) for a, b in zip(c, ref)) for name, c in curves.items() if name != "bf16"}

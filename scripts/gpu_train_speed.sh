@@ -7,16 +7,19 @@
 #   bash scripts/gpu_train_speed.sh fp8             # ~8 min: --fp8's float8 variants beside the exact headline,
 #                                                   # and 50-step loss curves bf16 vs each float8 recipe
 #   bash scripts/gpu_train_speed.sh flex            # ~4 min: flex_attention's tiles (default, autotuned, zhtune's)
+#   bash scripts/gpu_train_speed.sh curves          # ~5 min: 30-step loss curves, the plain computation (no lever)
+#                                                   # against the fast path, bf16 and float8
 #   bash scripts/gpu_train_speed.sh levers engines  # ~8 min: the eager levers; ZeRO-2, ZeRO-3, FSDP2 via zhtune sft
 #   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each);
 #                                                            # "single": zhtune sft on one GPU, no engine flag;
 #                                                            # "fp8": the same with --fp8 true
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
-#   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), flex_configs.json (flex),
+#   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), sft_speed_curves.json (curves),
+#   flex_configs.json (flex),
 #   sft_speed_levers.json + .log (levers), engines.json + .log.
 # Phases: carry (here, with PyPI: fills .carry16), setup (the wheels and env.txt only: run it first when phases
-# run side by side on separate GPUs), bench, fp8, flex, levers, engines; several may be given.
+# run side by side on separate GPUs), bench, fp8, curves, flex, levers, engines; several may be given.
 # On several GPUs: NPROC_PER_NODE=2 ... engines runs each engine's zhtune sft over 2 processes (torchrun).
 set -uo pipefail
 OUT=${OUT:-/tmp/out16}
@@ -81,6 +84,11 @@ fp8() {  # --fp8 true's variants (not exact) beside the exact headline, then the
         --variants ${FP8_VARIANTS:-compiled_fused_selective_closs,compiled_fused_selective_closs_fp8,compiled_fused_selective_closs_fp8_tensorwise,compiled_fused_all_closs_fp8} \
         --mem_budget_gib 80 --time_budget_s 330 --fp8_curve ${FP8_STEPS:-50} --out "$OUT/sft_speed_fp8.json" \
         2>&1 | tee "$OUT/sft_speed_fp8.log"
+}
+
+curves() {  # does the compiled fast path learn as the plain computation? (and float8 beside both)
+    timeout 570 $PY benchmarks/sft_speed.py --variants "" --fp8_curve ${CURVE_STEPS:-30} --uncompiled_curve \
+        --mem_budget_gib 80 --out "$OUT/sft_speed_curves.json" 2>&1 | tee "$OUT/sft_speed_curves.log"
 }
 
 flex() {  # flex_attention's tiles for Gemma 2's head_dim 256: inductor's default, its autotuning, zhtune's (~4 min)
@@ -164,11 +172,11 @@ phases=${*:-bench}
 for phase in $phases; do
     case $phase in
         carry) carry ;;
-        setup|bench|fp8|flex|levers|engines)
+        setup|bench|fp8|curves|flex|levers|engines)
             install || { echo "wheel install failed"; exit 1; }
             export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
             [ -f "$OUT/env.txt" ] || env_report
             [ "$phase" = setup ] || $phase ;;
-        *) echo "unknown phase $phase (carry, setup, bench, fp8, flex, levers, engines)"; exit 2 ;;
+        *) echo "unknown phase $phase (carry, setup, bench, fp8, curves, flex, levers, engines)"; exit 2 ;;
     esac
 done

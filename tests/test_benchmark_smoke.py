@@ -127,18 +127,18 @@ def test_kernel_profile_counts_each_kernel_once():
 def test_sft_speed_fp8_variant_and_loss_curve_smoke(tmp_path, capsys):
     """The float8 variant and `--fp8_curve` on the CPU (torch's float8 kernels, aot_eager graphs): the variant
     times, reports its gap to the exact reference (small, not zero), and the curves of bf16 and both recipes
-    start from the same weights and stay within a few per cent."""
+    start from the same weights and stay within a few per cent, as does the curve without any lever."""
     pytest.importorskip("torchao")
     bench = load_benchmark("sft_speed")
     out = tmp_path / "results.json"
     assert bench.main(["--smoke", "--variants", "compiled_fused_selective_closs_fp8", "--compile_backend",
-                       "aot_eager", "--fp8_curve", "3", "--out", str(out)]) == 0
+                       "aot_eager", "--fp8_curve", "3", "--uncompiled_curve", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     r = results["variants"]["compiled_fused_selective_closs_fp8"]
     assert r["tokens_per_s"] > 0 and "float8 base weights (rowwise scales; not exact)" in r["note"]
     assert 0 < r["check"]["loss_abs_diff"] < 0.05 * r["check"]["loss"] and r["check"]["grad_cosine_lora"] > 0.95
     curve = results["fp8_curve"]
-    assert set(curve["losses"]) == {"bf16", "rowwise", "tensorwise"} and curve["steps"] == 3
+    assert set(curve["losses"]) == {"bf16_uncompiled", "bf16", "rowwise", "tensorwise"} and curve["steps"] == 3
     assert all(len(c) == 3 for c in curve["losses"].values())
     assert all(0 < gap < 0.05 for gap in curve["largest_relative_gap"].values()), curve
     assert "fp8 curve: rowwise against bf16 over 3 steps" in capsys.readouterr().out
