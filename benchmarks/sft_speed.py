@@ -637,10 +637,13 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
     start_weights = [p.detach().clone() for p in params]
     curves, seconds = {}, {}
 
-    def curve(name, step):
+    def restart():
         with torch.no_grad():
             for p, w in zip(params, start_weights):
                 p.copy_(w)
+
+    def curve(name, step):
+        restart()
         model.zero_grad(set_to_none=True)
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
         losses, start = [], time.perf_counter()
@@ -657,7 +660,7 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
         curves[name], seconds[name] = losses, round(time.perf_counter() - start, 1)
 
     try:
-        if getattr(args, "uncompiled_curve", False):  # the plain computation: the model's own loss, no levers
+        if args.uncompiled_curve:  # the plain computation: the model's own loss, no levers
             set_checkpointed_layers(model, n_layers_of(model))
             curve("bf16_uncompiled", make_chunked_step(FastPath(chunked_loss=False)))
         fuse_lora_projections(model)
@@ -674,9 +677,7 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
                 if recipe:
                     remove_fp8(model)
     finally:
-        with torch.no_grad():
-            for p, w in zip(params, start_weights):
-                p.copy_(w)
+        restart()
         _uncompile(model)
         unfuse_lora_projections(model)
         set_selective_recomputation(model, False)

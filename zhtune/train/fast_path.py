@@ -61,7 +61,7 @@ def attn_implementation(arch: Architecture | None, device: str) -> str | None:
 class FastPath:
     packing: bool = True
     chunk_size: int = 1024
-    pad_to_multiple_of: int | None = None  # None: --batch_size x --max_length when compiling (one shape), else 128
+    pad_to_multiple_of: int | None = None  # None: --batch_size x --max_length on a GPU (one shape), else 128
     compile: bool | None = None  # None: on a GPU
     bf16_lora_inputs: bool = True
     # the four levers below: None = on wherever the decoder layers compile (the measured configuration)
@@ -86,16 +86,17 @@ class FastPath:
 
     def decide(self, model_config, device: str, args) -> tuple[bool, str]:
         """(enabled, reason), and one log line saying which path runs."""
-        enabled, reason = self._decide(model_config, str(device), args)
+        sharded = sharded_head(args)
+        enabled, reason = self._decide(model_config, str(device), args, sharded)
         self.softcap = getattr(model_config, "final_logit_softcapping", None)
         self.device = str(device)
-        if enabled and sharded_head(args):  # the model's own loss; PEFT's own LoRA input casting (bf16_lora_inputs
+        if enabled and sharded:  # the model's own loss; PEFT's own LoRA input casting (bf16_lora_inputs
             # assumes autocast, which DeepSpeed's bf16 mode does not use)
             self.chunked_loss, self.compile, self.bf16_lora_inputs = False, False, False
         logger.info(LOG_PREFIX + (f"fast ({reason})" if enabled else f"exact plain path: {reason}"))
         return enabled, reason
 
-    def _decide(self, config, device: str, args) -> tuple[bool, str]:
+    def _decide(self, config, device: str, args, sharded: str | None) -> tuple[bool, str]:
         wanted = getattr(args, "fast_path", None)
         arch = getattr(config, "model_type", None)
         attn = getattr(config, "_attn_implementation", None) or "eager"
@@ -117,7 +118,6 @@ class FastPath:
         if self.packing:
             parts.append("packing")
         parts.append(attn + (" with softcap" if softcap_attn else ""))
-        sharded = sharded_head(args)
         if sharded:
             parts.append(f"transformers' loss on full logits ({sharded} shards the lm_head the chunked loss "
                          "calls outside the model's forward; no compiled levers)")
@@ -140,8 +140,8 @@ class FastPath:
             if multiple is None:  # on a GPU every micro-batch one shape, a short last one included (compiled
                 # layers and flex_attention compile once per shape: on the H200 a second shape cost the
                 # embedded model's first step minutes)
-                on_gpu = self.compiles() or self.device.startswith("cuda")
-                multiple = _round_up(args.max_length, FLEX_BLOCK) * args.batch_size if on_gpu else FLEX_BLOCK
+                one_shape = self.compiles() or self.device.startswith("cuda")
+                multiple = _round_up(args.max_length, FLEX_BLOCK) * args.batch_size if one_shape else FLEX_BLOCK
             return rows, PackedCollator(pad_id=pad_id, pad_to_multiple_of=multiple)
         rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in items]
         return rows, PaddedCollator(pad_id=pad_id)
