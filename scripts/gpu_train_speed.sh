@@ -13,6 +13,7 @@
 #   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each);
 #                                                            # "single": zhtune sft on one GPU, no engine flag;
 #                                                            # "fp8": the same with --fp8 true
+#   ENGINE_LORA="--lora_target_modules ALL" ... engines      # other LoRA flags than the seed's
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), sft_speed_curves.json (curves),
@@ -137,8 +138,8 @@ PY
         echo "[engines] $name: ${NPROC_PER_NODE:+NPROC_PER_NODE=$NPROC_PER_NODE }zhtune sft $flag" | tee -a "$OUT/engines.log"
         rm -rf "$WORK/engines/$name"
         MASTER_PORT=$port timeout 420 $PY -m zhtune sft --model_id_or_path "$model" --model_type gemma2-9b-instruct \
-            --dataset "$data" --dataset_test_ratio 0 --lora_target_modules EMBEDDING ALL lm_head \
-            --lora_modules_to_save LN --adam_beta2 0.95 --learning_rate 5e-5 --max_length 8192 \
+            --dataset "$data" --dataset_test_ratio 0 ${ENGINE_LORA:---lora_target_modules EMBEDDING ALL lm_head \
+            --lora_modules_to_save LN} --adam_beta2 0.95 --learning_rate 5e-5 --max_length 8192 \
             --gradient_accumulation_steps 1 --max_steps ${ENGINE_STEPS:-4} --logging_steps 1 --save_steps ${ENGINE_STEPS:-4} --eval_steps 1000 \
             --identity_probe false --output_dir "$WORK/engines/$name" $flag >> "$OUT/engines.log" 2>&1
         echo "[engines] $name: exit $? after $((SECONDS - start))s" | tee -a "$OUT/engines.log"

@@ -77,3 +77,57 @@ def test_no_graph_break_and_restore():
     assert explained.graph_break_count == 0, explained.break_reasons
     assert set_selective_recomputation(model, False) == 5
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+class _ForwardMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the forward matmuls x @ weight.t() of the given weights (aten.mm calls)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = {w.untyped_storage().data_ptr(): tuple(w.T.shape) for w in weights}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default and \
+                self.weights.get(args[1].untyped_storage().data_ptr()) == tuple(args[1].shape):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_checkpointed_layers_keeping_the_mlp_output_train_the_same_and_skip_its_matmul():
+    plain = lora_model(dropout=0.1, layers=4)
+    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fuse_lora_projections(plain)
+    set_selective_recomputation(plain)
+    keeping = copy.deepcopy(plain)
+    set_checkpointed_layers(plain, 3)
+    assert set_checkpointed_layers(keeping, 3, keep_mlp_output=2) == [1, 2, 3]
+    layers = keeping.get_base_model().model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [False, True, False, False]
+    ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+    loss_p, _, grads_p = loss_and_grads(plain, ids, seed=7)
+    torch.manual_seed(7)
+    keeping.zero_grad(set_to_none=True)
+    loss_k = keeping(input_ids=ids, labels=ids, use_cache=False).loss
+    with _ForwardMatmuls([layer.mlp.down_proj.base_layer.weight for layer in layers]) as backward:
+        loss_k.backward()
+    assert torch.equal(loss_p, loss_k.detach())
+    for name, p in keeping.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads_p[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the backward reruns the down projection only in the layer checkpointed the usual way
+    assert backward.count == 1
+    set_checkpointed_layers(keeping, 0)
+    assert not any("forward" in layer.__dict__ for layer in layers)
+
+
+def test_checkpoint_keeping_the_mlp_output_compiles_without_graph_break():
+    model = lora_model(layers=1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fuse_lora_projections(model)
+    set_checkpointed_layers(model, 1, keep_mlp_output=1)
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(1, 8, layer.self_attn.q_proj.in_features, requires_grad=True)
+    emb = model.get_base_model().model.rotary_emb(x, torch.arange(8)[None])
+    explained = torch._dynamo.explain(layer)(x, position_embeddings=emb, attention_mask=None)
+    assert explained.graph_break_count == 0, explained.break_reasons

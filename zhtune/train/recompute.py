@@ -17,17 +17,28 @@ combine: checkpoint some layers whole, the others selectively. The computation i
 operations in the same order (the MLP calls gate_proj before up_proj, as transformers does), so the
 loss and gradients equal the plain layer's (tests/test_recompute.py), dropout included.
 `set_selective_recomputation(model, False)` restores the modules' own forwards.
+
+Between the two, for layers that must be checkpointed (memory is short): `set_keeps_mlp_output(layer)` checkpoints
+the layer whole but keeps, beside its input, the output of the MLP's frozen down projection ([tokens,
+hidden], bf16: 56 MiB per Gemma-2-9B layer at 8192 tokens). The backward then recomputes everything except
+that matmul (a quarter of a Gemma 2 layer's forward FLOPs): its frozen weight needs nothing of its input,
+and only the post-MLP norm needed its output. It is torch's selective activation checkpointing (one
+`torch.utils.checkpoint` with a policy that saves that matmul's output) inside the layer's forward, so a
+compiled layer traces it into its graph and the partitioner drops from the recomputation what the backward
+does not need. Same operations, same order: same loss and gradients (tests/test_recompute.py).
 """
 
+import functools
 import types
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from zhtune.models.parts import decoder_layers
 from zhtune.train.fused_lora import _plain, add_lora_b
 
 _ATTR = "_zhtune_recompute"
+_KEEPS = "_zhtune_keeps_mlp_output"
 
 
 class _Layer:
@@ -39,7 +50,8 @@ class _Layer:
 
 
 def _selective(self) -> bool:
-    return self.training and torch.is_grad_enabled() and not getattr(self, _ATTR).layer.gradient_checkpointing
+    layer = getattr(self, _ATTR).layer
+    return self.training and torch.is_grad_enabled() and not (layer.gradient_checkpointing or keeps_mlp_output(layer))
 
 
 def _norm_forward(self, *args, **kwargs):
@@ -118,3 +130,52 @@ def set_selective_recomputation(model, enabled: bool = True) -> int:
             module.forward = types.MethodType(forward, module)
             n += 1
     return n
+
+
+# -- checkpointed layers that keep their MLP output ----------------------------------------------
+
+def keeps_mlp_output(layer) -> bool:
+    return getattr(layer, _KEEPS, None) is not None
+
+
+def set_keeps_mlp_output(layer, enabled: bool = True) -> None:
+    """Checkpoint `layer` whole, keeping its MLP's down-projection output (enabled; the layer's own
+    `gradient_checkpointing` is then turned off: this checkpoint replaces transformers'), or not."""
+    if not enabled:
+        if keeps_mlp_output(layer):
+            delattr(layer, _KEEPS)
+            layer.__dict__.pop("forward", None)
+        return
+    layer.gradient_checkpointing = False
+    if keeps_mlp_output(layer):
+        return
+    _allow_fused_lora_state()
+    mlp = getattr(layer, "mlp", None)
+    down = getattr(mlp, "down_proj", None)
+    weight = getattr(getattr(down, "base_layer", down), "weight", None)
+    # the down projection's matmul, as autograd's dispatch sees it: mm(x, weight.t())
+    setattr(layer, _KEEPS, tuple(weight.shape[::-1]) if weight is not None else ())
+    layer.forward = types.MethodType(_checkpointed_layer_forward, layer)
+
+
+def _allow_fused_lora_state() -> None:
+    """The fused LoRA-A (train/fused_lora.py) keeps the group's output in a SharedSplit that the layer's
+    later members empty again: torch.compile refuses such state changes inside a checkpoint unless told that
+    not replaying them in the recomputation is fine, which it is (the split ends each layer call empty)."""
+    import torch._dynamo
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+def _checkpointed_layer_forward(self, *args, **kwargs):
+    if not (self.training and torch.is_grad_enabled()):
+        return type(self).forward(self, *args, **kwargs)
+    policy = functools.partial(_save_matmul_output, getattr(self, _KEEPS))
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, policy), **kwargs)
+
+
+def _save_matmul_output(weight_t_shape: tuple, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op is torch.ops.aten.mm.default and len(args) == 2 and tuple(args[1].shape) == weight_t_shape:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
