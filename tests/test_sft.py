@@ -332,3 +332,40 @@ def test_a_run_that_diverges_after_a_resume_keeps_the_checkpoint_it_resumed_from
     assert guard.remove_later_checkpoints(tmp_path) == ["checkpoint-104"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100"]
     assert "training diverged at step 105 (loss nan, grad_norm nan)" in guard.message(1e-4, ["checkpoint-104"])
+
+
+def test_bf16_run_trains_the_saved_norms(tiny_models, tmp_path):
+    """`--lora_modules_to_save LN` on a bf16 model: the norms train (in bf16 an AdamW step of 1e-4 on a weight
+    near 1 rounds back to the same number; real Gemma 2 norm weights are of that size) and the hidden states
+    after them stay bf16."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import write_chat_jsonl
+    from zhtune.tuners.lora import train_saved_modules_in_fp32
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2"], dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.5)
+    model.save_pretrained(tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_models["gemma2"] / name).is_file():
+            (tmp_path / "model" / name).write_bytes((tiny_models["gemma2"] / name).read_bytes())
+    data = write_chat_jsonl(tmp_path / "d.jsonl", 12)
+    assert main(["sft", "--model_id_or_path", str(tmp_path / "model"), "--model_type", "gemma2-9b-instruct",
+                 "--dataset", str(data), "--lora_modules_to_save", "LN", "--dtype", "bf16", "--learning_rate", "1e-4",
+                 "--warmup_ratio", "0", "--max_steps", "2", "--eval_steps", "2", "--output_dir", str(tmp_path / "out")]) == 0
+    adapter = load_file(next((tmp_path / "out").glob("*/v*/checkpoint-2/adapter_model.safetensors")))
+    norms = {k: v for k, v in adapter.items() if "norm" in k}
+    assert norms and all(v.dtype == torch.float32 for v in norms.values())
+    moved = [k for k, v in norms.items() if (v - 1.5).abs().max() > 5e-5]
+    assert len(moved) == len(norms), sorted(set(norms) - set(moved))
+
+    from peft import LoraConfig, get_peft_model
+    bf16 = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16),
+                          LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm", "norm"]))
+    assert train_saved_modules_in_fp32(bf16) == 4 * 2 + 1  # "norm" names every norm: 4 a layer, 2 layers, the last
+    out = bf16(input_ids=torch.tensor([[5, 6, 7]]), output_hidden_states=True)
+    assert all(h.dtype == torch.bfloat16 for h in out.hidden_states) and out.logits.dtype == torch.bfloat16

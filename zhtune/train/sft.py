@@ -185,11 +185,12 @@ def _wrap_model(args, resolved, model):
         return model
     from peft import get_peft_model
 
-    from zhtune.tuners.lora import lora_config
+    from zhtune.tuners.lora import lora_config, train_saved_modules_in_fp32
     targets, to_save = lora_plan(args, resolved, model)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(args, targets, to_save))
+    train_saved_modules_in_fp32(model)
     # PEFT would also write the whole base embedding matrix beside the LoRA weights of an embedding
     # target (a guard for resized vocabularies, which zhtune never does): the whole vocabulary per checkpoint.
     model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)

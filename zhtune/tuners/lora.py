@@ -75,3 +75,33 @@ def lora_config(args, targets: list[str], to_save: list[str]):
                         "(--lora_modules_to_save): choose one.")
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout_p, target_modules=targets, modules_to_save=to_save or None)
+
+
+def train_saved_modules_in_fp32(model) -> int:
+    """Keep the fully trained modules (--lora_modules_to_save) in fp32; returns how many were changed.
+
+    PEFT upcasts the LoRA weights to fp32 but leaves its trained copies of the modules to save in the
+    model's dtype. In bf16 (8 significant bits) an AdamW step of 1e-4 on a norm weight near 1 rounds back
+    to the same number, so on a bf16 model those modules would not train at all. Their parameters become
+    fp32 here, as LLaMA-Factory does for every trainable parameter, and each one's floating outputs are cast
+    back to the model's dtype, so the layers after it see the dtypes they saw before."""
+    import functools
+
+    import torch
+    from peft.utils import ModulesToSaveWrapper
+    n = 0
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        for trained in wrapper.modules_to_save.values():
+            low = {p.dtype for p in trained.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
+            if len(low) != 1:
+                continue
+            trained.float()
+            trained.register_forward_hook(functools.partial(_cast_output, low.pop()))
+            n += 1
+    return n
+
+
+def _cast_output(dtype, module, args, output):
+    return output.to(dtype) if hasattr(output, "is_floating_point") and output.is_floating_point() else output
