@@ -58,6 +58,8 @@ checkpointed (the seed's --gradient_checkpointing true) unless the variant says 
     compiled_fused_all_closs_keepmlp, compiled_fused_all_closs_keepmlp28
                               compiled_fused_all_closs, all 42 (28 of 42) checkpointed layers keeping their
                               MLP's output: the backward skips the down projection's matmul there (56 MiB each)
+    compiled_fused_plan24_closs
+                              compiled_fused_selective_closs with zhtune's plan for 24 GiB (--memory_budget_gib 24)
 All run under bf16 autocast, as transformers' Trainer does with bf16=True. The optimizer step (AdamW
 on ~32M LoRA parameters, a few ms) is outside the timed region for every variant alike. The variants
 that end with transformers' loss (baseline, eager_packed, hf_best, packed_full) keep PEFT's default
@@ -105,6 +107,7 @@ from kernel_profile import device_profile  # noqa: E402
 from zhtune.train.fast_path import (FastPath, compile_decoder_layers, set_checkpointed_layers,  # noqa: E402
                                     set_lora_input_casting)
 from zhtune.train.fused_lora import fuse_lora_projections, unfuse_lora_projections  # noqa: E402
+from zhtune.train.memory_plan import mlp_output_bytes, plan_checkpointed_layers  # noqa: E402
 from zhtune.train.packing import (FLEX_BLOCK, IGNORE_INDEX, PackedCollator, PaddedCollator,  # noqa: E402
                                   pack_encoded)
 from zhtune.train.recompute import set_selective_recomputation  # noqa: E402
@@ -117,7 +120,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # What each variant changes from the fast path's defaults (packed rows, the fast attention, chunked loss,
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
-                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, keep=0)
+                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, keep=0,
+                    budget=None)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
     "eager_packed": dict(attn="eager", loss="full", cast=True),
@@ -145,6 +149,8 @@ VARIANT_SPECS = {
     # backward skips the down projection there, for 56 MiB a layer (9B config, 8192 tokens)
     "compiled_fused_all_closs_keepmlp": dict(compiled=True, fused=True, selective=True, closs=True, keep=42),
     "compiled_fused_all_closs_keepmlp28": dict(compiled=True, fused=True, selective=True, closs=True, keep=28),
+    # zhtune's plan (what `zhtune sft --memory_budget_gib 24` does) within 24 GiB
+    "compiled_fused_plan24_closs": dict(compiled=True, fused=True, selective=True, closs=True, ckpt="plan", budget=24),
     # the same with inductor's default flex_attention tiles (FastPath.flex_kernels off; zhtune/train/flex_kernels.py)
     "compiled_fused_selective_closs_stockflex": dict(compiled=True, fused=True, selective=True, ckpt="plan",
                                                      closs=True, flex=False),
@@ -609,7 +615,7 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
             note.append(f"compile warm-up {time.perf_counter() - start:.0f}s")
         if spec["ckpt"] == "plan":
             note.append(auto_checkpointing(train_model, model, step, work.batches[0], device, autocast, timer,
-                                           args.mem_budget_gib, say))
+                                           spec["budget"] or args.mem_budget_gib, say))
         elif spec["ckpt"] == "none":
             set_checkpointed_layers(model, 0)
             note.append(f"0/{n_layers} layers checkpointed")
@@ -743,8 +749,8 @@ def apply_liger(model, undo: contextlib.ExitStack) -> str:
 
 
 def auto_checkpointing(train_model, model, step, batch, device, autocast, timer, budget_gib, say) -> str:
-    """Checkpoint only as many layers as the memory budget needs: measure the peak with every layer
-    checkpointed and with 4 fewer, and leave out as many as the per-layer cost allows."""
+    """zhtune's plan (zhtune/train/memory_plan.py): measure the peak with every layer checkpointed and with
+    4 fewer; kept MLP outputs first, then as many layers left out as the per-layer cost allows."""
     n_layers = n_layers_of(model)
     if not timer.cuda:
         set_checkpointed_layers(model, n_layers - 1)
@@ -755,11 +761,11 @@ def auto_checkpointing(train_model, model, step, batch, device, autocast, timer,
     set_checkpointed_layers(model, n_layers - probe)
     _, peak_probe = run_steps(train_model, step, [batch], device, autocast, timer, warmup=0)
     per_layer = max((peak_probe - peak_all) / probe, 1e-3)
-    free_layers = int((budget_gib - peak_all) / per_layer)
-    keep = max(0, min(n_layers, n_layers - free_layers))
-    set_checkpointed_layers(model, keep)
-    note = (f"{keep}/{n_layers} layers checkpointed (peak {peak_all:.1f} GiB with all, "
-            f"+{per_layer:.2f} GiB per layer left out, budget {budget_gib:.0f} GiB)")
+    keep_cost = mlp_output_bytes(model, batch["input_ids"].numel()) / 2**30
+    checkpointed, keeping = plan_checkpointed_layers(n_layers, peak_all, peak_probe, probe, budget_gib, keep_cost)
+    set_checkpointed_layers(model, checkpointed, keep_mlp_output=keeping)
+    note = (f"{checkpointed}/{n_layers} layers checkpointed, {keeping} keeping their MLP output (peak "
+            f"{peak_all:.1f} GiB with all, +{per_layer:.2f} GiB per layer left out, budget {budget_gib:.0f} GiB)")
     say(f"[bench] plan: {note}")
     return note
 

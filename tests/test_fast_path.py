@@ -1,6 +1,7 @@
 """The fast path computes what the exact plain path computes: packing, the chunked softcapped loss,
 and FastPath.compute_loss on tiny Gemma 2 / Gemma 3 / Qwen2 models (fp32, CPU)."""
 
+import functools
 import pytest
 import torch
 from tiny_models import tiny_config
@@ -306,9 +307,16 @@ def test_checkpoint_planner_leaves_out_what_memory_allows(zhtune_log):
     from zhtune.train.memory_plan import CheckpointPlanner, plan_checkpointed_layers
     gib = 2**30
     # Gemma-2-9B on one H200 (RESULTS.md): 23.5 GiB with all 42 checkpointed, +1.57 GiB per layer left out
-    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 72.0) == 12
-    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 200.0) == 0
-    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 20.0) == 42  # no room: keep every layer
+    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 72.0) == (12, 0)
+    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 200.0) == (0, 0)
+    assert plan_checkpointed_layers(42, 23.5, 23.5 + 4 * 1.57, 4, 20.0) == (42, 0)  # no room: keep every layer
+    # with kept MLP outputs (54 MiB each; tenth session: 22.27 GiB with all checkpointed, +1.21 per layer out):
+    # the room goes to keeping first, one un-checkpointed layer's worth held back for a keeping layer's backward
+    plan = functools.partial(plan_checkpointed_layers, 42, 22.27, 22.27 + 4 * 1.21, 4, keep_cost=0.054)
+    assert plan(24.0) == (42, 9)
+    assert plan(23.0) == (42, 0)  # not even room for the reserve
+    assert plan(30.0) == (39, 39)  # every checkpointed layer keeps it, and 3 go un-checkpointed
+    assert plan(80.0) == (0, 0)
 
     class Memory:  # what torch.cuda reports, for a 4-layer model: 10 GiB with all checkpointed, +1 per layer
         def __init__(self):
@@ -354,6 +362,19 @@ def test_checkpoint_planner_leaves_out_what_memory_allows(zhtune_log):
     assert sum(layer.gradient_checkpointing for layer in decoder_layers(model)) == 1
     assert "1 of 4 decoder layers checkpointed" in zhtune_log.messages[-1]
     assert "budget 13 GiB = --memory_budget_gib" in zhtune_log.messages[-1]
+
+    # kept MLP outputs of 0.25 GiB: 1.6 GiB of room holds the reserve (1 GiB) and 2 of them, in the first layers
+    from zhtune.train.recompute import keeps_mlp_output
+    set_checkpointed_layers(model, 4)
+    planner = CheckpointPlanner(model, probe=2, memory=memory, budget_gib=11.6, keep_cost=0.25 * gib)
+    for step in (1, 2):
+        state.global_step = step
+        planner.on_step_begin(None, state, None)
+        planner.on_step_end(None, state, None)
+    layers = decoder_layers(model)
+    assert [keeps_mlp_output(layer) for layer in layers] == [True, True, False, False]
+    assert [layer.gradient_checkpointing for layer in layers] == [False, False, True, True]
+    assert "4 of 4 decoder layers checkpointed, the first 2 keeping their MLP output" in zhtune_log.messages[-1]
 
 
 def test_token_counts_leave_out_padding():

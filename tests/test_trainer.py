@@ -215,3 +215,22 @@ def test_checkpoint_saves_modules_to_save_under_activation_checkpointing_wrapper
     assert saved.keys() == expected.keys()
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
     assert "named_modules" not in wrapped.__dict__  # the model is left as it was
+
+
+def test_fsdp2_reduces_gradients_in_fp32_and_keeps_the_fp32_loss():
+    """accelerate's FSDP2 policy for bf16 averages gradients in bf16 and casts the outputs, the loss included, to
+    bf16 (the logged loss moved in steps of 1/16); zhtune's keeps bf16 compute only."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from zhtune.train.trainer import fsdp_mixed_precision
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    default = plugin.mixed_precision_policy
+    assert (default.param_dtype, default.reduce_dtype, default.output_dtype) == (torch.bfloat16,) * 3
+    ours = fsdp_mixed_precision(default)
+    assert (ours.param_dtype, ours.reduce_dtype, ours.output_dtype) == (torch.bfloat16, torch.float32, None)
+    assert fsdp_mixed_precision(None) is None
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("fp32")
+    assert fsdp_mixed_precision(plugin.mixed_precision_policy) is plugin.mixed_precision_policy

@@ -141,10 +141,15 @@ class FastPath:
                 # layers and flex_attention compile once per shape: on the H200 a second shape cost the
                 # embedded model's first step minutes)
                 one_shape = self.compiles() or self.device.startswith("cuda")
-                multiple = _round_up(args.max_length, FLEX_BLOCK) * args.batch_size if one_shape else FLEX_BLOCK
+                multiple = self.one_shape_tokens(args) if one_shape else FLEX_BLOCK
             return rows, PackedCollator(pad_id=pad_id, pad_to_multiple_of=multiple)
         rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in items]
         return rows, PaddedCollator(pad_id=pad_id)
+
+    @staticmethod
+    def one_shape_tokens(args) -> int:
+        """The tokens of every micro-batch where all are padded to one shape (on a GPU)."""
+        return _round_up(args.max_length, FLEX_BLOCK) * args.batch_size
 
     # -- model levers ----------------------------------------------------------------------------
     def prepare_model(self, model) -> list[str]:
@@ -250,14 +255,15 @@ class FastPath:
 
 def set_checkpointed_layers(model, n: int, keep_mlp_output: int = 0) -> list[int]:
     """Checkpoint only n of the decoder layers (spread evenly); the others keep their activations.
-    `keep_mlp_output` of the n (spread evenly) keep their MLP's output for the backward (train/recompute.py:
-    56 MiB more per Gemma-2-9B layer at 8192 tokens, a quarter of its recomputation less). Call after
+    The first `keep_mlp_output` of the n keep their MLP's output for the backward (train/recompute.py:
+    56 MiB more per Gemma-2-9B layer at 8192 tokens, a quarter of its recomputation less; the first, whose
+    backward runs last, when the later layers' saved activations are freed). Call after
     `gradient_checkpointing_enable()`. Returns the checkpointed indices."""
     from zhtune.train.recompute import set_keeps_mlp_output
     layers = decoder_layers(model)
     total = len(layers)
     chosen = _spread(total, n)
-    keeping = {chosen[i] for i in _spread(len(chosen), keep_mlp_output)}
+    keeping = set(chosen[:max(0, keep_mlp_output)])
     for i, layer in enumerate(layers):
         set_keeps_mlp_output(layer, i in keeping)
         layer.gradient_checkpointing = i in chosen and i not in keeping

@@ -251,8 +251,9 @@ def _build_trainer(args, model, tokenizer, train_set, val_set, run_dir, sft_args
                                        if compiling else None))
     planned = fast_path is not None and fast_path.chunked_loss  # ZeRO-3 / FSDP checkpoint every layer
     if planned and args.gradient_checkpointing and device.startswith("cuda"):
-        from zhtune.train.memory_plan import CheckpointPlanner
-        trainer.add_callback(CheckpointPlanner(model, budget_gib=args.memory_budget_gib))
+        from zhtune.train.memory_plan import CheckpointPlanner, mlp_output_bytes
+        trainer.add_callback(CheckpointPlanner(model, budget_gib=args.memory_budget_gib,
+                                               keep_cost=mlp_output_bytes(model, fast_path.one_shape_tokens(args))))
     elif args.memory_budget_gib:
         logger.warning(f"--memory_budget_gib {args.memory_budget_gib:g} is not used: it plans the GPU fast path's "
                        "activation checkpointing, and this run " + ("has no GPU" if not device.startswith("cuda") else

@@ -1,11 +1,13 @@
 """transformers' Trainer with what zhtune adds: atomic checkpoints that carry sft_args.json, the fast
-path's loss, a count of real tokens, and token accuracy at evaluation; and `training_arguments`, the
-one mapping from zhtune's (ms-swift's) sft flags to transformers' TrainingArguments.
+path's loss, a count of real tokens, token accuracy at evaluation, and FSDP2's mixed precision with fp32
+gradient averaging; and `training_arguments`, the one mapping from zhtune's (ms-swift's) sft flags to
+transformers' TrainingArguments.
 
-zhtune needs transformers >= 5.17 (pyproject). Four private pieces of transformers are used, all in
-`ZhTrainer`'s checkpoint section below: `Trainer._get_output_dir(trial)`, `Trainer._save_checkpoint(model,
-trial)`, `Trainer._save(output_dir, state_dict)` and `transformers.trainer_utils.rotate_checkpoints`.
-`PRIVATE_API` names them with the parameters relied on; tests/test_trainer.py fails loudly when a
+zhtune needs transformers >= 5.17 (pyproject). Five pieces of transformers' Trainer beyond its documented
+arguments are used: in `ZhTrainer`'s checkpoint section below `Trainer._get_output_dir(trial)`,
+`Trainer._save_checkpoint(model, trial)`, `Trainer._save(output_dir, state_dict)` and
+`transformers.trainer_utils.rotate_checkpoints`; and `Trainer.create_accelerator_and_postprocess()` (FSDP2's
+policy). `PRIVATE_API` names them with the parameters relied on; tests/test_trainer.py fails loudly when a
 transformers release changes them.
 """
 
@@ -25,6 +27,7 @@ from zhtune.train.packing import count_tokens
 STAGING = ".tmp-checkpoint"
 PRIVATE_API = {"Trainer._get_output_dir": ("self", "trial"), "Trainer._save_checkpoint": ("self", "model", "trial"),
                "Trainer._save": ("self", "output_dir", "state_dict"),
+               "Trainer.create_accelerator_and_postprocess": ("self",),
                "trainer_utils.rotate_checkpoints": ("output_dir", "save_total_limit", "best_model_checkpoint",
                                                     "use_mtime")}
 
@@ -150,6 +153,20 @@ def fsdp_config(value: str | None, gradient_checkpointing: bool = True, deepspee
     return config
 
 
+def fsdp_mixed_precision(policy):
+    """FSDP2's mixed precision as zhtune runs it: accelerate's policy for --bf16 computes in bf16 (kept), but
+    also averages the gradients over the GPUs in bf16 and casts the model's outputs to bf16, the loss included:
+    the logged loss was rounded to steps of 1/16 (13.1875, 13.25). Here the gradients are reduced in fp32, as
+    torchtitan does (the LoRA gradients are a few MB), and the outputs keep the dtype they were computed in
+    (transformers' loss is fp32, the logits bf16)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if policy is None or getattr(policy, "param_dtype", None) not in (torch.bfloat16, torch.float16):
+        return policy
+    return MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=None,
+                                cast_forward_inputs=policy.cast_forward_inputs)
+
+
 class ZhTrainer(Trainer):
     def __init__(self, *args, sft_args: dict, fast_path=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -159,6 +176,12 @@ class ZhTrainer(Trainer):
                               # on the batch's device once training starts, read at log time only)
         self.trained_tokens_seen = 0
         self._staging = False
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and getattr(plugin, "fsdp_version", 2) == 2:
+            plugin.mixed_precision_policy = fsdp_mixed_precision(plugin.mixed_precision_policy)
 
     # -- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
