@@ -9,9 +9,10 @@ memory, or in --memory_budget_gib. Under DDP every rank checkpoints as many laye
 least room needs.
 
 Checkpointed layers may also keep their MLP's output (train/recompute.py), which pays far more per byte
-than leaving a layer out: on the H200 (Gemma-2-9B, 8192 tokens) keeping it in all 42 checkpointed layers
-took 8,313 tokens/s against 8,211... see benchmarks/RESULTS.md; 54 MiB a layer, where leaving a layer out
-costs 1.2 GiB for the rest of its recomputation. So the room goes first to keeping (plus one un-checkpointed
+than leaving a layer out: on an H200 (Gemma-2-9B, 8192 tokens; benchmarks/RESULTS.md, eleventh session)
+all 42 layers checkpointed ran 7,398 tokens/s at 22.27 GiB, and 8,313 at 25.70 GiB with every one keeping
+its MLP output (1.12x, same run): 54 MiB a layer plus ~1.2 GiB once, where leaving one layer out costs
+1.2 GiB for ~1/42 of the recomputation. So the room goes first to keeping (plus one un-checkpointed
 layer's worth for the backward of a keeping layer, which recomputes inside its compiled graph and held about
 that much more), then to leaving layers out. The keeping layers are the first ones: their backward runs
 last, when the later layers' saved activations are gone.
