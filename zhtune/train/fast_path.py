@@ -259,7 +259,7 @@ def set_checkpointed_layers(model, n: int, keep_mlp_output: int = 0) -> list[int
     56 MiB more per Gemma-2-9B layer at 8192 tokens, a quarter of its recomputation less; the first, whose
     backward runs last, when the later layers' saved activations are freed). Call after
     `gradient_checkpointing_enable()`. Returns the checkpointed indices."""
-    from zhtune.train.recompute import set_keeps_mlp_output
+    from zhtune.train.recompute import allow_fused_lora_state, set_keeps_mlp_output
     layers = decoder_layers(model)
     total = len(layers)
     chosen = _spread(total, n)
@@ -267,6 +267,7 @@ def set_checkpointed_layers(model, n: int, keep_mlp_output: int = 0) -> list[int
     for i, layer in enumerate(layers):
         set_keeps_mlp_output(layer, i in keeping)
         layer.gradient_checkpointing = i in chosen and i not in keeping
+    allow_fused_lora_state(bool(keeping))
     return chosen
 
 

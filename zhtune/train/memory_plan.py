@@ -103,10 +103,9 @@ class _CudaMemory:
 def mlp_output_bytes(model, tokens: int) -> float:
     """What one checkpointed layer's kept MLP output takes for a micro-batch of `tokens` tokens."""
     from zhtune.models.parts import base_model
-    config = base_model(model).config
-    config = getattr(config, "text_config", None) or config
-    dtype = next(p.dtype for p in model.parameters())
-    return float(tokens * config.hidden_size * dtype.itemsize)
+    base = base_model(model)
+    config = getattr(base.config, "text_config", None) or base.config
+    return float(tokens * config.hidden_size * base.dtype.itemsize)  # the model's dtype: the layers' outputs
 
 
 def _over_ranks(count: int, pick) -> int:

@@ -18,7 +18,8 @@ operations in the same order (the MLP calls gate_proj before up_proj, as transfo
 loss and gradients equal the plain layer's (tests/test_recompute.py), dropout included.
 `set_selective_recomputation(model, False)` restores the modules' own forwards.
 
-Between the two, for layers that must be checkpointed (memory is short): `set_keeps_mlp_output(layer)` checkpoints
+Between the two, for layers that must be checkpointed (memory is short): `set_keeps_mlp_output(layer)` (through
+fast_path.set_checkpointed_layers, which also calls `allow_fused_lora_state`) checkpoints
 the layer whole but keeps, beside its input, the output of the MLP's frozen down projection ([tokens,
 hidden], bf16: 56 MiB per Gemma-2-9B layer at 8192 tokens). The backward then recomputes everything except
 that matmul (a quarter of a Gemma 2 layer's forward FLOPs): its frozen weight needs nothing of its input,
@@ -149,7 +150,6 @@ def set_keeps_mlp_output(layer, enabled: bool = True) -> None:
     layer.gradient_checkpointing = False
     if keeps_mlp_output(layer):
         return
-    _allow_fused_lora_state()
     mlp = getattr(layer, "mlp", None)
     down = getattr(mlp, "down_proj", None)
     weight = getattr(getattr(down, "base_layer", down), "weight", None)
@@ -158,13 +158,25 @@ def set_keeps_mlp_output(layer, enabled: bool = True) -> None:
     layer.forward = types.MethodType(_checkpointed_layer_forward, layer)
 
 
-def _allow_fused_lora_state() -> None:
-    """The fused LoRA-A (train/fused_lora.py) keeps the group's output in a SharedSplit that the layer's
-    later members empty again: torch.compile refuses such state changes inside a checkpoint unless told that
-    not replaying them in the recomputation is fine, which it is (the split ends each layer call empty)."""
+_DYNAMO_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+_flag_before = []  # the flag's value before allow_fused_lora_state(True), while it holds
+
+
+def allow_fused_lora_state(enabled: bool) -> None:
+    """While some layer keeps its MLP output (enabled): the fused LoRA-A (train/fused_lora.py) keeps the
+    group's output in a SharedSplit that the layer's later members empty again, and torch.compile refuses
+    such state changes inside a checkpoint unless told that not replaying them in the recomputation is fine,
+    which it is (the split ends each layer call empty). A process-wide dynamo setting: set while needed,
+    put back after (it changes how other compiled graphs split)."""
     import torch._dynamo
-    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    config = torch._dynamo.config
+    if not hasattr(config, _DYNAMO_FLAG):
+        return
+    if enabled and not _flag_before:
+        _flag_before.append(getattr(config, _DYNAMO_FLAG))
+        setattr(config, _DYNAMO_FLAG, True)
+    elif not enabled and _flag_before:
+        setattr(config, _DYNAMO_FLAG, _flag_before.pop())
 
 
 def _checkpointed_layer_forward(self, *args, **kwargs):
