@@ -26,7 +26,7 @@ base linears in float8 (train/fp8.py).
 """
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,6 +73,8 @@ class FastPath:
     chunked_loss: bool = True  # False under ZeRO-3 / FSDP (set by decide()): transformers' loss, no levers
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
     device: str = "cpu"  # set by decide()
+    _tiles: dict | None = field(default=None, init=False, repr=False)  # _flex_kernel_options, once looked up
+    _tiles_known: bool = field(default=False, init=False, repr=False)
 
     # -- choosing the path -----------------------------------------------------------------------
     @classmethod
@@ -202,12 +204,15 @@ class FastPath:
         return self.compiles() if value is None else bool(value)
 
     def _flex_kernel_options(self, model) -> dict | None:
-        """flex_attention's kernel_options for the forward (None: inductor's default tiles)."""
-        if not self._lever(self.flex_kernels):
-            return None
-        from zhtune.train.flex_kernels import training_kernel_options
-        base = base_model(model)
-        return training_kernel_options(base.config, self.device, base.dtype)
+        """flex_attention's kernel_options for the forward (None: inductor's default tiles); looked up on the
+        first call (the model, device and dtype stay those of the run), not at every step."""
+        if not self._tiles_known:
+            self._tiles_known = True
+            if self._lever(self.flex_kernels):
+                from zhtune.train.flex_kernels import training_kernel_options
+                base = base_model(model)
+                self._tiles = training_kernel_options(base.config, self.device, base.dtype)
+        return self._tiles
 
     # -- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
@@ -336,8 +341,11 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+SHARDING_FLAGS = {"FSDP": "--fsdp", "DeepSpeed ZeRO-3": "--deepspeed"}  # engine -> the flag that asks for it
+
+
 def sharded_head(args) -> str | None:
-    """The engine that shards the lm_head (DeepSpeed ZeRO-3, FSDP), or None."""
+    """The engine that shards the lm_head (a key of SHARDING_FLAGS), or None."""
     if getattr(args, "fsdp", None):
         return "FSDP"
     return "DeepSpeed ZeRO-3" if is_zero3(getattr(args, "deepspeed", None)) else None

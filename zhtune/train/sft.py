@@ -70,13 +70,13 @@ def _check_fp8(args) -> None:
     """--fp8 true needs LoRA, the fast path, torchao and float8 matmuls: one line before anything loads."""
     import torch
 
-    from zhtune.train.fast_path import sharded_head
+    from zhtune.train.fast_path import SHARDING_FLAGS, sharded_head
     from zhtune.train.fp8 import check_fp8_support
     if args.sft_type != "lora":
         raise UserError("--fp8 true runs LoRA's frozen base weights in float8; with --sft_type full drop --fp8.")
     off = "--fast_path false" if args.fast_path is False else sharded_head(args)
     if off:
-        flag = {"FSDP": "--fsdp", "DeepSpeed ZeRO-3": "--deepspeed"}.get(off, off)
+        flag = SHARDING_FLAGS.get(off, off)
         raise UserError(f"--fp8 true runs on the fast path's compiled layers, which {off} turns off: drop --fp8 "
                         f"or {flag}.")
     if not torch.cuda.is_available() and args.fast_path is not True:
