@@ -55,9 +55,11 @@ checkpointed (the seed's --gradient_checkpointing true) unless the variant says 
     compiled_fused_all_closs, compiled_fused_selective_closs
                               the two above + the chunked loss's per-chunk arithmetic through torch.compile
                               (FastPath.compile_loss: its ~10 elementwise fp32 passes over the logits fused)
-    compiled_fused_all_closs_keepmlp, compiled_fused_all_closs_keepmlp28
-                              compiled_fused_all_closs, all 42 (28 of 42) checkpointed layers keeping their
+    compiled_fused_all_closs_keepmlp, compiled_fused_all_closs_keepmlpN (N: any count, e.g. keepmlp24)
+                              compiled_fused_all_closs, all 42 (the first N) checkpointed layers keeping their
                               MLP's output: the backward skips the down projection's matmul there (56 MiB each)
+    compiled_fused_all_closs_chunkM, compiled_fused_all_closs_keepmlpN_chunkM
+                              the same with loss chunks of M tokens (default --chunk_size)
     compiled_fused_plan24_closs
                               compiled_fused_selective_closs with zhtune's plan for 24 GiB (--memory_budget_gib 24)
 All run under bf16 autocast, as transformers' Trainer does with bf16=True. The optimizer step (AdamW
@@ -92,6 +94,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -148,7 +151,6 @@ VARIANT_SPECS = {
     # every layer checkpointed, and `keep` of them keep their MLP's output (zhtune/train/recompute.py): the
     # backward skips the down projection there, for 56 MiB a layer (9B config, 8192 tokens)
     "compiled_fused_all_closs_keepmlp": dict(compiled=True, fused=True, selective=True, closs=True, keep=42),
-    "compiled_fused_all_closs_keepmlp28": dict(compiled=True, fused=True, selective=True, closs=True, keep=28),
     # zhtune's plan (what `zhtune sft --memory_budget_gib 24` does) within 24 GiB
     "compiled_fused_plan24_closs": dict(compiled=True, fused=True, selective=True, closs=True, ckpt="plan", budget=24),
     # the same with inductor's default flex_attention tiles (FastPath.flex_kernels off; zhtune/train/flex_kernels.py)
@@ -170,8 +172,17 @@ H100_BF16_PEAK = 989e12
 LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
 
 
+# compiled_fused_all_closs with the first N checkpointed layers keeping their MLP output and/or loss chunks of M
+# tokens: compiled_fused_all_closs_keepmlpN, ..._chunkM, ..._keepmlpN_chunkM
+KEEP_N = re.compile(r"compiled_fused_all_closs(?:_keepmlp(\d+))?(?:_chunk(\d+))?")
+
+
 def spec_of(name: str) -> dict:
-    return {**DEFAULT_SPEC, **VARIANT_SPECS[name]}
+    if name in VARIANT_SPECS:
+        return {**DEFAULT_SPEC, **VARIANT_SPECS[name]}
+    keep, chunk = KEEP_N.fullmatch(name).groups()
+    return {**DEFAULT_SPEC, **VARIANT_SPECS["compiled_fused_all_closs"], "keep": int(keep or 0),
+            "chunk": int(chunk) if chunk else None}
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -423,7 +434,7 @@ def main(argv=None) -> int:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
         (lambda: torch.autocast("cpu", enabled=False))
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANT_SPECS]
+    unknown = [v for v in variants if v not in VARIANT_SPECS and not KEEP_N.fullmatch(v)]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.smoke and args.variants == ",".join(VARIANTS):
@@ -581,7 +592,7 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
     repeat = 1 if spec["data"] == "samples" else args.slow_repeat if spec["loss"] == "full" else args.repeat
     batches = work.batches[:1] + work.batches * repeat
     n_layers = n_layers_of(model)
-    note = []
+    note = [f"loss chunks of {spec['chunk']} tokens"] if spec["chunk"] else []
     with contextlib.ExitStack() as undo:
         if spec["attn"] == "eager":
             set_attention(model, "eager")
@@ -750,14 +761,14 @@ def apply_liger(model, undo: contextlib.ExitStack) -> str:
 
 def auto_checkpointing(train_model, model, step, batch, device, autocast, timer, budget_gib, say) -> str:
     """zhtune's plan (zhtune/train/memory_plan.py): measure the peak with every layer checkpointed and with
-    4 fewer; kept MLP outputs first, then as many layers left out as the per-layer cost allows."""
+    one fewer; kept MLP outputs first, then as many layers left out as the per-layer cost allows."""
     n_layers = n_layers_of(model)
     if not timer.cuda:
         set_checkpointed_layers(model, n_layers - 1)
         return "cpu: one layer not checkpointed"
     set_checkpointed_layers(model, n_layers)
     _, peak_all = run_steps(train_model, step, [batch], device, autocast, timer, warmup=0)
-    probe = min(4, n_layers)
+    probe = 1  # as zhtune's CheckpointPlanner: the probe step fits a tight budget too
     set_checkpointed_layers(model, n_layers - probe)
     _, peak_probe = run_steps(train_model, step, [batch], device, autocast, timer, warmup=0)
     per_layer = max((peak_probe - peak_all) / probe, 1e-3)

@@ -25,3 +25,38 @@ if os.environ.get("ZH_HOOK"):
             else: x[1] += F(p.grad).norm().item() ** 2
         print("ZHOOK", S["lr"], {k: (f"{v[0]**.5:.4g}", f"{v[1]**.5:.4g}", v[2], v[3]) for k, v in d.items()}, flush=True)
     R1(pre); R2(post)
+
+# ZH_SHARDED_LIKE (twelfth session): `zhtune sft` without an engine computes as it does under ZeRO-3 / FSDP, to tell
+# the sharded computation from the sharding engine. =1: fast_path.sharded_head answers "FSDP" (the model's own loss
+# on full logits, no compiled levers, every layer checkpointed by transformers); =loss: only the model's own loss
+# on full logits (compiled layers and their levers kept); =eager: only no compiled levers (the chunked loss kept).
+MODE = os.environ.get("ZH_SHARDED_LIKE")
+if MODE:
+    import importlib.abc, importlib.util, sys
+    def _patch(module):
+        if MODE == "1":
+            module.sharded_head = lambda args: "FSDP"
+            return
+        decide = module.FastPath.decide
+        def patched(self, *a, **k):
+            out = decide(self, *a, **k)
+            if MODE == "loss":
+                self.chunked_loss = False
+            else:
+                self.compile, self.bf16_lora_inputs = False, False
+            return out
+        module.FastPath.decide = patched
+    class _ShardedLike(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "zhtune.train.fast_path":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            run = spec.loader.exec_module
+            def exec_module(module):
+                run(module)
+                _patch(module)
+                print(f"ZH_SHARDED_LIKE={MODE}: zhtune.train.fast_path patched", flush=True)
+            spec.loader.exec_module = exec_module
+            return spec
+    sys.meta_path.insert(0, _ShardedLike())

@@ -3,7 +3,7 @@
 Checkpointing every decoder layer takes the least memory but runs each layer's forward twice. With
 memory to spare, every layer left un-checkpointed is recomputation saved (benchmarks/RESULTS.md has
 the measured trade-off). The plan is measured, not guessed: the first optimizer step runs
-with every layer checkpointed, the second with `probe` fewer, and from their peaks
+with every layer checkpointed, the second with one fewer (when the first left room), and from their peaks
 (torch.cuda.max_memory_allocated) as many layers are left out as fit in `fraction` of the GPU's
 memory, or in --memory_budget_gib. Under DDP every rank checkpoints as many layers as the rank with the
 least room needs.
@@ -11,11 +11,13 @@ least room needs.
 Checkpointed layers may also keep their MLP's output (train/recompute.py), which pays far more per byte
 than leaving a layer out: on an H200 (Gemma-2-9B, 8192 tokens; benchmarks/RESULTS.md, eleventh session)
 all 42 layers checkpointed ran 7,398 tokens/s at 22.27 GiB, and 8,313 at 25.70 GiB with every one keeping
-its MLP output (1.12x, same run): 54 MiB a layer plus ~1.2 GiB once, where leaving one layer out costs
-1.2 GiB for ~1/42 of the recomputation. So the room goes first to keeping (plus one un-checkpointed
-layer's worth for the backward of a keeping layer, which recomputes inside its compiled graph and held about
-that much more), then to leaving layers out. The keeping layers are the first ones: their backward runs
-last, when the later layers' saved activations are gone.
+its MLP output (1.12x, same run), where leaving one layer out costs 1.2 GiB for ~1/42 of the recomputation.
+So the room goes first to keeping, then to leaving layers out. The keeping layers are the first ones. What
+they cost was measured (twelfth session, the first k of 42 keeping: k = 9, 24, 25, 28, 42 peaked 0.49,
+1.50, 1.61, 1.93, 3.43 GiB above all-checkpointed): each kept output (the size of the layer's input, which
+the checkpoint saves too), plus, during a keeping layer's backward (it recomputes inside its compiled graph),
+about one un-checkpointed layer's worth more, less the saved inputs of the later layers, whose backward has
+run by then (`keeping_peak`: within 0.08 GiB of those five peaks, never under).
 """
 
 from transformers import TrainerCallback
@@ -33,22 +35,35 @@ def plan_checkpointed_layers(n_layers: int, peak_all: float, peak_probe: float, 
     takes (0: keep none); all in the unit of `budget`."""
     per_layer = max((peak_probe - peak_all) / max(probe, 1), 1e-9)
     room = budget - peak_all
-    if keep_cost <= 0 or room < per_layer + keep_cost:
+    keeping = 0
+    if keep_cost > 0:
+        keeping = max((k for k in range(n_layers + 1) if keeping_peak(k, n_layers, per_layer, keep_cost) <= room),
+                      default=0)
+    if 0 < keeping < n_layers:
+        return n_layers, keeping
+    if keeping == 0:
         free = int(room // per_layer) if room > 0 else 0
         return max(0, min(n_layers, n_layers - free)), 0
-    room -= per_layer  # the backward of a keeping layer
-    if room < n_layers * keep_cost:
-        return n_layers, int(room // keep_cost)
-    free = int((room - n_layers * keep_cost) // max(per_layer - keep_cost, 1e-9))
+    room -= keeping_peak(n_layers, n_layers, per_layer, keep_cost)  # every layer keeps; the rest leaves layers out
+    free = int(room // max(per_layer - keep_cost, 1e-9))
     checkpointed = max(0, n_layers - free)
     return checkpointed, checkpointed
 
 
+def keeping_peak(k: int, n_layers: int, per_layer: float, keep_cost: float) -> float:
+    """The peak above all-checkpointed when the first k of n_layers checkpointed layers keep their MLP output:
+    the k kept outputs, and the backward of the last keeping layer (about one un-checkpointed layer more) less
+    the saved inputs (one kept output's size each) of the n_layers - k later layers, freed by then."""
+    return k * keep_cost + (max(0.0, per_layer - (n_layers - k) * keep_cost) if k else 0.0)
+
+
 class CheckpointPlanner(TrainerCallback):
-    def __init__(self, model, fraction: float = 0.8, probe: int = 4, memory=None, budget_gib: float | None = None,
+    def __init__(self, model, fraction: float = 0.8, probe: int = 1, memory=None, budget_gib: float | None = None,
                  keep_cost: float = 0.0):
         """budget_gib: the peak to stay within (--memory_budget_gib); default `fraction` of the GPU.
-        keep_cost: bytes one checkpointed layer's kept MLP output takes (`mlp_output_bytes`; 0: keep none)."""
+        keep_cost: bytes one checkpointed layer's kept MLP output takes (`mlp_output_bytes`; 0: keep none).
+        probe: layers left out in the probe step (one by default: the probe step too should fit a tight budget;
+        the peaks' difference is exact allocations, not a noisy reading)."""
         self.model, self.fraction, self.budget_gib, self.keep_cost = model, fraction, budget_gib, keep_cost
         self.n_layers = len(decoder_layers(model))
         self.probe = min(probe, self.n_layers)
@@ -66,13 +81,18 @@ class CheckpointPlanner(TrainerCallback):
         self.steps_seen += 1
         if self.chosen is not None or self.probe == 0:
             return
+        gib = 2**30
+        budget = self.budget_gib * gib if self.budget_gib else self.fraction * self.memory.total()
         if self.steps_seen == 1:
             self.peak_all = self.memory.peak()
+            if _over_ranks(int(self.peak_all >= budget), max):  # no room on some rank: no probe step over budget
+                self.chosen = self.n_layers
+                logger.info(f"fast path: all {self.n_layers} decoder layers checkpointed (peak "
+                            f"{self.peak_all / gib:.1f} GiB, budget {budget / gib:.3g} GiB: no room to leave one out)")
+                return
             set_checkpointed_layers(self.model, self.n_layers - self.probe)
             return
         peak_probe = self.memory.peak()
-        gib = 2**30
-        budget = self.budget_gib * gib if self.budget_gib else self.fraction * self.memory.total()
         checkpointed, keeping = plan_checkpointed_layers(self.n_layers, self.peak_all, peak_probe, self.probe,
                                                          budget, self.keep_cost)
         self.chosen = _over_ranks(checkpointed, max)
@@ -83,7 +103,7 @@ class CheckpointPlanner(TrainerCallback):
         logger.info(f"fast path: {self.chosen} of {self.n_layers} decoder layers checkpointed{kept} from step "
                  f"{state.global_step + 1} on (peak {self.peak_all / gib:.1f} GiB with all, "
                  f"+{(peak_probe - self.peak_all) / self.probe / gib:.2f} GiB per layer left out, "
-                 f"budget {budget / gib:.0f} GiB = {of})")
+                 f"budget {budget / gib:.3g} GiB = {of})")
 
 
 class _CudaMemory:
