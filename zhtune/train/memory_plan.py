@@ -6,12 +6,14 @@ the measured trade-off). The plan is measured, not guessed: the first optimizer 
 with every layer checkpointed, the second with one fewer (when the first left room), and from their peaks
 (torch.cuda.max_memory_allocated) as many layers are left out as fit in `fraction` of the GPU's
 memory, or in --memory_budget_gib. Under DDP every rank checkpoints as many layers as the rank with the
-least room needs.
+least room needs. The probe step itself may pass the budget by less than one layer's worth (+1.2-1.4 GiB for
+Gemma-2-9B at 8192 tokens) when the first step left less room than that; none is run when it left none.
 
 Checkpointed layers may also keep their MLP's output (train/recompute.py), which pays far more per byte
 than leaving a layer out: on an H200 (Gemma-2-9B, 8192 tokens; benchmarks/RESULTS.md, eleventh session)
 all 42 layers checkpointed ran 7,398 tokens/s at 22.27 GiB, and 8,313 at 25.70 GiB with every one keeping
-its MLP output (1.12x, same run), where leaving one layer out costs 1.2 GiB for ~1/42 of the recomputation.
+its MLP output (1.12x, same run; 1.04x on the twelfth session's machine, 8,213 against 8,540), where leaving
+one layer out costs 1.2 GiB for ~1/42 of the recomputation.
 So the room goes first to keeping, then to leaving layers out. The keeping layers are the first ones. What
 they cost was measured (twelfth session, the first k of 42 keeping: k = 9, 24, 25, 28, 42 peaked 0.49,
 1.50, 1.61, 1.93, 3.43 GiB above all-checkpointed): each kept output (the size of the layer's input, which
