@@ -110,7 +110,7 @@ from kernel_profile import device_profile  # noqa: E402
 from zhtune.train.fast_path import (FastPath, compile_decoder_layers, set_checkpointed_layers,  # noqa: E402
                                     set_lora_input_casting)
 from zhtune.train.fused_lora import fuse_lora_projections, unfuse_lora_projections  # noqa: E402
-from zhtune.train.memory_plan import mlp_output_bytes, plan_checkpointed_layers  # noqa: E402
+from zhtune.train.memory_plan import PROBE_LAYERS, mlp_output_bytes, plan_checkpointed_layers  # noqa: E402
 from zhtune.train.packing import (FLEX_BLOCK, IGNORE_INDEX, PackedCollator, PaddedCollator,  # noqa: E402
                                   pack_encoded)
 from zhtune.train.recompute import set_selective_recomputation  # noqa: E402
@@ -768,7 +768,7 @@ def auto_checkpointing(train_model, model, step, batch, device, autocast, timer,
         return "cpu: one layer not checkpointed"
     set_checkpointed_layers(model, n_layers)
     _, peak_all = run_steps(train_model, step, [batch], device, autocast, timer, warmup=0)
-    probe = 1  # as zhtune's CheckpointPlanner: the probe step fits a tight budget too
+    probe = PROBE_LAYERS
     set_checkpointed_layers(model, n_layers - probe)
     _, peak_probe = run_steps(train_model, step, [batch], device, autocast, timer, warmup=0)
     per_layer = max((peak_probe - peak_all) / probe, 1e-3)

@@ -30,6 +30,10 @@ from zhtune.models.parts import decoder_layers
 from zhtune.train.fast_path import set_checkpointed_layers
 
 
+PROBE_LAYERS = 1  # left out in the probe step: it too should fit a tight budget (the peaks' difference is exact
+# allocations, not a noisy reading, so one layer measures the per-layer cost as well as four)
+
+
 def plan_checkpointed_layers(n_layers: int, peak_all: float, peak_probe: float, probe: int, budget: float,
                              keep_cost: float = 0.0) -> tuple[int, int]:
     """(how many of n_layers to checkpoint, how many of those keep their MLP output): peak_all was measured
@@ -60,12 +64,11 @@ def keeping_peak(k: int, n_layers: int, per_layer: float, keep_cost: float) -> f
 
 
 class CheckpointPlanner(TrainerCallback):
-    def __init__(self, model, fraction: float = 0.8, probe: int = 1, memory=None, budget_gib: float | None = None,
-                 keep_cost: float = 0.0):
+    def __init__(self, model, fraction: float = 0.8, probe: int = PROBE_LAYERS, memory=None,
+                 budget_gib: float | None = None, keep_cost: float = 0.0):
         """budget_gib: the peak to stay within (--memory_budget_gib); default `fraction` of the GPU.
         keep_cost: bytes one checkpointed layer's kept MLP output takes (`mlp_output_bytes`; 0: keep none).
-        probe: layers left out in the probe step (one by default: the probe step too should fit a tight budget;
-        the peaks' difference is exact allocations, not a noisy reading)."""
+        probe: layers left out in the probe step."""
         self.model, self.fraction, self.budget_gib, self.keep_cost = model, fraction, budget_gib, keep_cost
         self.n_layers = len(decoder_layers(model))
         self.probe = min(probe, self.n_layers)
