@@ -110,6 +110,7 @@ from kernel_profile import device_profile  # noqa: E402
 from zhtune.train.fast_path import (FastPath, compile_decoder_layers, set_checkpointed_layers,  # noqa: E402
                                     set_lora_input_casting)
 from zhtune.train.fused_lora import fuse_lora_projections, unfuse_lora_projections  # noqa: E402
+from zhtune.train.hash_dropout import set_hash_dropout  # noqa: E402
 from zhtune.train.memory_plan import PROBE_LAYERS, mlp_output_bytes, plan_checkpointed_layers  # noqa: E402
 from zhtune.train.packing import (FLEX_BLOCK, IGNORE_INDEX, PackedCollator, PaddedCollator,  # noqa: E402
                                   pack_encoded)
@@ -124,7 +125,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
                     compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, keep=0,
-                    budget=None)
+                    budget=None, dropout=None)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
     "eager_packed": dict(attn="eager", loss="full", cast=True),
@@ -166,6 +167,9 @@ VARIANT_SPECS = {
     "compiled_fused_all_closs_fp8_tensorwise": dict(compiled=True, fused=True, selective=True, closs=True,
                                                     fp8="tensorwise"),
 }
+# any variant + _hashdrop: LoRA dropout with hashed masks (zhtune/train/hash_dropout.py); + _nodrop: LoRA dropout
+# off (not the seed's setting: the ceiling of what any cheaper dropout can give)
+DROPOUT_SUFFIXES = {"_hashdrop": "hash", "_nodrop": 0.0}
 VARIANTS = list(VARIANT_SPECS)
 REFERENCES = ("baseline", "eager_packed", "hf_best")  # the results report x each of these
 H100_BF16_PEAK = 989e12
@@ -177,7 +181,17 @@ LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
 KEEP_N = re.compile(r"compiled_fused_all_closs(?:_keepmlp(\d+))?(?:_chunk(\d+))?")
 
 
+def known_variant(name: str) -> bool:
+    for suffix in DROPOUT_SUFFIXES:
+        if name.endswith(suffix):
+            return known_variant(name[:-len(suffix)])
+    return name in VARIANT_SPECS or KEEP_N.fullmatch(name) is not None
+
+
 def spec_of(name: str) -> dict:
+    for suffix, dropout in DROPOUT_SUFFIXES.items():
+        if name.endswith(suffix):
+            return {**spec_of(name[:-len(suffix)]), "dropout": dropout}
     if name in VARIANT_SPECS:
         return {**DEFAULT_SPEC, **VARIANT_SPECS[name]}
     keep, chunk = KEEP_N.fullmatch(name).groups()
@@ -434,7 +448,7 @@ def main(argv=None) -> int:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
         (lambda: torch.autocast("cpu", enabled=False))
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANT_SPECS and not KEEP_N.fullmatch(v)]
+    unknown = [v for v in variants if not known_variant(v)]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.smoke and args.variants == ",".join(VARIANTS):
@@ -615,6 +629,14 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
             apply_fp8(model, spec["fp8"])
             undo.callback(remove_fp8, model)
             note.append(f"float8 base weights ({spec['fp8']} scales; not exact)")
+        if spec["dropout"] == "hash":
+            set_hash_dropout(model)
+            undo.callback(set_hash_dropout, model, False)
+            note.append("LoRA dropout with hashed masks")
+        elif spec["dropout"] is not None:
+            set_dropout(model, spec["dropout"])
+            undo.callback(set_dropout, model, 0.05)
+            note.append(f"LoRA dropout {spec['dropout']} (not the seed's 0.05)")
         if spec["keep"]:
             set_checkpointed_layers(model, n_layers, keep_mlp_output=spec["keep"])
             note.append(f"{min(spec['keep'], n_layers)}/{n_layers} checkpointed layers keep their MLP output")
