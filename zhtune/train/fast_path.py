@@ -19,7 +19,10 @@ each LoRA input under bf16 autocast), and, wherever the layers compile (by defau
 the H200 (9B config, seed LoRA, no layer checkpointed) the three together gave 10,504 tokens/s at 73 GiB,
 10,020 without the compiled loss; compiled layers alone gave 9,999 at 89 GiB (another day); all exact
 (benchmarks/RESULTS.md); and `flex_kernels` (train/flex_kernels.py: flex_attention's tiles where they
-beat inductor's default; head_dim 256 on compute capability 9.0: 1.04x on the whole step on an H200).
+beat inductor's default; head_dim 256 on compute capability 9.0: 1.04x on the whole step on an H200) and
+`hash_dropout` (train/hash_dropout.py: LoRA dropout masks from a hash of each element's index, which inductor
+fuses and recomputes instead of drawing Philox numbers and keeping the masks; on the H200 1.026x and 11.6 GiB
+less at 80 GiB; ZHTUNE_HASH_DROPOUT=0 in the environment keeps nn.Dropout).
 Each is also a field here: False turns it off. Not exact, off unless asked (`--fp8 true`): `fp8`, the frozen
 base linears in float8 (train/fp8.py).
 `set_checkpointed_layers` checkpoints only as many decoder layers as memory needs.
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zhtune.env import env_switch
 from zhtune.log import logger
 from zhtune.models.architectures import ARCHITECTURES, Architecture, get_architecture
 from zhtune.models.parts import base_model, decoder_layers
@@ -69,6 +73,7 @@ class FastPath:
     selective_recompute: bool | None = None  # norms/activations recomputed in un-checkpointed layers (train/recompute.py)
     compile_loss: bool | None = None  # the chunked loss's per-chunk arithmetic through torch.compile (train/loss.py)
     flex_kernels: bool | None = None  # flex_attention's tiles measured for this GPU and head size (train/flex_kernels.py)
+    hash_dropout: bool | None = None  # LoRA dropout masks hashed from element indices (train/hash_dropout.py)
     fp8: str | None = None  # --fp8 true: the frozen base linears in float8 with this torchao recipe (train/fp8.py)
     chunked_loss: bool = True  # False under ZeRO-3 / FSDP (set by decide()): transformers' loss, no levers
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
@@ -164,6 +169,10 @@ class FastPath:
         applied = []
         if self.bf16_lora_inputs and _is_bf16(model) and set_lora_input_casting(model, False):
             applied.append("bf16 LoRA inputs")
+        if self._lever(self.hash_dropout) and env_switch("ZHTUNE_HASH_DROPOUT", True):
+            from zhtune.train.hash_dropout import set_hash_dropout
+            if set_hash_dropout(model):
+                applied.append("hashed LoRA dropout masks")
         if self._lever(self.fused_lora):
             from zhtune.train.fused_lora import fuse_lora_projections
             if fuse_lora_projections(model):
@@ -186,7 +195,9 @@ class FastPath:
     def restore_model(self, model) -> None:
         """Undo `prepare_model` (for evaluation or generation outside the training loop)."""
         from zhtune.train.fused_lora import unfuse_lora_projections
+        from zhtune.train.hash_dropout import set_hash_dropout
         from zhtune.train.recompute import set_selective_recomputation
+        set_hash_dropout(model, False)
         if self.fp8:
             from zhtune.train.fp8 import remove_fp8
             remove_fp8(model)

@@ -8,7 +8,7 @@ one (down_proj's, [tokens, 14336]) twice where selective recomputation redraws i
 `HashDropout` keeps dropout's meaning (each element zeroed with probability p, the rest scaled by
 1 / (1 - p)) and draws the mask differently: two random 32-bit seeds per call (from torch's generator,
 so `torch.manual_seed` and checkpoint recomputation repeat them), and for element i the bits of
-`mix(mix(i + seed_0) ^ seed_1)`, where `mix` is a 32-bit integer hash (lowbias32: two multiplies, three
+`mix(i * (seed_0 | 1) + seed_1)`, where `mix` is a 32-bit integer hash (lowbias32: two multiplies, three
 shift-xors). Inductor fuses that into the kernel that produces the input, and the backward recomputes
 the mask from the two seeds instead of keeping it. p is used to 24 bits (0.05 becomes 838861 / 2^24,
 0.05000001). Element masks are not the Philox ones, so a run with it does not repeat one without it
@@ -22,7 +22,6 @@ dropout module of a PEFT model for one, `set_hash_dropout(model, False)` puts `n
 
 import torch
 
-_GOLDEN = -1640531527  # 0x9E3779B9 as an int32: spreads consecutive indices before the first mix
 _MIX_1 = 0x7FEB352D
 _MIX_2 = 0x846CA68B - (1 << 32)  # lowbias32's multipliers, as int32 (multiplication wraps mod 2^32)
 BITS = 24  # the mask compares 24 hashed bits with p * 2^24
@@ -43,7 +42,10 @@ def keep_mask(shape, seeds: torch.Tensor, p: float) -> torch.Tensor:
     for n in shape:
         numel *= n
     index = torch.arange(numel, device=seeds.device, dtype=torch.int32).view(shape)
-    hashed = _mix(_mix(index * _GOLDEN + seeds[0]) ^ seeds[1])
+    # an odd multiplier and an offset from the seeds (tensors: inductor would fold constant products into its
+    # index arithmetic, which Triton then refuses as out of int32 range), then one mix: two calls' sequences
+    # index * k + c do not overlap as shifted copies the way index + c would
+    hashed = _mix(index * (seeds[0] | 1) + seeds[1])
     return (hashed & ((1 << BITS) - 1)) >= threshold(p)
 
 
