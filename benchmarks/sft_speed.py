@@ -62,6 +62,10 @@ checkpointed (the seed's --gradient_checkpointing true) unless the variant says 
                               the same with loss chunks of M tokens (default --chunk_size)
     compiled_fused_plan24_closs
                               compiled_fused_selective_closs with zhtune's plan for 24 GiB (--memory_budget_gib 24)
+    <any variant>_hashdrop    the same with LoRA dropout's masks hashed from element indices (zhtune/train/
+                              hash_dropout.py; what `zhtune sft` runs wherever its layers compile)
+    <any variant>_nodrop      the same with LoRA dropout off: not the seed's setting, the ceiling of any cheaper
+                              dropout
 All run under bf16 autocast, as transformers' Trainer does with bf16=True. The optimizer step (AdamW
 on ~32M LoRA parameters, a few ms) is outside the timed region for every variant alike. The variants
 that end with transformers' loss (baseline, eager_packed, hf_best, packed_full) keep PEFT's default

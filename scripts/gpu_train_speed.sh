@@ -74,8 +74,8 @@ PY
 
 bench() {  # the targets: x eager_packed and x hf_best, >= 11,000 tok/s <= 80 GiB, >= 8,500 <= 24 GiB
     timeout 570 $PY benchmarks/sft_speed.py \
-        --variants ${BENCH_VARIANTS:-baseline,eager_packed,hf_best,compiled_fused_all_closs,compiled_fused_plan24_closs,compiled_fused_selective_closs} \
-        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --profile "${BENCH_PROFILE-hf_best,compiled_fused_selective_closs}" \
+        --variants ${BENCH_VARIANTS:-baseline,eager_packed,hf_best,compiled_fused_all_closs,compiled_fused_plan24_closs_hashdrop,compiled_fused_selective_closs,compiled_fused_selective_closs_hashdrop} \
+        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --profile "${BENCH_PROFILE-hf_best,compiled_fused_selective_closs_hashdrop}" \
         --out "$OUT/sft_speed.json" \
         2>&1 | tee "$OUT/sft_speed.log"
 }

@@ -37,6 +37,23 @@ def test_sft_speed_smoke(tmp_path, capsys):
     assert "[bench] summary" in printed.out
 
 
+def test_sft_speed_dropout_suffixes(tmp_path):
+    """Any variant + _hashdrop (hashed LoRA dropout masks) or _nodrop (dropout off): timed, checked against the
+    reference and noted; an unknown name is refused."""
+    bench = load_benchmark("sft_speed")
+    out = tmp_path / "results.json"
+    assert bench.main(["--smoke", "--variants", "chunked_nocast_hashdrop,fused_selective_nodrop,chunked_nocast",
+                       "--out", str(out)]) == 0
+    variants = json.loads(out.read_text())["variants"]
+    assert "LoRA dropout with hashed masks" in variants["chunked_nocast_hashdrop"]["note"]
+    assert "LoRA dropout 0.0 (not the seed's 0.05)" in variants["fused_selective_nodrop"]["note"]
+    assert "dropout" not in variants["chunked_nocast"]["note"]
+    for r in variants.values():
+        assert r["tokens_per_s"] > 0 and r["check"]["loss_abs_diff"] <= 1e-4
+    with pytest.raises(SystemExit, match="unknown variants"):
+        bench.main(["--smoke", "--variants", "chunked_nocast_hashdrop_x"])
+
+
 def test_flops_per_token_of_gemma2_9b():
     bench = load_benchmark("sft_speed")
     per_token = bench.model_flops(bench.GEMMA2_9B, [1]) / 1  # one token: no attention context to speak of

@@ -21,8 +21,8 @@ the H200 (9B config, seed LoRA, no layer checkpointed) the three together gave 1
 (benchmarks/RESULTS.md); and `flex_kernels` (train/flex_kernels.py: flex_attention's tiles where they
 beat inductor's default; head_dim 256 on compute capability 9.0: 1.04x on the whole step on an H200) and
 `hash_dropout` (train/hash_dropout.py: LoRA dropout masks from a hash of each element's index, which inductor
-fuses and recomputes instead of drawing Philox numbers and keeping the masks; on the H200 1.026x and 11.6 GiB
-less at 80 GiB; ZHTUNE_HASH_DROPOUT=0 in the environment keeps nn.Dropout).
+fuses and may recompute instead of drawing Philox numbers and keeping the masks; on the H200 1.028-1.031x and
+2.5 GiB less at 80 GiB; ZHTUNE_HASH_DROPOUT=0 in the environment keeps nn.Dropout).
 Each is also a field here: False turns it off. Not exact, off unless asked (`--fp8 true`): `fp8`, the frozen
 base linears in float8 (train/fp8.py).
 `set_checkpointed_layers` checkpoints only as many decoder layers as memory needs.

@@ -1,23 +1,32 @@
-"""LoRA dropout whose mask is a hash of each element's index: the same dropout, far less work where compiled.
+"""LoRA dropout whose mask is a hash of each element's index: the same dropout, less work where compiled.
 
 PEFT's `lora_dropout` is `nn.Dropout`: under torch.compile inductor draws each element's mask from Philox
-(ten rounds of 32-bit multiplies for every element) and keeps the mask for the backward. On the 9B config's
-training step that is most of the elementwise kernels' time: every LoRA input is dropped out, the widest
-one (down_proj's, [tokens, 14336]) twice where selective recomputation redraws it.
+(ten rounds of 32-bit multiplies for every element) and keeps the mask for the backward. Every LoRA input is
+dropped out, the widest (down_proj's, [tokens, 14336] on Gemma-2-9B) twice where selective recomputation
+redraws it in the backward.
 
 `HashDropout` keeps dropout's meaning (each element zeroed with probability p, the rest scaled by
 1 / (1 - p)) and draws the mask differently: two random 32-bit seeds per call (from torch's generator,
-so `torch.manual_seed` and checkpoint recomputation repeat them), and for element i the bits of
-`mix(i * (seed_0 | 1) + seed_1)`, where `mix` is a 32-bit integer hash (lowbias32: two multiplies, three
-shift-xors). Inductor fuses that into the kernel that produces the input, and the backward recomputes
-the mask from the two seeds instead of keeping it. p is used to 24 bits (0.05 becomes 838861 / 2^24,
-0.05000001). Element masks are not the Philox ones, so a run with it does not repeat one without it
-bit for bit; their distribution is the same (tests/test_hash_dropout.py checks the rate, the scale, and
-that neighbouring elements, rows and calls do not correlate).
+so `torch.manual_seed` and checkpoint recomputation repeat them; a compiled graph keeps the two), and for
+element i the low 24 bits of `mix(i * (seed_0 | 1) + seed_1)`, where `mix` is a 32-bit integer hash
+(lowbias32: two multiplies, three shift-xors). Inductor fuses that into the kernel that produces the input,
+and may recompute a mask in the backward instead of keeping it. p is used to 24 bits (0.05 becomes
+838861 / 2^24, 0.05000001). Element masks are not the Philox ones, so a run with it does not repeat one
+without it bit for bit; their distribution is the same (tests/test_hash_dropout.py checks the rate, the
+scale, that neighbouring elements, rows and calls do not correlate, and that recomputation repeats a mask).
+
+Measured on an H200 (Gemma-2-9B config, the seed's LoRA, 8192-token rows, no layer checkpointed; benchmarks/
+RESULTS.md, 2026-11-30, thirteenth session): 1.028x and 1.031x the tokens/s of the same step with nn.Dropout
+in two runs (1.026x with a first, two-mix hash), and 2.5 GiB less at the peak (73.0 -> 70.5 GiB); with
+dropout off the same step is 1.058x. Where
+the layers had first been compiled with another p (inductor then takes p as a value, not a constant) the
+peak was 61.5 GiB: the backward recomputed a [tokens, intermediate] tensor per layer it otherwise keeps. Not
+yet under control (a 0-d tensor p kept more, on the CPU).
 
 On by default where the decoder layers compile (`FastPath.hash_dropout`, a GPU); eager code keeps
 `nn.Dropout` (the index tensor would be materialised there). `set_hash_dropout(model)` swaps every LoRA
-dropout module of a PEFT model for one, `set_hash_dropout(model, False)` puts `nn.Dropout` back.
+dropout module of a PEFT model for one, `set_hash_dropout(model, False)` puts `nn.Dropout` back;
+ZHTUNE_HASH_DROPOUT=0 in the environment keeps nn.Dropout in `zhtune sft`.
 """
 
 import torch
