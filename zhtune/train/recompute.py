@@ -8,9 +8,9 @@ gate and up, and the LoRA of down_proj keeps its dropped-out [tokens, intermedia
 Recomputing those costs a few memory-bound elementwise kernels; recomputing a whole layer (gradient
 checkpointing) costs its whole forward, matmuls included.
 
-`set_selective_recomputation(model)` wraps, in every decoder layer, each *RMSNorm module and the
-MLP's `act_fn(gate) * up` in a non-reentrant `torch.utils.checkpoint`, and runs down_proj's LoRA-A
-(dropout and the thin A matmul) in another one from gate and up (the big matmuls stay outside: their
+`set_selective_recomputation(model)` wraps, in every decoder layer, each *RMSNorm module in a
+non-reentrant `torch.utils.checkpoint`, and the MLP's `act_fn(gate) * up` together with down_proj's LoRA-A
+(dropout and the thin A matmul) in another, from gate and up (the big matmuls stay outside: their
 outputs are kept as before; down_proj's frozen base weight keeps nothing of its input). A layer that is checkpointed whole at the time of the call
 (`layer.gradient_checkpointing`, see fast_path.set_checkpointed_layers) runs unchanged, so the two
 combine: checkpoint some layers whole, the others selectively. The computation is the same
@@ -65,25 +65,26 @@ def _act_mul(act_fn, gate, up):
     return act_fn(gate) * up
 
 
-def _lora_a_of_act(down, adapter, act_fn, gate, up):
+def _act_mul_and_lora_a(down, adapter, act_fn, gate, up):
     hidden = act_fn(gate) * up
-    hidden = down._cast_input_dtype(hidden, down.lora_A[adapter].weight.dtype)
-    return down.lora_A[adapter](down.lora_dropout[adapter](hidden))
+    lora_input = down._cast_input_dtype(hidden, down.lora_A[adapter].weight.dtype)
+    return hidden, down.lora_A[adapter](down.lora_dropout[adapter](lora_input))
 
 
 def _mlp_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not _selective(self):
         return self.down_proj(self.act_fn(gate) * up)
-    hidden = checkpoint(_act_mul, self.act_fn, gate, up, use_reentrant=False)
     down = self.down_proj
     adapter = _single_lora(down)
     if adapter is None:
-        return down(hidden)
-    # PEFT's LoRA of down_proj, its input recomputed from gate and up: the frozen base matmul keeps
-    # nothing of `hidden`, and the LoRA keeps its [tokens, r] output instead of the dropped-out
-    # [tokens, intermediate] input and its mask
-    a = checkpoint(_lora_a_of_act, down, adapter, self.act_fn, gate, up, use_reentrant=False)
+        return down(checkpoint(_act_mul, self.act_fn, gate, up, use_reentrant=False))
+    # the activation and PEFT's LoRA-A of down_proj in one checkpoint, recomputed from gate and up: the frozen
+    # base matmul keeps nothing of `hidden`, and the LoRA keeps its [tokens, r] output instead of the
+    # dropped-out [tokens, intermediate] input and its mask. One region, not one for the activation and another
+    # for the LoRA: compiled, the two identical activations were merged and the graph kept the result
+    # ([tokens, intermediate]) for the backward unless the dropout's p came in as a value
+    hidden, a = checkpoint(_act_mul_and_lora_a, down, adapter, self.act_fn, gate, up, use_reentrant=False)
     return add_lora_b(down, adapter, down.base_layer(hidden), a)
 
 
