@@ -18,10 +18,11 @@ scale, that neighbouring elements, rows and calls do not correlate, and that rec
 Measured on an H200 (Gemma-2-9B config, the seed's LoRA, 8192-token rows, no layer checkpointed; benchmarks/
 RESULTS.md, 2026-11-30, thirteenth session): 1.028x and 1.031x the tokens/s of the same step with nn.Dropout
 in two runs (1.026x with a first, two-mix hash), and 2.5 GiB less at the peak (73.0 -> 70.5 GiB); with
-dropout off the same step is 1.058x. Where
-the layers had first been compiled with another p (inductor then takes p as a value, not a constant) the
-peak was 61.5 GiB: the backward recomputed a [tokens, intermediate] tensor per layer it otherwise keeps. Not
-yet under control (a 0-d tensor p kept more, on the CPU).
+dropout off the same step is 1.058x. Where the layers had first been compiled with another p (inductor
+then takes p as a value, not a constant) the peak was 61.5 GiB: the backward recomputed the MLP's activation
+([tokens, intermediate] per layer) that the constant-p graph kept. The cause was in train/recompute.py (two
+checkpoints computing the same activation, merged by the compiler); changed after that measurement, on the
+CPU the compiled layer now keeps only gate and up with either dropout (not yet measured on the GPU).
 
 On by default where the decoder layers compile (`FastPath.hash_dropout`, a GPU); eager code keeps
 `nn.Dropout` (the index tensor would be materialised there). `set_hash_dropout(model)` swaps every LoRA
