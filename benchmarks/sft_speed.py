@@ -185,22 +185,28 @@ LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
 KEEP_N = re.compile(r"compiled_fused_all_closs(?:_keepmlp(\d+))?(?:_chunk(\d+))?")
 
 
-def known_variant(name: str) -> bool:
-    for suffix in DROPOUT_SUFFIXES:
+def split_dropout_suffix(name: str) -> tuple[str, str | float | None]:
+    """(the variant without a DROPOUT_SUFFIXES suffix, that suffix's dropout or None)."""
+    for suffix, dropout in DROPOUT_SUFFIXES.items():
         if name.endswith(suffix):
-            return known_variant(name[:-len(suffix)])
-    return name in VARIANT_SPECS or KEEP_N.fullmatch(name) is not None
+            return name[:-len(suffix)], dropout
+    return name, None
+
+
+def known_variant(name: str) -> bool:
+    base, _ = split_dropout_suffix(name)
+    return base in VARIANT_SPECS or KEEP_N.fullmatch(base) is not None
 
 
 def spec_of(name: str) -> dict:
-    for suffix, dropout in DROPOUT_SUFFIXES.items():
-        if name.endswith(suffix):
-            return {**spec_of(name[:-len(suffix)]), "dropout": dropout}
-    if name in VARIANT_SPECS:
-        return {**DEFAULT_SPEC, **VARIANT_SPECS[name]}
-    keep, chunk = KEEP_N.fullmatch(name).groups()
-    return {**DEFAULT_SPEC, **VARIANT_SPECS["compiled_fused_all_closs"], "keep": int(keep or 0),
-            "chunk": int(chunk) if chunk else None}
+    base, dropout = split_dropout_suffix(name)
+    if base in VARIANT_SPECS:
+        spec = {**DEFAULT_SPEC, **VARIANT_SPECS[base]}
+    else:
+        keep, chunk = KEEP_N.fullmatch(base).groups()
+        spec = {**DEFAULT_SPEC, **VARIANT_SPECS["compiled_fused_all_closs"], "keep": int(keep or 0),
+                "chunk": int(chunk) if chunk else None}
+    return {**spec, "dropout": dropout}
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -454,7 +460,8 @@ def main(argv=None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if not known_variant(v)]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, each also with "
+                         f"{' or '.join(DROPOUT_SUFFIXES)} appended")
     if args.smoke and args.variants == ",".join(VARIANTS):
         variants = [v for v in variants if not spec_of(v)["compiled"]]  # inductor on a CPU: minutes
     if args.fp8_curve or any(spec_of(v)["compiled"] for v in variants):  # the curves compile the layers too

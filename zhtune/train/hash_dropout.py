@@ -79,7 +79,8 @@ def hash_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
 
 
 class HashDropout(torch.nn.Dropout):
-    """`nn.Dropout` (same p, same `inplace` attribute, same place in the module tree) with hashed masks."""
+    """`nn.Dropout` (same p, same place in the module tree) with hashed masks; `inplace` is kept as an
+    attribute, but the output is always a new tensor (PEFT's LoRA dropout is not in place)."""
 
     def forward(self, x):
         return hash_dropout(x, self.p, self.training)
