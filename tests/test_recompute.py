@@ -36,9 +36,13 @@ def saved_bytes(model, tokens: int = 64) -> int:
     return sum(v for k, v in storages.items() if k not in params)
 
 
-def test_same_loss_and_gradients_with_dropout():
+@pytest.mark.parametrize("hashed", [False, True])
+def test_same_loss_and_gradients_with_dropout(hashed):
+    """nn.Dropout or hashed masks (train/hash_dropout.py): the recomputation draws the forward's masks again."""
     plain = lora_model(dropout=0.1, layers=3)
     plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hashed:
+        assert set_hash_dropout(plain) == 3 * 7 + 2  # every projection of 3 layers, embed_tokens and lm_head
     selective = copy.deepcopy(plain)
     assert set_selective_recomputation(selective) == 3 * 5  # 4 norms and the MLP in each of 3 layers
     ids = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -50,6 +54,8 @@ def test_same_loss_and_gradients_with_dropout():
         assert torch.equal(loss_p, loss_s), whole
         for name in grads_p:
             torch.testing.assert_close(grads_s[name], grads_p[name], rtol=1e-5, atol=1e-7, msg=name)
+    other_seed, _, _ = loss_and_grads(plain, ids, seed=8)
+    assert not torch.equal(other_seed, loss_p)  # the masks act
 
 
 def test_keeps_less_for_the_backward():
