@@ -5,6 +5,8 @@ its levers, on identical data, in one run.
     python benchmarks/sft_speed.py                      # one GPU: every variant below, in this order
     torchrun --nproc_per_node 4 benchmarks/sft_speed.py --variants chunked_nocast  # DDP scaling
     python benchmarks/sft_speed.py --smoke              # tiny Gemma 2 on the CPU, seconds
+    python benchmarks/sft_speed.py --variants hf_best,compiled_fused_selective_closs_hashdrop --rounds 3
+                                                        # each timed 3 times in turn: the ratio's spread
     bash scripts/gpu_train_speed.sh                     # the GPU run of issue 16 (wheels, variants, engines)
 
 Model: the real Gemma-2-9B config (below), random weights made on the GPU in bf16. The seed's LoRA
@@ -99,6 +101,7 @@ import math
 import os
 import random
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -430,6 +433,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled variants "
                     "(aot_eager: the same graphs without code generation, for a CPU check of the flow)")
     ap.add_argument("--time_budget_s", type=float, default=400.0, help="skip variants that would start later")
+    ap.add_argument("--rounds", type=int, default=1, help="time every variant this many times, in turn (one process, "
+                    "one GPU): tokens/s and ratios per round, their median; checks and profiles in the first round")
     ap.add_argument("--fp8_curve", type=int, default=0, metavar="N", help="after the variants: N AdamW steps from "
                     "the same LoRA weights in bf16 and with each float8 recipe (the headline levers), and the "
                     "largest relative gap between their per-step losses")
@@ -442,6 +447,8 @@ def main(argv=None) -> int:
 
     world, rank, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), \
         int(os.environ.get("LOCAL_RANK", "0"))
+    if args.rounds < 1 or (args.rounds > 1 and world > 1):
+        raise SystemExit(f"--rounds {args.rounds}: give 1 or more, and more than 1 only in one process")
     t0 = time.perf_counter()
     if args.smoke:
         device, dtype, attn_fast, config = "cpu", torch.float32, "eager", dict(SMOKE)
@@ -584,6 +591,27 @@ def main(argv=None) -> int:
         else:
             say(f"[bench] {name}: {r}")
 
+    for round_no in range(1, args.rounds):  # again, in turn: the spread of tokens/s and ratios on this machine
+        for name in [n for n in variants if "tokens_per_s" in results["variants"].get(n, {})]:
+            elapsed = time.perf_counter() - t0
+            if elapsed > args.time_budget_s:
+                say(f"[bench] round {round_no + 1}: {name} skipped (time budget: {elapsed:.0f}s used)")
+                continue
+            spec, r0 = spec_of(name), results["variants"][name]
+            work = workloads[spec["data"]]
+            try:
+                r = run_variant(name, spec, train_model, model, fast, work, device, autocast, timer, args, attn_fast,
+                                say, None, profile=False)
+            except Exception as e:  # noqa: BLE001 - the first round's timing stands
+                say(f"[bench] round {round_no + 1}: {name} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            tokens_per_s = work.tokens * r["passes"] / r["seconds"]
+            r0.setdefault("rounds", [r0["tokens_per_s"]]).append(tokens_per_s)
+            say(f"[bench] round {round_no + 1}: {name:15s} {tokens_per_s:9.0f} tok/s  peak {r['peak_gib']:6.2f} GiB")
+        add_round_ratios(results)
+        if rank == 0 and args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
     if args.fp8_curve and world == 1:
         try:
             results["fp8_curve"] = fp8_loss_curve(train_model, model, fast, workloads["packed"], device, autocast,
@@ -604,9 +632,9 @@ def main(argv=None) -> int:
 
 
 def run_variant(name, spec, train_model, model, fast, work: Workload, device, autocast, timer, args, attn_fast,
-                say, reference, on_timed=lambda r: None) -> dict:
+                say, reference, on_timed=lambda r: None, profile: bool = True) -> dict:
     """Time one variant on its workload (after a warm-up step; `on_timed(r)` then records it), then check
-    it against the reference."""
+    it against the reference (and profile it, if asked and `profile`)."""
     if spec["loss"] == "full":
         step = baseline_step if spec["data"] == "samples" else packed_full_step
     else:
@@ -667,7 +695,7 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
         r = {"seconds": secs, "peak_gib": peak, "passes": 1 if spec["data"] == "samples" else repeat,
              "note": "; ".join(n for n in note if n)}
         on_timed(r)
-        if name in args.profile.split(","):
+        if profile and name in args.profile.split(","):
             try:
                 r["profile"] = profile_step(train_model, step, work.batches[0], device, autocast, timer, name, say)
             except Exception as e:  # noqa: BLE001 - the timing stands
@@ -886,6 +914,22 @@ def add_ratios(results: dict) -> None:
                 r[f"x_{ref}"] = r["tokens_per_s"] / base
 
 
+def add_round_ratios(results: dict) -> None:
+    """With --rounds: each variant's median tokens/s, and x_<reference>_rounds = its tokens/s over the reference
+    variant's, round by round (the rounds both ran)."""
+    v = results["variants"]
+    for r in v.values():
+        if r.get("rounds"):
+            r["tokens_per_s_median"] = statistics.median(r["rounds"])
+    for ref in REFERENCES:
+        base = v.get(ref, {}).get("rounds")
+        if not base:
+            continue
+        for r in v.values():
+            if r.get("rounds"):
+                r[f"x_{ref}_rounds"] = [a / b for a, b in zip(r["rounds"], base)]
+
+
 def summary(results: dict, say) -> None:
     v = results["variants"]
     refs = [ref for ref in REFERENCES if v.get(ref, {}).get("tokens_per_s")]
@@ -900,6 +944,10 @@ def summary(results: dict, say) -> None:
         exact = f"{check['loss_abs_diff']:.1e} {check['grad_cosine']:.5f}" if check and "loss_abs_diff" in check \
             else f"check: {check['error']}" if check else "   -"
         say(f"  {name:24s} {r['tokens_per_s']:9.0f} {ratios} {r['mfu']:6.1%} {r['peak_gib']:7.2f} {exact}")
+        if r.get("rounds"):
+            say(f"  {'':24s} rounds: " + " ".join(f"{t:.0f}" for t in r["rounds"])
+                + "".join(f"; x {ref} " + " ".join(f"{x:.3f}" for x in r[f"x_{ref}_rounds"])
+                          for ref in refs if r.get(f"x_{ref}_rounds")))
     say("[bench] json " + json.dumps({k: results[k] for k in ("date", "device", "world_size", "versions")}
                                      | {"reference": results.get("reference"),
                                         "variants": {n: {k: r.get(k) for k in ("tokens_per_s", "mfu", "peak_gib",

@@ -14,6 +14,8 @@
 #                                                            # "single": zhtune sft on one GPU, no engine flag;
 #                                                            # "fp8": the same with --fp8 true
 #   ENGINE_LORA="--lora_target_modules ALL" ... engines      # other LoRA flags than the seed's
+#   BENCH_VARIANTS=hf_best,compiled_fused_selective_closs_hashdrop BENCH_ROUNDS=3 ... bench
+#                                                   # each timed 3 times in turn: the spread of the x hf_best ratio
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), sft_speed_curves.json (curves),
@@ -75,7 +77,7 @@ PY
 bench() {  # the targets: x eager_packed and x hf_best, >= 11,000 tok/s <= 80 GiB, >= 8,500 <= 24 GiB
     timeout 570 $PY benchmarks/sft_speed.py \
         --variants ${BENCH_VARIANTS:-baseline,eager_packed,hf_best,compiled_fused_all_closs,compiled_fused_plan24_closs_hashdrop,compiled_fused_selective_closs,compiled_fused_selective_closs_hashdrop} \
-        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --profile "${BENCH_PROFILE-hf_best,compiled_fused_selective_closs_hashdrop}" \
+        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --rounds ${BENCH_ROUNDS:-1} --profile "${BENCH_PROFILE-hf_best,compiled_fused_selective_closs_hashdrop}" \
         --out "$OUT/sft_speed.json" \
         2>&1 | tee "$OUT/sft_speed.log"
 }

@@ -54,6 +54,23 @@ def test_sft_speed_dropout_suffixes(tmp_path):
         bench.main(["--smoke", "--variants", "chunked_nocast_hashdrop_x"])
 
 
+def test_sft_speed_rounds(tmp_path, capsys):
+    """--rounds 2: every variant timed twice in turn, tokens/s and the ratios per round and their median."""
+    bench = load_benchmark("sft_speed")
+    out = tmp_path / "results.json"
+    assert bench.main(["--smoke", "--variants", "eager_packed,chunked_nocast_hashdrop", "--check", "false",
+                       "--rounds", "2", "--out", str(out)]) == 0
+    variants = json.loads(out.read_text())["variants"]
+    ref, fast = variants["eager_packed"], variants["chunked_nocast_hashdrop"]
+    assert len(ref["rounds"]) == len(fast["rounds"]) == 2 and ref["rounds"][0] == ref["tokens_per_s"]
+    assert ref["x_eager_packed_rounds"] == [1.0, 1.0]
+    assert fast["x_eager_packed_rounds"] == pytest.approx([a / b for a, b in zip(fast["rounds"], ref["rounds"])])
+    assert min(fast["rounds"]) <= fast["tokens_per_s_median"] <= max(fast["rounds"])
+    assert "[bench] round 2: chunked_nocast_hashdrop" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--rounds 0"):
+        bench.main(["--smoke", "--rounds", "0"])
+
+
 def test_flops_per_token_of_gemma2_9b():
     bench = load_benchmark("sft_speed")
     per_token = bench.model_flops(bench.GEMMA2_9B, [1]) / 1  # one token: no attention context to speak of
