@@ -126,6 +126,7 @@ from zhtune.train.recompute import set_selective_recomputation  # noqa: E402
 GEMMA2_9B = dict(gemma2_9b.ARCHITECTURE, **gemma2_9b.CONFIG)
 SMOKE = dict(GEMMA2_9B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32, query_pre_attn_scalar=16)
+LORA_DROPOUT = 0.05  # the seed's (ms-swift's default); set back after every dropout-0 check and _nodrop variant
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 
 # What each variant changes from the fast path's defaults (packed rows, the fast attention, chunked loss,
@@ -220,7 +221,7 @@ def build_model(config: dict, device: str, dtype, attn: str):
     cfg = AutoConfig.for_model(**config)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS)
+    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=LORA_DROPOUT, target_modules=LORA_TARGETS)
     model = get_peft_model(model, lora)
     gen = torch.Generator(device=device).manual_seed(1)
     for name, p in model.named_parameters():
@@ -674,8 +675,8 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
             note.append("LoRA dropout with hashed masks")
         elif spec["dropout"] is not None:
             set_dropout(model, spec["dropout"])
-            undo.callback(set_dropout, model, 0.05)
-            note.append(f"LoRA dropout {spec['dropout']} (not the seed's 0.05)")
+            undo.callback(set_dropout, model, LORA_DROPOUT)
+            note.append(f"LoRA dropout {spec['dropout']} (not the seed's {LORA_DROPOUT})")
         if spec["keep"]:
             set_checkpointed_layers(model, n_layers, keep_mlp_output=spec["keep"])
             note.append(f"{min(spec['keep'], n_layers)}/{n_layers} checkpointed layers keep their MLP output")
@@ -874,7 +875,7 @@ def make_reference(model, row, device, autocast, attn_fast) -> dict:
                 loss += float(baseline_step(model, to_device(padded([d]), device), num_items=n_items))
     finally:
         set_attention(model, attn_fast)
-        set_dropout(model, 0.05)
+        set_dropout(model, LORA_DROPOUT)
     grads = trainable_grads(model)
     model.zero_grad(set_to_none=True)
     lora_mask = torch.cat([torch.full((p.numel(),), "lora" in n, device=grads.device)
@@ -893,7 +894,7 @@ def check_variant(model, step, batch, reference: dict, device, autocast) -> dict
         grads = trainable_grads(model)
     finally:
         model.zero_grad(set_to_none=True)
-        set_dropout(model, 0.05)
+        set_dropout(model, LORA_DROPOUT)
     g_ref, mask = reference["grads"], reference["lora_mask"]
     cos = torch.nn.functional.cosine_similarity
     return {"loss": loss, "loss_abs_diff": abs(loss - reference["loss"]),

@@ -30,6 +30,8 @@ dropout module of a PEFT model for one, `set_hash_dropout(model, False)` puts `n
 ZHTUNE_HASH_DROPOUT=0 in the environment keeps nn.Dropout in `zhtune sft`.
 """
 
+import math
+
 import torch
 
 _MIX_1 = 0x7FEB352D
@@ -48,10 +50,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def keep_mask(shape, seeds: torch.Tensor, p: float) -> torch.Tensor:
     """Boolean mask of `shape`, True where an element is kept (probability 1 - p), from two int32 seeds."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    index = torch.arange(numel, device=seeds.device, dtype=torch.int32).view(shape)
+    index = torch.arange(math.prod(shape), device=seeds.device, dtype=torch.int32).view(shape)
     # an odd multiplier and an offset from the seeds (tensors: inductor would fold constant products into its
     # index arithmetic, which Triton then refuses as out of int32 range), then one mix: two calls' sequences
     # index * k + c do not overlap as shifted copies the way index + c would

@@ -66,7 +66,7 @@ def _act_mul(act_fn, gate, up):
 
 
 def _act_mul_and_lora_a(down, adapter, act_fn, gate, up):
-    hidden = act_fn(gate) * up
+    hidden = _act_mul(act_fn, gate, up)
     lora_input = down._cast_input_dtype(hidden, down.lora_A[adapter].weight.dtype)
     return hidden, down.lora_A[adapter](down.lora_dropout[adapter](lora_input))
 
