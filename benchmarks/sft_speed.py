@@ -133,7 +133,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
                     compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, keep=0,
-                    budget=None, dropout=None)
+                    budget=None, dropout=None, fp8_once=True, fp8_fast=False)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
     "eager_packed": dict(attn="eager", loss="full", cast=True),
@@ -171,6 +171,15 @@ VARIANT_SPECS = {
                                                fp8="rowwise"),
     "compiled_fused_selective_closs_fp8_tensorwise": dict(compiled=True, fused=True, selective=True, ckpt="plan",
                                                           closs=True, fp8="tensorwise"),
+    # tensorwise with torchao's Float8Linear, the weight cast at every call (zhtune's default until the fourteenth
+    # session; since then the frozen weights are cast once: Float8FrozenLinear, the same numerics)
+    "compiled_fused_selective_closs_fp8_tensorwise_percall": dict(compiled=True, fused=True, selective=True,
+                                                                  ckpt="plan", closs=True, fp8="tensorwise",
+                                                                  fp8_once=False),
+    # + the input-gradient matmuls with fast float8 accumulation (torchao keeps it to the forward's)
+    "compiled_fused_selective_closs_fp8_tensorwise_fastgi": dict(compiled=True, fused=True, selective=True,
+                                                                 ckpt="plan", closs=True, fp8="tensorwise",
+                                                                 fp8_fast=True),
     "compiled_fused_all_closs_fp8": dict(compiled=True, fused=True, selective=True, closs=True, fp8="rowwise"),
     "compiled_fused_all_closs_fp8_tensorwise": dict(compiled=True, fused=True, selective=True, closs=True,
                                                     fp8="tensorwise"),
@@ -179,6 +188,9 @@ VARIANT_SPECS = {
 # off (not the seed's setting: the ceiling of what any cheaper dropout can give)
 DROPOUT_SUFFIXES = {"_hashdrop": "hash", "_nodrop": 0.0}
 VARIANTS = list(VARIANT_SPECS)
+# --fp8_curve's float8 curves by name: apply_fp8's arguments
+FP8_CURVES = {"rowwise": dict(recipe="rowwise"), "tensorwise": dict(recipe="tensorwise"),
+              "tensorwise_fastgi": dict(recipe="tensorwise", fast_grad_input=True)}
 REFERENCES = ("baseline", "eager_packed", "hf_best")  # the results report x each of these
 H100_BF16_PEAK = 989e12
 LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"
@@ -439,6 +451,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8_curve", type=int, default=0, metavar="N", help="after the variants: N AdamW steps from "
                     "the same LoRA weights in bf16 and with each float8 recipe (the headline levers), and the "
                     "largest relative gap between their per-step losses")
+    ap.add_argument("--fp8_curve_recipes", default="rowwise,tensorwise", help="the float8 curves of --fp8_curve, "
+                    f"comma-separated, of: {', '.join(FP8_CURVES)}")
     ap.add_argument("--uncompiled_curve", action="store_true", help="with --fp8_curve: first one more bf16 curve "
                     "without the levers (transformers' own loss, no compilation, fused LoRA-A or selective "
                     "recomputation; every layer checkpointed): does the fast path learn as the plain computation?")
@@ -448,6 +462,10 @@ def main(argv=None) -> int:
 
     world, rank, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), \
         int(os.environ.get("LOCAL_RANK", "0"))
+    unknown_curves = set(args.fp8_curve_recipes.split(",")) - set(FP8_CURVES)
+    if unknown_curves:
+        raise SystemExit(f"--fp8_curve_recipes: unknown {', '.join(sorted(unknown_curves))}; known: "
+                         f"{', '.join(FP8_CURVES)}")
     if args.rounds < 1 or (args.rounds > 1 and world > 1):
         raise SystemExit(f"--rounds {args.rounds}: give 1 or more, and more than 1 only in one process")
     t0 = time.perf_counter()
@@ -666,9 +684,11 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
         undo.callback(set_checkpointed_layers, model, n_layers)
         if spec["fp8"]:
             from zhtune.train.fp8 import apply_fp8, remove_fp8
-            apply_fp8(model, spec["fp8"])
+            apply_fp8(model, spec["fp8"], cast_once=spec["fp8_once"], fast_grad_input=spec["fp8_fast"])
             undo.callback(remove_fp8, model)
-            note.append(f"float8 base weights ({spec['fp8']} scales; not exact)")
+            how = ("weights cast once" if spec["fp8_once"] and spec["fp8"] == "tensorwise" else "torchao, per call")
+            note.append(f"float8 base weights ({spec['fp8']} scales, {how}"
+                        f"{', fast accumulation' if spec['fp8_fast'] else ''}; not exact)")
         if spec["dropout"] == "hash":
             set_hash_dropout(model)
             undo.callback(set_hash_dropout, model, False)
@@ -719,7 +739,7 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
     curve without any lever ("bf16_uncompiled": transformers' loss, every layer checkpointed; its dropout masks
     are drawn per projection, the fused LoRA-A's per group). Per-step losses and the largest relative gap;
     `seconds` is each curve's wall time, any compilation of new graphs included (compare speed in the variants)."""
-    from zhtune.train.fp8 import RECIPES, apply_fp8, remove_fp8
+    from zhtune.train.fp8 import apply_fp8, remove_fp8
     chunked = FastPath(chunk_size=fast.chunk_size, softcap=fast.softcap, compile_loss=True)
     step = make_chunked_step(chunked)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -755,15 +775,15 @@ def fp8_loss_curve(train_model, model, fast, work: Workload, device, autocast, t
         fuse_lora_projections(model)
         set_selective_recomputation(model, True)
         compile_decoder_layers(model, "layer", backend=args.compile_backend)
-        for recipe in (None, *RECIPES):
-            if recipe:
-                apply_fp8(model, recipe)
+        for name in ("bf16", *args.fp8_curve_recipes.split(",")):
+            if name != "bf16":
+                apply_fp8(model, **FP8_CURVES[name])
             try:
                 auto_checkpointing(train_model, model, step, work.batches[0], device, autocast, timer,
                                    args.mem_budget_gib, say)
-                curve(recipe or "bf16", step)
+                curve(name, step)
             finally:
-                if recipe:
+                if name != "bf16":
                     remove_fp8(model)
     finally:
         restart()
