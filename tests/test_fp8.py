@@ -14,13 +14,13 @@ from zhtune.cli import main
 pytest.importorskip("torchao", reason="--fp8 needs torchao (zhtune[fp8])")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 
-from zhtune.train.fp8 import apply_fp8, remove_fp8  # noqa: E402
+from zhtune.train.fp8 import Float8FrozenLinear, apply_fp8, remove_fp8  # noqa: E402
 
 BASE_LINEARS = 7  # q, k, v, o, gate, up, down in each decoder layer
 
 
 def float8_names(model) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
+    return [n for n, m in model.named_modules() if isinstance(m, (Float8Linear, Float8FrozenLinear))]
 
 
 def test_only_the_frozen_base_linears_of_the_decoder_layers_go_float8():
@@ -30,9 +30,39 @@ def test_only_the_frozen_base_linears_of_the_decoder_layers_go_float8():
     assert all(n.endswith(".base_layer") and ".layers." in n for n in names), names
     assert not any("lm_head" in n or "embed" in n for n in names)
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".base_layer." in n)
+    assert all(isinstance(m, Float8FrozenLinear) for n, m in model.named_modules() if n in names)  # the default
+    assert not any(".layers." in n and ".base_layer." in n for n, _ in model.named_parameters()), "on the host"
     assert apply_fp8(model) == 0  # idempotent
     with pytest.raises(ValueError, match="known: rowwise, tensorwise"):
         apply_fp8(model, "delayed")
+
+
+def test_weights_cast_once_give_torchaos_tensorwise_outputs_and_gradients_bit_for_bit():
+    """Float8FrozenLinear (zhtune's default) computes what torchao's per-call tensorwise Float8Linear does, eagerly
+    and compiled; its parameter comes back as the same object on `remove_fp8`."""
+    from torchao.float8 import Float8LinearConfig
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 128, bias=False).to(torch.bfloat16).requires_grad_(False)
+    weight = linear.weight
+    theirs = Float8Linear.from_float(copy.deepcopy(linear), config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    ours = Float8FrozenLinear(linear, fast_grad_input=False)
+    assert ours.weight is weight and not list(ours.parameters())
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
+    grad = torch.randn(2, 16, 128, dtype=torch.bfloat16)
+
+    def output_and_input_grad(module):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.backward(grad)
+        return out.detach(), xi.grad
+
+    out_ref, grad_ref = output_and_input_grad(theirs)
+    assert (out_ref.float() - x.float() @ weight.float().t()).abs().max() > 0, "float8 rounding must show"
+    for module in (ours, torch.compile(ours, backend="aot_eager")):
+        out, grad_in = output_and_input_grad(module)
+        assert torch.equal(out, out_ref) and torch.equal(grad_in, grad_ref)
+    holder = torch.nn.Sequential(ours)
+    assert remove_fp8(holder) == 1 and holder[0].weight is weight and type(holder[0]) is torch.nn.Linear
 
 
 @pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
@@ -102,13 +132,13 @@ def test_fp8_bad_combinations_are_one_line_and_write_nothing(tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "add --fp8 true, or drop --fp8_recipe" in err[0], err
     monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # as if torchao were not installed
-    assert main(base + ["--fast_path", "true"]) == 2
+    assert main(base + ["--fast_path", "true", "--fp8_recipe", "rowwise"]) == 2  # tensorwise is zhtune's own
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'zhtune[fp8]'" in err[0], err
+    assert len(err) == 1 and "pip install 'zhtune[fp8]'" in err[0] and "--fp8_recipe tensorwise" in err[0], err
     assert not out.exists(), "nothing written"
 
 
-@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise", "cast_once"])
 def test_compiled_backward_of_a_frozen_float8_linear_has_one_matmul(recipe):
     """Where the decoder layers compile, torchao's weight-gradient matmul of a frozen weight is dropped: one
     float8 matmul forward and one backward (the input's gradient), as for the bf16 linear it replaces."""
@@ -124,8 +154,11 @@ def test_compiled_backward_of_a_frozen_float8_linear_has_one_matmul(recipe):
 
     linear = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False)).to(torch.bfloat16)
     linear[0].weight.requires_grad_(False)
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    convert_to_float8_training(linear, config=Float8LinearConfig.from_recipe_name(recipe))
+    if recipe == "cast_once":  # zhtune's Float8FrozenLinear (the default): no weight gradient at all
+        linear[0] = Float8FrozenLinear(linear[0])
+    else:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        convert_to_float8_training(linear, config=Float8LinearConfig.from_recipe_name(recipe))
     assert float8_names(linear) == ["0"]
     compiled = torch.compile(linear, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
     x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)

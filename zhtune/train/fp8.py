@@ -1,19 +1,27 @@
-"""`--fp8 true`: LoRA's frozen base weights multiply in float8 (torchao's float8 training), the rest in bf16.
+"""`--fp8 true`: LoRA's frozen base weights multiply in float8, the rest in bf16.
 
 Not exact: every base linear of the decoder layers (q/k/v/o, gate/up/down) runs its forward and its input
-gradient as float8 matmuls with dynamic scales (torchao's `Float8Linear`, e4m3; one scale per tensor, or per
-row with `--fp8_recipe rowwise`), so the loss moves from the bf16 run's by the float8 rounding;
-benchmarks/sft_speed.py reports by how much (`--fp8_curve`): on the H200 (Gemma-2-9B config, seed LoRA) 1.16x
-the exact path's tokens/s with a largest loss gap of 0.22% over 50 steps (rowwise: 1.10x, 0.16%). The LoRA
-matrices, the embedding, the tied lm_head (the softcapped logits) and the norms stay in bf16/fp32, and the
-weights themselves stay bf16 in memory (float8 copies are made per step), so a checkpoint is the same as
-without the option. Needs torchao (`pip install 'zhtune[fp8]'`) and float8 matmuls: an NVIDIA GPU of compute
-capability 8.9 or newer (L4, RTX 4090, H100, H200, B200); on a CPU, torch's own float8 kernels (slow; for
-checking the wiring).
+gradient as float8 matmuls with dynamic scales, so the loss moves from the bf16 run's by the float8 rounding;
+benchmarks/sft_speed.py reports by how much (`--fp8_curve`). Two implementations:
 
-The weight gradient torchao's matmul also computes is dropped where the decoder layers compile (the weights
-are frozen, so the compiled backward never returns it: one float8 matmul forward, one backward, checked on the
-CPU); where they run eagerly (the fast path forced on a CPU) it is computed and discarded.
+- tensorwise (the default, `--fp8_recipe tensorwise`): zhtune's `Float8FrozenLinear`. The weights never
+  change, so each is cast to float8 once (e4m3, one scale: torchao's tensorwise numerics, checked equal on the
+  CPU), twice laid out: W for the output, Wᵀ for the input's gradient; inputs (e4m3) and output gradients
+  (e5m2) are cast at each call. The bf16 weights wait in host memory while training, so the device holds the
+  same bytes as without the option. The input-gradient matmul uses the tensor cores' fast float8
+  accumulation as the forward's does (torchao keeps it off there). On the H200 (Gemma-2-9B config, seed
+  LoRA, 2026-11-30): 1.06x torchao's per-call casting, fast accumulation another 1.02x, and the same loss
+  curve (largest gap to bf16 over 50 steps 0.20% with and without fast accumulation).
+- rowwise (`--fp8_recipe rowwise`): torchao's `Float8Linear` (one scale per row; the weight cast at each call).
+
+The LoRA matrices, the embedding, the tied lm_head (the softcapped logits) and the norms stay in bf16/fp32,
+and a checkpoint is the same as without the option. Needs float8 matmuls: an NVIDIA GPU of compute
+capability 8.9 or newer (L4, RTX 4090, H100, H200, B200); on a CPU, torch's own float8 kernels (slow; for
+checking the wiring); torchao (`pip install 'zhtune[fp8]'`) for rowwise.
+
+No weight gradient is computed for the frozen weights: `Float8FrozenLinear` has none; torchao's matmul's is
+dropped where the decoder layers compile (the compiled backward never returns it: one float8 matmul forward,
+one backward, checked on the CPU) and computed and discarded where they run eagerly.
 """
 
 from types import SimpleNamespace
@@ -29,12 +37,15 @@ DEFAULT_RECIPE = "tensorwise"  # the faster on the H200, both within 0.25% of bf
 INSTALL_HINT = "`pip install 'zhtune[fp8]'` (torchao)"
 
 
-def check_fp8_support(device: str) -> None:
-    """One clear error before anything loads: torchao missing, or a GPU without float8 matmuls."""
-    try:
-        _import_torchao()
-    except ImportError:
-        raise UserError(f"--fp8 true needs torchao: {INSTALL_HINT}, or drop --fp8.") from None
+def check_fp8_support(device: str, recipe: str = DEFAULT_RECIPE) -> None:
+    """One clear error before anything loads: torchao missing for its rowwise recipe, or a GPU without float8
+    matmuls."""
+    if recipe == "rowwise":
+        try:
+            _import_torchao()
+        except ImportError:
+            raise UserError(f"--fp8_recipe rowwise needs torchao: {INSTALL_HINT}, or use --fp8_recipe tensorwise "
+                            "(zhtune's own, the default).") from None
     if str(device).startswith("cuda"):
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         if (major, minor) < (8, 9):
@@ -43,7 +54,7 @@ def check_fp8_support(device: str) -> None:
                             f"(L4, RTX 4090, H100, H200); {name} has {major}.{minor}. Drop --fp8 to train in bf16.")
 
 
-def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_grad_input: bool = False) -> int:
+def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_grad_input: bool = True) -> int:
     """Swap the frozen base linears of the decoder layers (PEFT's `base_layer`, or the plain linears where no
     LoRA wraps them) for float8 ones sharing their weights; returns how many. Tensorwise with `cast_once`:
     zhtune's `Float8FrozenLinear` (the weight cast once, torchao's numerics); otherwise torchao's
@@ -55,7 +66,8 @@ def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_
     layers = decoder_layers(model) or []
     if recipe == "tensorwise" and cast_once:
         swapped = sum(_swap_linears(layer, lambda m: Float8FrozenLinear(m, fast_grad_input)) for layer in layers)
-        how = "tensorwise scales, weights cast once" + (", fast accumulation" if fast_grad_input else "")
+        how = ("tensorwise scales, weights cast once, their bf16 in host memory"
+               + (", fast accumulation" if fast_grad_input else ""))
     else:
         float8 = _import_torchao()
         config = float8.Float8LinearConfig.from_recipe_name(recipe)
@@ -88,7 +100,10 @@ def remove_fp8(model) -> int:
     restored = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, float8_linear):
+            if isinstance(child, Float8FrozenLinear):
+                setattr(parent, name, child.restored())
+                restored += 1
+            elif isinstance(child, float8_linear):
                 with torch.device("meta"):
                     linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                 linear.weight, linear.bias = child.weight, child.bias
@@ -154,21 +169,39 @@ class _FrozenFloat8Matmul(torch.autograd.Function):
 
 class Float8FrozenLinear(torch.nn.Module):
     """A frozen `nn.Linear` multiplying in float8 with its weight cast once (torchao's tensorwise numerics,
-    without torchao's per-call amax and cast of a weight that never changes). The bf16 weight stays the
-    module's parameter (checkpoints, `remove_fp8`); the two float8 copies (W and Wᵀ, each half its bytes) are
-    plain attributes, invisible to state dicts and to DDP's buffer broadcasts."""
+    without torchao's per-call amax and cast of a weight that never changes). The device holds the two float8
+    copies (W for the output, Wᵀ for the input's gradient: together the bf16 weight's bytes) as plain
+    attributes, invisible to state dicts and to DDP's broadcasts; the bf16 parameter itself waits in host
+    memory (`weight`, unregistered) until `remove_fp8` puts it back on the device."""
 
-    def __init__(self, linear: torch.nn.Linear, fast_grad_input: bool = False):
+    def __init__(self, linear: torch.nn.Linear, fast_grad_input: bool = True):
         super().__init__()
         if linear.bias is not None or linear.weight.requires_grad:
             raise ValueError("Float8FrozenLinear takes a frozen linear without bias")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, None
-        self.fast_grad_input = fast_grad_input
+        self.bias, self.fast_grad_input = None, fast_grad_input
         self.train(linear.training)
+        weight = linear.weight
         with torch.no_grad():
-            weight8, inv_scale = to_float8(linear.weight, E4M3)
+            weight8, inv_scale = to_float8(weight, E4M3)
             self.weight8, self.weight8_t, self.weight_inv_scale = weight8, weight8.t().contiguous(), inv_scale
+        weight.data = weight.data.to("cpu")
+        self.__dict__["_host_weight"] = weight  # not registered: no parameter of the module while it is float8
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        """The bf16 weight, in host memory while the module lives."""
+        return self.__dict__["_host_weight"]
+
+    def restored(self) -> torch.nn.Linear:
+        """The `nn.Linear` this module replaced: the same parameter object, back on the float8 copies' device."""
+        with torch.device("meta"):
+            linear = torch.nn.Linear(self.in_features, self.out_features, bias=False)
+        weight = self.weight
+        weight.data = weight.data.to(self.weight8.device)
+        linear.weight = weight
+        linear.train(self.training)
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):

@@ -67,11 +67,12 @@ def _check(args) -> None:
 
 
 def _check_fp8(args) -> None:
-    """--fp8 true needs LoRA, the fast path, torchao and float8 matmuls: one line before anything loads."""
+    """--fp8 true needs LoRA, the fast path, float8 matmuls and, for rowwise scales, torchao: one line before
+    anything loads."""
     import torch
 
     from zhtune.train.fast_path import SHARDING_FLAGS, sharded_head
-    from zhtune.train.fp8 import check_fp8_support
+    from zhtune.train.fp8 import DEFAULT_RECIPE, check_fp8_support
     if args.sft_type != "lora":
         raise UserError("--fp8 true runs LoRA's frozen base weights in float8; with --sft_type full drop --fp8.")
     off = "--fast_path false" if args.fast_path is False else sharded_head(args)
@@ -82,7 +83,8 @@ def _check_fp8(args) -> None:
     if not torch.cuda.is_available() and args.fast_path is not True:
         raise UserError("--fp8 true runs on the GPU fast path and this machine has no CUDA GPU: drop --fp8 "
                         "(or add --fast_path true to check the float8 path on the CPU, slowly).")
-    check_fp8_support(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    check_fp8_support(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu",
+                      args.fp8_recipe or DEFAULT_RECIPE)
 
 
 def _check_resume_checkpoint(ckpt: Path) -> None:
