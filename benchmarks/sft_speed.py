@@ -688,9 +688,10 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
             from zhtune.train.fp8 import apply_fp8, remove_fp8
             apply_fp8(model, spec["fp8"], cast_once=spec["fp8_once"], fast_grad_input=spec["fp8_fast"])
             undo.callback(remove_fp8, model)
-            how = ("weights cast once" if spec["fp8_once"] and spec["fp8"] == "tensorwise" else "torchao, per call")
-            note.append(f"float8 base weights ({spec['fp8']} scales, {how}"
-                        f"{', fast accumulation' if spec['fp8_fast'] else ''}; not exact)")
+            once = spec["fp8_once"] and spec["fp8"] == "tensorwise"
+            how = ("weights cast once" + (", fast accumulation" if spec["fp8_fast"] else "")) if once else \
+                "torchao, per call"
+            note.append(f"float8 base weights ({spec['fp8']} scales, {how}; not exact)")
         if spec["dropout"] == "hash":
             set_hash_dropout(model)
             undo.callback(set_hash_dropout, model, False)

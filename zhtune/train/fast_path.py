@@ -183,7 +183,7 @@ class FastPath:
                 applied.append("selective recomputation")
         if self.fp8:
             from zhtune.train.fp8 import apply_fp8
-            if apply_fp8(model, self.fp8):
+            if apply_fp8(model, self.fp8, fast_grad_input=env_switch("ZHTUNE_FP8_FAST_ACCUM", True)):
                 applied.append(f"float8 base weights ({self.fp8}, not exact)")
         if self._flex_kernel_options(model):
             applied.append("flex_attention tiles measured for this GPU")
