@@ -169,13 +169,25 @@ def test_sft_speed_fp8_variant_and_loss_curve_smoke(tmp_path, capsys):
                        "aot_eager", "--fp8_curve", "3", "--uncompiled_curve", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     r = results["variants"]["compiled_fused_selective_closs_fp8"]
-    assert r["tokens_per_s"] > 0 and "float8 base weights (rowwise scales; not exact)" in r["note"]
+    assert r["tokens_per_s"] > 0 and "float8 base weights (rowwise scales, torchao, per call; not exact)" in r["note"]
     assert 0 < r["check"]["loss_abs_diff"] < 0.05 * r["check"]["loss"] and r["check"]["grad_cosine_lora"] > 0.95
     curve = results["fp8_curve"]
     assert set(curve["losses"]) == {"bf16_uncompiled", "bf16", "rowwise", "tensorwise"} and curve["steps"] == 3
     assert all(len(c) == 3 for c in curve["losses"].values())
     assert all(0 < gap < 0.05 for gap in curve["largest_relative_gap"].values()), curve
     assert "fp8 curve: rowwise against bf16 over 3 steps" in capsys.readouterr().out
+
+
+def test_sft_speed_fp8_names():
+    """The float8 variants and curves of the fourteenth session are known; an unknown curve is one line."""
+    bench = load_benchmark("sft_speed")
+    for name in ("compiled_fused_selective_closs_fp8_tensorwise_percall_hashdrop",
+                 "compiled_fused_selective_closs_fp8_tensorwise_precisegi"):
+        assert bench.known_variant(name)
+    assert bench.spec_of("compiled_fused_selective_closs_fp8_tensorwise_percall")["fp8_once"] is False
+    assert bench.spec_of("compiled_fused_selective_closs_fp8_tensorwise")["fp8_fast"] is True  # zhtune sft's default
+    with pytest.raises(SystemExit, match="--fp8_curve_recipes: unknown nope; known: rowwise, tensorwise"):
+        bench.main(["--smoke", "--variants", "", "--fp8_curve", "2", "--fp8_curve_recipes", "tensorwise,nope"])
 
 
 def test_flex_attention_configs_rows_match_the_training_benchmark():

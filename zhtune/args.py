@@ -125,10 +125,11 @@ class SftArguments(ModelArguments, DataArguments):
     fast_path: bool | None = field(default=None, metadata={"help": "GPU fast path (packing, chunked softcapped loss); "
                                                            "default: on where supported"})
     fp8: bool = field(default=False, metadata={"help": "the fast path's frozen base weights multiply in float8 "
-                                               "(torchao; GPU of compute capability 8.9+; not exact, LoRA only)"})
+                                               "(GPU of compute capability 8.9+; not exact, LoRA only)"})
     fp8_recipe: str | None = field(default=None, metadata={
-        "choices": ("tensorwise", "rowwise"), "help": "--fp8's scales: one per tensor (the default: faster) or one "
-                                                      "per row (a little more accurate)"})
+        "choices": ("tensorwise", "rowwise"), "help": "--fp8's scales: one per tensor (the default: faster; the "
+                                                      "weights cast once) or one per row (torchao: zhtune[fp8]; a "
+                                                      "little more accurate)"})
     memory_budget_gib: float | None = field(default=None, metadata={
         "min": 1.0, "help": "GPU fast path: checkpoint only as many decoder layers as keep the peak within this many "
                             "GiB per GPU (measured over the first two steps); default: 80% of the GPU's memory"})

@@ -24,7 +24,8 @@ beat inductor's default; head_dim 256 on compute capability 9.0: 1.04x on the wh
 fuses and may recompute instead of drawing Philox numbers and keeping the masks; on the H200 1.028-1.031x and
 2.5 GiB less at 80 GiB; ZHTUNE_HASH_DROPOUT=0 in the environment keeps nn.Dropout).
 Each is also a field here: False turns it off. Not exact, off unless asked (`--fp8 true`): `fp8`, the frozen
-base linears in float8 (train/fp8.py).
+base linears in float8 (train/fp8.py; ZHTUNE_FP8_FAST_ACCUM=0 in the environment: their input-gradient matmuls
+accumulate precisely, as torchao's do: 0.97-0.98x on the H200, the same losses).
 `set_checkpointed_layers` checkpoints only as many decoder layers as memory needs.
 """
 
@@ -74,7 +75,7 @@ class FastPath:
     compile_loss: bool | None = None  # the chunked loss's per-chunk arithmetic through torch.compile (train/loss.py)
     flex_kernels: bool | None = None  # flex_attention's tiles measured for this GPU and head size (train/flex_kernels.py)
     hash_dropout: bool | None = None  # LoRA dropout masks hashed from element indices (train/hash_dropout.py)
-    fp8: str | None = None  # --fp8 true: the frozen base linears in float8 with this torchao recipe (train/fp8.py)
+    fp8: str | None = None  # --fp8 true: the frozen base linears in float8 with this recipe (train/fp8.py)
     chunked_loss: bool = True  # False under ZeRO-3 / FSDP (set by decide()): transformers' loss, no levers
     softcap: float | None = None  # the model's final_logit_softcapping, set by decide()
     device: str = "cpu"  # set by decide()
