@@ -939,8 +939,10 @@ def add_ratios(results: dict) -> None:
 
 
 def add_round_ratios(results: dict) -> None:
-    """With --rounds: each variant's median tokens/s, and x_<reference>_rounds = its tokens/s over the reference
-    variant's, round by round (the rounds both ran)."""
+    """With --rounds: each variant's median tokens/s, x_<reference>_rounds = its tokens/s over the reference
+    variant's, round by round (the rounds both ran), and x_<reference>_best = its median over the reference's
+    fastest round: the ratio to claim where the reference drifts (hf_best lost 16-22% in rounds 2-3 after the
+    compiled variant, and not when timed alone: benchmarks/RESULTS.md, fourteenth session)."""
     v = results["variants"]
     for r in v.values():
         if r.get("rounds"):
@@ -952,6 +954,7 @@ def add_round_ratios(results: dict) -> None:
         for r in v.values():
             if r.get("rounds"):
                 r[f"x_{ref}_rounds"] = [a / b for a, b in zip(r["rounds"], base)]
+                r[f"x_{ref}_best"] = statistics.median(r["rounds"]) / max(base)
 
 
 def summary(results: dict, say) -> None:
@@ -971,6 +974,7 @@ def summary(results: dict, say) -> None:
         if r.get("rounds"):
             say(f"  {'':24s} rounds: " + " ".join(f"{t:.0f}" for t in r["rounds"])
                 + "".join(f"; x {ref} " + " ".join(f"{x:.3f}" for x in r[f"x_{ref}_rounds"])
+                          + f" (median over its best round {r[f'x_{ref}_best']:.3f})"
                           for ref in refs if r.get(f"x_{ref}_rounds")))
     say("[bench] json " + json.dumps({k: results[k] for k in ("date", "device", "world_size", "versions")}
                                      | {"reference": results.get("reference"),

@@ -66,7 +66,9 @@ def test_sft_speed_rounds(tmp_path, capsys):
     assert ref["x_eager_packed_rounds"] == [1.0, 1.0]
     assert fast["x_eager_packed_rounds"] == pytest.approx([a / b for a, b in zip(fast["rounds"], ref["rounds"])])
     assert min(fast["rounds"]) <= fast["tokens_per_s_median"] <= max(fast["rounds"])
-    assert "[bench] round 2: chunked_nocast_hashdrop" in capsys.readouterr().out
+    assert fast["x_eager_packed_best"] == pytest.approx(fast["tokens_per_s_median"] / max(ref["rounds"]))
+    printed = capsys.readouterr().out
+    assert "(median over its best round" in printed and "[bench] round 2: chunked_nocast_hashdrop" in printed
     with pytest.raises(SystemExit, match="--rounds 0"):
         bench.main(["--smoke", "--rounds", "0"])
 
