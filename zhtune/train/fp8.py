@@ -151,7 +151,7 @@ class _FrozenFloat8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight8, weight8_t, weight_inv_scale, fast_grad_input):
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # _scaled_mm's first operand is row-major
         x8, x_inv_scale = to_float8(rows, E4M3)
         out = torch._scaled_mm(x8, weight8.t(), scale_a=x_inv_scale, scale_b=weight_inv_scale, out_dtype=x.dtype,
                                use_fast_accum=True)
@@ -162,7 +162,7 @@ class _FrozenFloat8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight8_t, weight_inv_scale = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
+        rows = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad8, grad_inv_scale = to_float8(rows, E5M2)
         grad_input = torch._scaled_mm(grad8, weight8_t.t(), scale_a=grad_inv_scale, scale_b=weight_inv_scale,
                                       out_dtype=ctx.dtype, use_fast_accum=ctx.fast_grad_input)
