@@ -1,6 +1,7 @@
 """`--fp8 true` (zhtune/train/fp8.py): which linears multiply in float8, how close the loss and the LoRA
-gradients stay to bf16's, that undoing it gives the exact model back, and the CLI's run and its errors.
-On the CPU torch's own float8 kernels run the same torchao code the GPU runs (slowly)."""
+gradients stay to bf16's, that undoing it gives the exact model back, that zhtune's weights-cast-once linear
+(the tensorwise default) computes torchao's tensorwise results bit for bit, and the CLI's run and its errors.
+On the CPU torch's own float8 kernels run the same code the GPU runs (slowly); torchao is the comparison."""
 
 import copy
 import json
