@@ -117,6 +117,7 @@ from kernel_profile import device_profile  # noqa: E402
 from zhtune.train.fast_path import (FastPath, compile_decoder_layers, set_checkpointed_layers,  # noqa: E402
                                     set_lora_input_casting)
 from zhtune.train.fused_lora import fuse_lora_projections, unfuse_lora_projections  # noqa: E402
+from zhtune.train.fold_lora import fold_lora_b, unfold_lora_b  # noqa: E402
 from zhtune.train.hash_dropout import set_hash_dropout  # noqa: E402
 from zhtune.train.memory_plan import PROBE_LAYERS, mlp_output_bytes, plan_checkpointed_layers  # noqa: E402
 from zhtune.train.packing import (FLEX_BLOCK, IGNORE_INDEX, PackedCollator, PaddedCollator,  # noqa: E402
@@ -133,7 +134,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
                     compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, keep=0,
-                    budget=None, dropout=None, fp8_once=True, fp8_fast=True)
+                    budget=None, dropout=None, fp8_once=True, fp8_fast=True, fold=False)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
     "eager_packed": dict(attn="eager", loss="full", cast=True),
@@ -162,6 +163,10 @@ VARIANT_SPECS = {
     "compiled_fused_all_closs_keepmlp": dict(compiled=True, fused=True, selective=True, closs=True, keep=42),
     # zhtune's plan (what `zhtune sft --memory_budget_gib 24` does) within 24 GiB
     "compiled_fused_plan24_closs": dict(compiled=True, fused=True, selective=True, closs=True, ckpt="plan", budget=24),
+    # + LoRA-B folded into the frozen projection's matmul ([x | a] @ [W | s·B]ᵀ; zhtune/train/fold_lora.py):
+    # not yet in `zhtune sft`, until measured here
+    "compiled_fused_selective_closs_fold": dict(compiled=True, fused=True, selective=True, ckpt="plan", closs=True,
+                                                fold=True),
     # the same with inductor's default flex_attention tiles (FastPath.flex_kernels off; zhtune/train/flex_kernels.py)
     "compiled_fused_selective_closs_stockflex": dict(compiled=True, fused=True, selective=True, ckpt="plan",
                                                      closs=True, flex=False),
@@ -684,6 +689,10 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
             unfuse_lora_projections(model)
         set_selective_recomputation(model, spec["selective"])
         undo.callback(set_checkpointed_layers, model, n_layers)
+        if spec["fold"]:
+            fold_lora_b(model)
+            undo.callback(unfold_lora_b, model)
+            note.append("LoRA-B folded into the frozen matmul")
         if spec["fp8"]:
             from zhtune.train.fp8 import apply_fp8, remove_fp8
             apply_fp8(model, spec["fp8"], cast_once=spec["fp8_once"], fast_grad_input=spec["fp8_fast"])

@@ -16,6 +16,8 @@
 #   ENGINE_LORA="--lora_target_modules ALL" ... engines      # other LoRA flags than the seed's
 #   BENCH_VARIANTS=hf_best,compiled_fused_selective_closs_hashdrop BENCH_ROUNDS=3 ... bench
 #                                                   # each timed 3 times in turn: the spread of the x hf_best ratio
+#   BENCH_VARIANTS=compiled_fused_selective_closs_hashdrop,compiled_fused_selective_closs_fold_hashdrop ... bench
+#                                                   # LoRA-B folded into the frozen matmul (not yet in zhtune sft)
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), sft_speed_curves.json (curves),

@@ -31,6 +31,7 @@ import torch
 from zhtune.errors import UserError
 from zhtune.log import logger
 from zhtune.models.parts import decoder_layers
+from zhtune.train.fused_lora import FOLDED_ATTR
 
 RECIPES = ("rowwise", "tensorwise")  # torchao's recipe names: per-row scales (more accurate) or one per tensor
 DEFAULT_RECIPE = "tensorwise"  # the faster on the H200, both within 0.25% of bf16 (benchmarks/RESULTS.md)
@@ -81,9 +82,12 @@ def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_
 
 
 def _swap_linears(module, make) -> int:
-    """Replace every frozen float8-shaped `nn.Linear` under `module` by `make(linear)`; returns how many."""
+    """Replace every frozen float8-shaped `nn.Linear` under `module` by `make(linear)`; returns how many. The base
+    of a projection whose LoRA-B is folded into its matmul (train/fold_lora.py) stays: that matmul is bf16."""
     swapped = 0
     for parent in list(module.modules()):
+        if hasattr(parent, FOLDED_ATTR):
+            continue
         for name, child in list(parent.named_children()):
             if _frozen_linear(child, name):
                 setattr(parent, name, make(child))

@@ -9,7 +9,8 @@ to run computes, for the whole group,
     a = dropout(x) @ cat(A_q, A_k, A_v)^T        # one dropout, one matmul with 3r columns
 
 and each projection adds its own B: out_i = base_i(x) + B_i(a[..., slice_i]) * scaling_i (PEFT's
-formula otherwise unchanged, PEFT's input casting included). The backward gives one input gradient
+formula otherwise unchanged, PEFT's input casting included; `lora_output`, which folds B into the base
+matmul where train/fold_lora.py has). The backward gives one input gradient
 for the group. The LoRA weights stay where PEFT keeps them (same parameters, same state dict, same
 saved adapter); only the forward of the projection modules is replaced, and `unfuse_lora_projections`
 puts PEFT's back.
@@ -37,6 +38,7 @@ from zhtune.models.parts import SharedSplit
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _ATTR = "_zhtune_fused_lora"
+FOLDED_ATTR = "_zhtune_folded_lora_b"  # set by train/fold_lora.py: LoRA-B folded into the frozen matmul
 
 
 def _lora_a(members: list, x: torch.Tensor, adapter: str):
@@ -64,7 +66,16 @@ def _fused_forward(self, x, *args, **kwargs):
     a = group.take(index, x, adapter)
     if a is None:
         return type(self).forward(self, x, *args, **kwargs)
-    return add_lora_b(self, adapter, self.base_layer(x), a)
+    return lora_output(self, adapter, x, a)
+
+
+def lora_output(module, adapter: str, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The projection's output for input x and its LoRA-A output a: one matmul where LoRA-B is folded into
+    the frozen one (train/fold_lora.py), else base(x) + B(a) * scaling."""
+    fold = getattr(module, FOLDED_ATTR, None)
+    if fold is not None and fold.adapter == adapter:
+        return fold(x, a)
+    return add_lora_b(module, adapter, module.base_layer(x), a)
 
 
 def add_lora_b(module, adapter: str, result: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from zhtune.models.parts import decoder_layers
-from zhtune.train.fused_lora import _plain, add_lora_b
+from zhtune.train.fused_lora import FOLDED_ATTR, _plain, lora_output
 
 _ATTR = "_zhtune_recompute"
 _KEEPS = "_zhtune_keeps_mlp_output"
@@ -85,13 +85,14 @@ def _mlp_forward(self, x):
     # for the LoRA: compiled, the two identical activations were merged and the graph kept the result
     # ([tokens, intermediate]) for the backward unless the dropout's p came in as a value
     hidden, a = checkpoint(_act_mul_and_lora_a, down, adapter, self.act_fn, gate, up, use_reentrant=False)
-    return add_lora_b(down, adapter, down.base_layer(hidden), a)
+    return lora_output(down, adapter, hidden, a)
 
 
 def _single_lora(module) -> str | None:
     """The one active adapter of a plain PEFT LoRA Linear, else None (PEFT's own forward then)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
-    if type(module) is not LoraLinear or "forward" in module.__dict__ or len(module.active_adapters) != 1:
+    own_forward = "forward" in module.__dict__ and not hasattr(module, FOLDED_ATTR)  # a folded one computes PEFT's
+    if type(module) is not LoraLinear or own_forward or len(module.active_adapters) != 1:
         return None
     adapter = module.active_adapters[0]
     return adapter if _plain(module, adapter) else None
