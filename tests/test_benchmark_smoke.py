@@ -207,3 +207,17 @@ def test_flex_attention_configs_rows_match_the_training_benchmark():
         real = row_ids[row_ids < 10**6]
         assert torch.bincount(real.long()).tolist() == lengths
         assert bool((real[1:] >= real[:-1]).all()) and (row_ids >= 10**6).sum() == 1024 - sum(lengths)
+
+
+def test_lora_rounding_probe_smoke(tmp_path):
+    """benchmarks/lora_rounding_probe.py on the embedded model, two short steps: three runs from the same weights
+    (the first step's losses agree: no update has happened yet) and their gaps to fp32."""
+    probe = load_benchmark("lora_rounding_probe")
+    out = tmp_path / "probe.json"
+    assert probe.main(["--steps", "2", "--length", "24", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["losses"]) == {"fp32", "bf16_peft", "bf16_folded"}
+    first = [losses[0] for losses in result["losses"].values()]
+    assert max(first) - min(first) < 0.01 * min(first), result["losses"]
+    assert set(result["gap_to_fp32"]) == {"bf16_peft", "bf16_folded"}
+    assert all(len(g) == 2 for g in result["gap_to_fp32"].values())
