@@ -42,10 +42,14 @@ def test_same_loss_and_gradients_as_peft(levers):
     assert_same(loss_and_grads(folded, ids()), loss_and_grads(plain, ids()))
 
 
-def test_updates_of_b_reach_the_folded_matmul_and_unfolding_restores_the_model():
+@pytest.mark.parametrize("copied", [False, True])
+def test_updates_of_b_reach_the_folded_matmul_and_unfolding_restores_the_model(copied):
+    """B's optimizer updates reach the folded matmul (also in a deep copy of a folded model: its own buffers)."""
     plain = lora_model(layers=2)
     folded = copy.deepcopy(plain)
     fold_lora_b(folded)
+    if copied:
+        folded = copy.deepcopy(folded)
     for model in (plain, folded):  # one optimizer step on each: B (and A) change
         loss_and_grads(model, ids())
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()

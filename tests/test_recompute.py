@@ -11,6 +11,7 @@ from test_fused_lora import lora_model, loss_and_grads
 from zhtune.train.fast_path import set_checkpointed_layers
 from zhtune.train.fused_lora import fuse_lora_projections
 from zhtune.train.hash_dropout import set_hash_dropout
+from zhtune.train.fold_lora import fold_lora_b
 from zhtune.train.recompute import set_selective_recomputation
 
 VOCAB = 300
@@ -102,12 +103,16 @@ class _ForwardMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_checkpointed_layers_keeping_the_mlp_output_train_the_same_and_skip_its_matmul():
+@pytest.mark.parametrize("folded", [False, True])
+def test_checkpointed_layers_keeping_the_mlp_output_train_the_same_and_skip_its_matmul(folded):
+    """With LoRA-B folded into the frozen matmul (train/fold_lora.py) the kept output is that one matmul's."""
     plain = lora_model(dropout=0.1, layers=4)
     plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fuse_lora_projections(plain)
     set_selective_recomputation(plain)
     keeping = copy.deepcopy(plain)
+    if folded:  # each copy its own: a deep copy would keep the original's refresh hook
+        fold_lora_b(plain), fold_lora_b(keeping)
     set_checkpointed_layers(plain, 3)
     assert set_checkpointed_layers(keeping, 3, keep_mlp_output=2) == [1, 2, 3]
     layers = keeping.get_base_model().model.layers
@@ -117,7 +122,9 @@ def test_checkpointed_layers_keeping_the_mlp_output_train_the_same_and_skip_its_
     torch.manual_seed(7)
     keeping.zero_grad(set_to_none=True)
     loss_k = keeping(input_ids=ids, labels=ids, use_cache=False).loss
-    with _ForwardMatmuls([layer.mlp.down_proj.base_layer.weight for layer in layers]) as backward:
+    downs = [layer.mlp.down_proj for layer in layers]
+    weights = [d._zhtune_folded_lora_b.buffer if folded else d.base_layer.weight for d in downs]
+    with _ForwardMatmuls(weights) as backward:
         loss_k.backward()
     assert torch.equal(loss_p, loss_k.detach())
     for name, p in keeping.named_parameters():

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from zhtune.models.parts import base_model, decoder_layers
 from zhtune.train.fused_lora import FOLDED_ATTR, _plain
 
-_HOOK = "_zhtune_fold_refresh"
+_HOOK, _FOLDS = "_zhtune_fold_refresh", "_zhtune_folds"  # on the decoder: the hook's handle, the folds
 
 
 class _FoldedMatmul(torch.autograd.Function):
@@ -127,17 +127,18 @@ def fold_lora_b(model) -> int:
             folds.append(fold)
     if folds:
         decoder = base_model(model).get_decoder()
-        previous = getattr(decoder, _HOOK, None)
-        every = (previous[1] if previous else []) + folds
-        if previous:
-            previous[0].remove()
-
-        def refresh(_module, _args):
-            for fold in every:
-                fold.refresh()
-
-        setattr(decoder, _HOOK, (decoder.register_forward_pre_hook(refresh), every))
+        if not hasattr(decoder, _FOLDS):
+            setattr(decoder, _FOLDS, [])
+            setattr(decoder, _HOOK, decoder.register_forward_pre_hook(_refresh))
+        getattr(decoder, _FOLDS).extend(folds)
     return len(folds)
+
+
+def _refresh(decoder, _args) -> None:
+    """The decoder's forward pre-hook: s·B into every folded buffer (stateless, so a deep copy of the model
+    refreshes its own copies)."""
+    for fold in getattr(decoder, _FOLDS, ()):
+        fold.refresh()
 
 
 def unfold_lora_b(model) -> int:
@@ -154,8 +155,8 @@ def unfold_lora_b(model) -> int:
             del module.forward
         n += 1
     decoder = base_model(model).get_decoder()
-    hook = getattr(decoder, _HOOK, None)
-    if hook:
-        hook[0].remove()
+    if hasattr(decoder, _HOOK):
+        getattr(decoder, _HOOK).remove()
         delattr(decoder, _HOOK)
+        delattr(decoder, _FOLDS)
     return n

@@ -154,7 +154,8 @@ def set_keeps_mlp_output(layer, enabled: bool = True) -> None:
         return
     mlp = getattr(layer, "mlp", None)
     down = getattr(mlp, "down_proj", None)
-    weight = getattr(getattr(down, "base_layer", down), "weight", None)
+    fold = getattr(down, FOLDED_ATTR, None)  # LoRA-B folded (train/fold_lora.py): one matmul, mm([x | a], buffer.t())
+    weight = fold.buffer if fold is not None else getattr(getattr(down, "base_layer", down), "weight", None)
     # the down projection's matmul, as autograd's dispatch sees it: mm(x, weight.t())
     setattr(layer, _KEEPS, tuple(weight.shape[::-1]) if weight is not None else ())
     layer.forward = types.MethodType(_checkpointed_layer_forward, layer)
