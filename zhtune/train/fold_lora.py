@@ -19,8 +19,9 @@ dict and the saved adapter do not change.
 
 Where it applies: every plain single-adapter PEFT LoRA Linear of the decoder layers whose frozen base is a
 bias-free `nn.Linear`; the fused LoRA-A groups (train/fused_lora.py) and the selective recomputation's MLP
-(train/recompute.py) call `lora_output`, which uses the fold. Not with `--fp8` (the frozen matmul is float8
-there) and not with a layer that keeps its MLP output (that policy recognises down_proj's own matmul).
+(train/recompute.py) call `lora_output`, which uses the fold, and a checkpointed layer that keeps its MLP
+output keeps the folded matmul's. Not with `--fp8` (the frozen matmul is float8 there: apply_fp8 leaves folded
+projections alone).
 
 Measured on the CPU (benchmarks/lora_rounding_probe.py: the embedded Gemma 3 270M, the seed's LoRA, 8 AdamW
 steps from B = 0 in bf16): the loss stays within 0.0011-0.0021 of fp32's on average, against 0.018-0.023 through
