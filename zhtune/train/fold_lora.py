@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from zhtune.models.parts import base_model, decoder_layers
-from zhtune.train.fused_lora import FOLDED_ATTR, _plain
+from zhtune.train.fused_lora import FOLDED_ATTR, _plain, lora_a_output, single_plain_adapter
 
 _HOOK, _FOLDS = "_zhtune_fold_refresh", "_zhtune_folds"  # on the decoder: the hook's handle, the folds
 
@@ -95,21 +95,16 @@ def _folded_forward(self, x, *args, **kwargs):
     fold = getattr(self, FOLDED_ATTR)
     if args or kwargs or self.active_adapters != [fold.adapter] or not _plain(self, fold.adapter):
         return type(self).forward(self, x, *args, **kwargs)
-    lora_a = self.lora_A[fold.adapter]
-    a = lora_a(self.lora_dropout[fold.adapter](self._cast_input_dtype(x, lora_a.weight.dtype)))
-    return fold(x, a)
+    return fold(x, lora_a_output(self, fold.adapter, x))
 
 
 def _foldable(module) -> str | None:
     """The adapter of a plain single-adapter PEFT LoRA Linear over a bias-free, frozen nn.Linear, else None."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-    if type(module) is not LoraLinear or hasattr(module, FOLDED_ATTR) or len(module.active_adapters) != 1:
+    adapter = None if hasattr(module, FOLDED_ATTR) else single_plain_adapter(module)
+    base = getattr(module, "base_layer", None)
+    if adapter is None or type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad:
         return None
-    adapter = module.active_adapters[0]
-    base = module.base_layer
-    if type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad:
-        return None
-    return adapter if _plain(module, adapter) and not getattr(module, "fan_in_fan_out", False) else None
+    return None if getattr(module, "fan_in_fan_out", False) else adapter
 
 
 def fold_lora_b(model) -> int:

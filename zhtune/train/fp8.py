@@ -107,16 +107,18 @@ def remove_fp8(model) -> int:
               if isinstance(child, float8_linear)]
     for parent, name in places:
         child = getattr(parent, name)
-        if isinstance(child, Float8FrozenLinear):
-            setattr(parent, name, child.restored())
-        else:
-            with torch.device("meta"):
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-            linear.weight, linear.bias = child.weight, child.bias
-            linear.train(child.training)
-            setattr(parent, name, linear)
+        setattr(parent, name, child.restored() if isinstance(child, Float8FrozenLinear) else _linear_of(child))
         del child
     return len(places)
+
+
+def _linear_of(module) -> torch.nn.Linear:
+    """A plain `nn.Linear` holding `module`'s weight and bias parameters (the same objects)."""
+    with torch.device("meta"):
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    linear.weight, linear.bias = module.weight, module.bias
+    linear.train(module.training)
+    return linear
 
 
 def _frozen_linear(module, fqn: str) -> bool:
@@ -127,12 +129,11 @@ def _frozen_linear(module, fqn: str) -> bool:
 
 
 def _import_torchao():
-    """torchao's float8 training parts (Float8Linear, Float8LinearConfig, convert_to_float8_training); its
-    import notices are quieted in zhtune/log.py."""
+    """torchao's float8 training parts (Float8Linear, Float8LinearConfig); its import notices are quieted in
+    zhtune/log.py."""
     import torchao.float8 as float8
     from torchao.float8.float8_linear import Float8Linear
-    return SimpleNamespace(Float8Linear=Float8Linear, Float8LinearConfig=float8.Float8LinearConfig,
-                           convert_to_float8_training=float8.convert_to_float8_training)
+    return SimpleNamespace(Float8Linear=Float8Linear, Float8LinearConfig=float8.Float8LinearConfig)
 
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -201,13 +202,8 @@ class Float8FrozenLinear(torch.nn.Module):
 
     def restored(self) -> torch.nn.Linear:
         """The `nn.Linear` this module replaced: the same parameter object, back on the float8 copies' device."""
-        with torch.device("meta"):
-            linear = torch.nn.Linear(self.in_features, self.out_features, bias=False)
-        weight = self.weight
-        weight.data = weight.data.to(self.weight8.device)
-        linear.weight = weight
-        linear.train(self.training)
-        return linear
+        self.weight.data = self.weight.data.to(self.weight8.device)
+        return _linear_of(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):

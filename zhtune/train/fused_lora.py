@@ -52,6 +52,21 @@ def _lora_a(members: list, x: torch.Tensor, adapter: str):
     return a.split([w.shape[0] for w in weights], dim=-1)
 
 
+def single_plain_adapter(module) -> str | None:
+    """The one active adapter of a plain PEFT LoRA Linear (no variant, not merged or disabled), else None."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    if type(module) is not LoraLinear or len(module.active_adapters) != 1:
+        return None
+    adapter = module.active_adapters[0]
+    return adapter if _plain(module, adapter) else None
+
+
+def lora_a_output(module, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's LoRA-A of one projection: A(dropout(x)), x cast as PEFT casts it."""
+    lora_a = module.lora_A[adapter]
+    return lora_a(module.lora_dropout[adapter](module._cast_input_dtype(x, lora_a.weight.dtype)))
+
+
 def _plain(module, adapter: str) -> bool:
     return (not module.disable_adapters and not module.merged and adapter in module.lora_A
             and adapter not in getattr(module, "lora_variant", {}))

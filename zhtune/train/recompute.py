@@ -36,7 +36,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from zhtune.models.parts import decoder_layers
-from zhtune.train.fused_lora import FOLDED_ATTR, _plain, lora_output
+from zhtune.train.fused_lora import FOLDED_ATTR, lora_a_output, lora_output, single_plain_adapter
 
 _ATTR = "_zhtune_recompute"
 _KEEPS = "_zhtune_keeps_mlp_output"
@@ -67,8 +67,7 @@ def _act_mul(act_fn, gate, up):
 
 def _act_mul_and_lora_a(down, adapter, act_fn, gate, up):
     hidden = _act_mul(act_fn, gate, up)
-    lora_input = down._cast_input_dtype(hidden, down.lora_A[adapter].weight.dtype)
-    return hidden, down.lora_A[adapter](down.lora_dropout[adapter](lora_input))
+    return hidden, lora_a_output(down, adapter, hidden)
 
 
 def _mlp_forward(self, x):
@@ -89,13 +88,10 @@ def _mlp_forward(self, x):
 
 
 def _single_lora(module) -> str | None:
-    """The one active adapter of a plain PEFT LoRA Linear, else None (PEFT's own forward then)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    """The one active adapter of a plain PEFT LoRA Linear running PEFT's computation, else None (PEFT's own
+    forward then)."""
     own_forward = "forward" in module.__dict__ and not hasattr(module, FOLDED_ATTR)  # a folded one computes PEFT's
-    if type(module) is not LoraLinear or own_forward or len(module.active_adapters) != 1:
-        return None
-    adapter = module.active_adapters[0]
-    return adapter if _plain(module, adapter) else None
+    return None if own_forward else single_plain_adapter(module)
 
 
 def _is_norm(module) -> bool:
