@@ -25,8 +25,10 @@ projections alone).
 
 Measured on the CPU (benchmarks/lora_rounding_probe.py: the embedded Gemma 3 270M, the seed's LoRA, 8 AdamW
 steps from B = 0 in bf16): the loss stays within 0.0011-0.0021 of fp32's on average, against 0.018-0.023 through
-PEFT's eager layers, which miss most of the first update. Speed not measured on a GPU yet: benchmarks/
-sft_speed.py's `…_fold` variants; off in `zhtune sft` until they are.
+PEFT's eager layers, which miss most of the first update. Not used by `zhtune sft`: on the H200 (Gemma-2-9B
+config, benchmarks/sft_speed.py's `…_fold` variants, fifteenth session) it ran as fast as the unfolded fast path
+(1.00x: the [N, K + r] matmul takes a slower cuBLAS tile than the [N, K] one, which eats what the LoRA-B
+matmuls gave back), and the fast path's compiled layers already add the LoRA term in fp32.
 """
 
 import types
