@@ -99,7 +99,8 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
         assert main(common + ["--fp8", "false" if fp8 == "false" else "true", "--output_dir", str(out)] + extra) == 0
         runs[fp8] = next(out.glob("*/v*"))
     err = capsys.readouterr().err
-    assert "frozen linear layers of 2 decoder layers multiply in float8" in err
+    assert "frozen linear layers of 2 decoder layers and the lm_head multiply in float8" in err  # tensorwise
+    assert "frozen linear layers of 2 decoder layers multiply in float8 (torchao, rowwise" in err
     assert "float8 base weights (tensorwise, not exact)" in err  # the default: measured faster on the H200
     assert "float8 base weights (rowwise, not exact)" in err
     from safetensors import safe_open
@@ -114,6 +115,62 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
     for recipe in ("true", "rowwise"):
         for a, b in zip(losses[recipe], losses["false"]):
             assert abs(a - b) / b < 0.05, losses
+
+
+def test_the_frozen_lm_head_goes_float8_beside_its_tied_embedding_and_the_chunked_loss_learns_through_it():
+    """Tensorwise: the lm_head's frozen base multiplies in float8 too (PEFT's LoRA on it stays), its weight still
+    the embedding's parameter and left on the device for it; the chunked loss (zhtune's, as the fast path runs it,
+    with the gradient through the float8 head) stays close to fp32's, for the head's LoRA too; removing gives the
+    exact tied model back. `lm_head=False` keeps the head as it was."""
+    from peft import LoraConfig, get_peft_model
+    from test_fused_lora import TARGETS
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from zhtune.train.loss import chunked_causal_lm_loss
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gemma2", 320, layers=2), dtype=torch.float32,
+                                             attn_implementation="eager")  # 320: a float8 shape (x16)
+    plain = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=TARGETS)).train()
+    for name, p in plain.named_parameters():
+        if "lora_B" in name or "lora_embedding_A" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    fp8, bf16_head = copy.deepcopy(plain), copy.deepcopy(plain)
+    assert apply_fp8(bf16_head, lm_head=False) == 2 * BASE_LINEARS and "lm_head" not in str(float8_names(bf16_head))
+    assert apply_fp8(fp8) == 2 * BASE_LINEARS + 1 and apply_fp8(fp8) == 0
+    base = fp8.get_base_model()
+    head = base.lm_head.base_layer
+    assert isinstance(head, Float8FrozenLinear) and not head.weight_on_host and not head.fast_grad_input
+    assert head.weight is base.model.embed_tokens.base_layer.weight, "still the embedding's parameter"
+    layer_linear = base.model.layers[0].self_attn.q_proj.base_layer
+    assert layer_linear.weight_on_host and layer_linear.fast_grad_input
+
+    ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def chunked_loss_and_grads(peft_model):
+        peft_model.zero_grad(set_to_none=True)
+        inner = peft_model.get_base_model()
+        hidden = inner.model(input_ids=ids).last_hidden_state
+        loss_sum, n = chunked_causal_lm_loss(hidden, inner.lm_head, ids, 30.0, chunk_size=16)
+        (loss_sum / n).backward()
+        grads = {k: p.grad.clone() for k, p in peft_model.named_parameters() if p.grad is not None}
+        return float(loss_sum / n), grads
+
+    loss_ref, grads_ref = chunked_loss_and_grads(plain)
+    loss_8, grads_8 = chunked_loss_and_grads(fp8)
+    loss_8_layers, _ = chunked_loss_and_grads(bf16_head)
+    assert loss_8 != loss_8_layers, "the head's float8 rounding must show"
+    assert abs(loss_8 - loss_ref) / loss_ref < 0.02
+    assert set(grads_8) == set(grads_ref) and any("lm_head.lora_B" in k for k in grads_8)
+    for part in ("lm_head.lora", "layers.1.mlp.down_proj.lora"):
+        names = [k for k in grads_ref if part in k]
+        flat = lambda g: torch.cat([g[k].flatten() for k in names])  # noqa: E731
+        assert torch.nn.functional.cosine_similarity(flat(grads_8), flat(grads_ref), dim=0) > 0.98, part
+    assert remove_fp8(fp8) == 2 * BASE_LINEARS + 1 and not float8_names(fp8)
+    base = fp8.get_base_model()
+    assert type(base.lm_head.base_layer) is torch.nn.Linear
+    assert base.lm_head.base_layer.weight is base.model.embed_tokens.base_layer.weight
+    assert chunked_loss_and_grads(fp8)[0] == loss_ref
 
 
 def test_fp8_bad_combinations_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch):

@@ -14,8 +14,13 @@ benchmarks/sft_speed.py reports by how much (`--fp8_curve`). Two implementations
   curve (largest gap to bf16 over 50 steps 0.20% with and without fast accumulation).
 - rowwise (`--fp8_recipe rowwise`): torchao's `Float8Linear` (one scale per row; the weight cast at each call).
 
-The LoRA matrices, the embedding, the tied lm_head (the softcapped logits) and the norms stay in bf16/fp32,
-and a checkpoint is the same as without the option. Needs float8 matmuls: an NVIDIA GPU of compute
+With the tensorwise default the frozen lm_head multiplies in float8 too (its output, the logits before the
+softcap, and the input gradient; PEFT's LoRA on it stays bf16): the chunked loss's two matmuls of 256k columns
+per token were ~7% of the float8 step. Its bf16 weight stays on the device where the embedding shares it, its
+input-gradient matmul (256k products per sum) accumulates precisely, and its output gradient is cast by one
+compiled kernel pair (the loss runs it outside the compiled layers). `ZHTUNE_FP8_LM_HEAD=0` in the environment
+keeps it bf16. The LoRA matrices, the embedding and the norms stay in bf16/fp32, and a checkpoint is the same
+as without the option. Needs float8 matmuls: an NVIDIA GPU of compute
 capability 8.9 or newer (L4, RTX 4090, H100, H200, B200); on a CPU, torch's own float8 kernels (slow; for
 checking the wiring); torchao (`pip install 'zhtune[fp8]'`) for rowwise.
 
@@ -30,7 +35,7 @@ import torch
 
 from zhtune.errors import UserError
 from zhtune.log import logger
-from zhtune.models.parts import decoder_layers
+from zhtune.models.parts import base_model, decoder_layers
 from zhtune.train.fused_lora import FOLDED_ATTR
 
 RECIPES = ("rowwise", "tensorwise")  # torchao's recipe names: per-row scales (more accurate) or one per tensor
@@ -55,30 +60,54 @@ def check_fp8_support(device: str, recipe: str = DEFAULT_RECIPE) -> None:
                             f"(L4, RTX 4090, H100, H200); {name} has {major}.{minor}. Drop --fp8 to train in bf16.")
 
 
-def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_grad_input: bool = True) -> int:
+def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_grad_input: bool = True,
+              lm_head: bool = True) -> int:
     """Swap the frozen base linears of the decoder layers (PEFT's `base_layer`, or the plain linears where no
     LoRA wraps them) for float8 ones sharing their weights; returns how many. Tensorwise with `cast_once`:
-    zhtune's `Float8FrozenLinear` (the weight cast once, torchao's numerics); otherwise torchao's
-    `Float8Linear` (the weight cast at every call). `fast_grad_input`: the input-gradient matmul accumulates
-    with the tensor cores' fast float8 accumulation too (torchao: only the forward's). Trainable linears and
-    every module outside the decoder layers are left alone."""
+    zhtune's `Float8FrozenLinear` (the weight cast once, torchao's numerics), and with `lm_head` the frozen
+    lm_head's too; otherwise torchao's `Float8Linear` (the weight cast at every call). `fast_grad_input`: the
+    decoder's input-gradient matmuls accumulate with the tensor cores' fast float8 accumulation too (torchao:
+    only the forward's). Trainable linears and every other module are left alone."""
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe {recipe!r}; known: {', '.join(RECIPES)}")
     layers = decoder_layers(model) or []
+    head = 0
     if recipe == "tensorwise" and cast_once:
         swapped = sum(_swap_linears(layer, lambda m: Float8FrozenLinear(m, fast_grad_input)) for layer in layers)
         how = ("tensorwise scales, weights cast once, their bf16 in host memory"
                + (", fast accumulation" if fast_grad_input else ""))
+        head = _swap_lm_head(model) if lm_head else 0
     else:
         float8 = _import_torchao()
         config = float8.Float8LinearConfig.from_recipe_name(recipe)
         swapped = sum(_swap_linears(layer, lambda m: float8.Float8Linear.from_float(m, config=config))
                       for layer in layers)
         how = f"torchao, {recipe} scales"
-    if swapped:
-        logger.info(f"fp8: {swapped} frozen linear layers of {len(layers)} decoder layers multiply in float8 "
-                    f"({how}); LoRA, embedding, lm_head and norms stay bf16")
-    return swapped
+    if swapped or head:
+        logger.info(f"fp8: {swapped} frozen linear layers of {len(layers)} decoder layers "
+                    + ("and the lm_head " if head else "") + f"multiply in float8 ({how}); LoRA, embedding"
+                    + ("" if head else ", lm_head") + " and norms stay bf16")
+    return swapped + head
+
+
+def _swap_lm_head(model) -> int:
+    """The frozen lm_head (or the frozen base of PEFT's LoRA around it) as a `Float8FrozenLinear`; 1 if swapped.
+    Its bf16 weight stays on the device where another module shares it (the tied embedding), and its input
+    gradient accumulates precisely: each element sums over the whole vocabulary."""
+    base = base_model(model)
+    head = base.get_output_embeddings()
+    if head is None:
+        return 0
+    shared = [p for _, p in base.named_parameters(remove_duplicate=False)]
+
+    def make(linear):
+        tied = sum(p is linear.weight for p in shared) > 1
+        return Float8FrozenLinear(linear, fast_grad_input=False, weight_on_host=not tied)
+
+    if _frozen_linear(head, ""):
+        base.set_output_embeddings(make(head))
+        return 1
+    return _swap_linears(head, make)  # a LoRA around it: its frozen base_layer
 
 
 def _swap_linears(module, make) -> int:
@@ -149,6 +178,20 @@ def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return (x.to(torch.float32) * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
 
 
+_COMPILED_CAST = {}
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_float8`, compiled where it runs eagerly on a GPU (the lm_head, called by the chunked loss outside
+    the compiled layers): eager, its amax, scaling, clamp and cast each pass over the tensor (a 1,024-token
+    chunk's logit gradient is 0.5 GB in bf16); compiled, one reduction and one cast kernel."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return to_float8(x, dtype)
+    if "fn" not in _COMPILED_CAST:
+        _COMPILED_CAST["fn"] = torch.compile(to_float8, dynamic=None)
+    return _COMPILED_CAST["fn"](x, dtype)
+
+
 class _FrozenFloat8Matmul(torch.autograd.Function):
     """x @ Wᵀ for a frozen W held in float8 twice: W ([out, in]) for the output, Wᵀ ([in, out]) for the input's
     gradient, each the row-major operand `torch._scaled_mm` reads as column-major. x is cast to e4m3 and the
@@ -157,7 +200,7 @@ class _FrozenFloat8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight8, weight8_t, weight_inv_scale, fast_grad_input):
         rows = x.reshape(-1, x.shape[-1]).contiguous()  # _scaled_mm's first operand is row-major
-        x8, x_inv_scale = to_float8(rows, E4M3)
+        x8, x_inv_scale = _cast(rows, E4M3)
         out = torch._scaled_mm(x8, weight8.t(), scale_a=x_inv_scale, scale_b=weight_inv_scale, out_dtype=x.dtype,
                                use_fast_accum=True)
         ctx.save_for_backward(weight8_t, weight_inv_scale)
@@ -168,7 +211,7 @@ class _FrozenFloat8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         weight8_t, weight_inv_scale = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1]).contiguous()
-        grad8, grad_inv_scale = to_float8(rows, E5M2)
+        grad8, grad_inv_scale = _cast(rows, E5M2)
         grad_input = torch._scaled_mm(grad8, weight8_t.t(), scale_a=grad_inv_scale, scale_b=weight_inv_scale,
                                       out_dtype=ctx.dtype, use_fast_accum=ctx.fast_grad_input)
         return grad_input.reshape(*grad.shape[:-1], grad_input.shape[-1]), None, None, None, None
@@ -179,25 +222,27 @@ class Float8FrozenLinear(torch.nn.Module):
     without torchao's per-call amax and cast of a weight that never changes). The device holds the two float8
     copies (W for the output, Wᵀ for the input's gradient: together the bf16 weight's bytes) as plain
     attributes, invisible to state dicts and to DDP's broadcasts; the bf16 parameter itself waits in host
-    memory (`weight`, unregistered) until `remove_fp8` puts it back on the device."""
+    memory (`weight`, unregistered) until `remove_fp8` puts it back on the device, or stays on the device
+    with `weight_on_host=False` (a weight another module uses: the lm_head's tied embedding)."""
 
-    def __init__(self, linear: torch.nn.Linear, fast_grad_input: bool = True):
+    def __init__(self, linear: torch.nn.Linear, fast_grad_input: bool = True, weight_on_host: bool = True):
         super().__init__()
         if linear.bias is not None or linear.weight.requires_grad:
             raise ValueError("Float8FrozenLinear takes a frozen linear without bias")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias, self.fast_grad_input = None, fast_grad_input
+        self.bias, self.fast_grad_input, self.weight_on_host = None, fast_grad_input, weight_on_host
         self.train(linear.training)
         weight = linear.weight
         with torch.no_grad():
             weight8, inv_scale = to_float8(weight, E4M3)
             self.weight8, self.weight8_t, self.weight_inv_scale = weight8, weight8.t().contiguous(), inv_scale
-        weight.data = weight.data.to("cpu")
+        if weight_on_host:
+            weight.data = weight.data.to("cpu")
         self.__dict__["_host_weight"] = weight  # not registered: no parameter of the module while it is float8
 
     @property
     def weight(self) -> torch.nn.Parameter:
-        """The bf16 weight, in host memory while the module lives."""
+        """The bf16 weight, in host memory while the module lives (unless another module shares it)."""
         return self.__dict__["_host_weight"]
 
     def restored(self) -> torch.nn.Linear:
@@ -208,6 +253,8 @@ class Float8FrozenLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if x.numel() == 0:  # the lm_head under the fast path's forward: logits of no token (no scale to take)
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         return _FrozenFloat8Matmul.apply(x, self.weight8, self.weight8_t, self.weight_inv_scale,
                                          self.fast_grad_input)
 
