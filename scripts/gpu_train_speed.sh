@@ -17,7 +17,9 @@
 #   BENCH_VARIANTS=hf_best,compiled_fused_selective_closs_hashdrop BENCH_ROUNDS=3 ... bench
 #                                                   # each timed 3 times in turn: the spread of the x hf_best ratio
 #   BENCH_VARIANTS=compiled_fused_selective_closs_hashdrop,compiled_fused_selective_closs_fold_hashdrop ... bench
-#                                                   # LoRA-B folded into the frozen matmul (not yet in zhtune sft)
+#                                                   # LoRA-B folded into the frozen matmul (1.00x: not in zhtune sft)
+#   FP8_VARIANTS=compiled_fused_selective_closs_fp8_tensorwise_hashdrop,compiled_fused_selective_closs_fp8_tensorwise_bf16head_hashdrop \
+#   FP8_ROUNDS=2 FP8_CURVES=tensorwise,tensorwise_bf16head FP8_PROFILE=... fp8   # the float8 lm_head against a bf16 one
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), sft_speed_curves.json (curves),
@@ -87,7 +89,8 @@ bench() {  # the issue's targets: x eager_packed and x hf_best, >= 11,000 tok/s 
 fp8() {  # --fp8 true's variants (not exact) beside the exact headline, then the 50-step loss curves (~8 min)
     timeout 570 $PY benchmarks/sft_speed.py \
         --variants ${FP8_VARIANTS:-compiled_fused_selective_closs,compiled_fused_selective_closs_fp8,compiled_fused_selective_closs_fp8_tensorwise,compiled_fused_all_closs_fp8} \
-        --mem_budget_gib 80 --time_budget_s 330 --fp8_curve ${FP8_STEPS:-50} --out "$OUT/sft_speed_fp8.json" \
+        --mem_budget_gib 80 --time_budget_s 330 --fp8_curve ${FP8_STEPS:-50} --fp8_curve_recipes ${FP8_CURVES:-rowwise,tensorwise} \
+        --rounds ${FP8_ROUNDS:-1} --profile "${FP8_PROFILE-}" --out "$OUT/sft_speed_fp8.json" \
         2>&1 | tee "$OUT/sft_speed_fp8.log"
 }
 
