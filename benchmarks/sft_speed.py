@@ -134,7 +134,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
                     compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, keep=0,
-                    budget=None, dropout=None, fp8_once=True, fp8_fast=True, fp8_head=True, fold=False)
+                    budget=None, dropout=None, fp8_once=True, fp8_fast=True, fp8_head=False, fold=False)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
     "eager_packed": dict(attn="eager", loss="full", cast=True),
@@ -186,10 +186,11 @@ VARIANT_SPECS = {
     "compiled_fused_selective_closs_fp8_tensorwise_precisegi": dict(compiled=True, fused=True, selective=True,
                                                                     ckpt="plan", closs=True, fp8="tensorwise",
                                                                     fp8_fast=False),
-    # cast once, the lm_head left in bf16 (zhtune's default until the fifteenth session)
-    "compiled_fused_selective_closs_fp8_tensorwise_bf16head": dict(compiled=True, fused=True, selective=True,
-                                                                   ckpt="plan", closs=True, fp8="tensorwise",
-                                                                   fp8_head=False),
+    # cast once, the lm_head's frozen weight in float8 too (ZHTUNE_FP8_LM_HEAD=1; named `…_tensorwise` in the
+    # fifteenth session's call 2, where the bf16 head was `…_tensorwise_bf16head`)
+    "compiled_fused_selective_closs_fp8_tensorwise_head": dict(compiled=True, fused=True, selective=True,
+                                                               ckpt="plan", closs=True, fp8="tensorwise",
+                                                               fp8_head=True),
     "compiled_fused_all_closs_fp8": dict(compiled=True, fused=True, selective=True, closs=True, fp8="rowwise"),
     "compiled_fused_all_closs_fp8_tensorwise": dict(compiled=True, fused=True, selective=True, closs=True,
                                                     fp8="tensorwise"),
@@ -202,7 +203,7 @@ VARIANTS = list(VARIANT_SPECS)
 FP8_CURVES = {"rowwise": dict(recipe="rowwise"), "tensorwise": dict(recipe="tensorwise"),
               "tensorwise_precisegi": dict(recipe="tensorwise", fast_grad_input=False),
               "tensorwise_percall": dict(recipe="tensorwise", cast_once=False),
-              "tensorwise_bf16head": dict(recipe="tensorwise", lm_head=False)}
+              "tensorwise_head": dict(recipe="tensorwise", lm_head=True)}
 REFERENCES = ("baseline", "eager_packed", "hf_best")  # the results report x each of these
 H100_BF16_PEAK = 989e12
 LENGTHS = Path(__file__).resolve().parent / "alpaca_zh_lengths.json"

@@ -18,8 +18,8 @@
 #                                                   # each timed 3 times in turn: the spread of the x hf_best ratio
 #   BENCH_VARIANTS=compiled_fused_selective_closs_hashdrop,compiled_fused_selective_closs_fold_hashdrop ... bench
 #                                                   # LoRA-B folded into the frozen matmul (1.00x: not in zhtune sft)
-#   FP8_VARIANTS=compiled_fused_selective_closs_fp8_tensorwise_hashdrop,compiled_fused_selective_closs_fp8_tensorwise_bf16head_hashdrop \
-#   FP8_ROUNDS=2 FP8_CURVES=tensorwise,tensorwise_bf16head FP8_PROFILE=... fp8   # the float8 lm_head against a bf16 one
+#   FP8_VARIANTS=compiled_fused_selective_closs_fp8_tensorwise_hashdrop,compiled_fused_selective_closs_fp8_tensorwise_head_hashdrop \
+#   FP8_ROUNDS=2 FP8_CURVES=tensorwise,tensorwise_head FP8_PROFILE=... fp8   # the float8 lm_head (opt-in) against bf16's
 #
 # (two calls: one call may run 10 minutes at most). Results go to $OUT (default /tmp/out16):
 #   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), sft_speed_curves.json (curves),

@@ -86,7 +86,7 @@ def test_loss_and_lora_gradients_stay_close_and_removing_restores_the_exact_mode
     assert fp8.state_dict().keys() == plain.state_dict().keys()
 
 
-def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_path, capsys):
+def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_path, capsys, monkeypatch):
     from helpers import write_chat_jsonl
     data = write_chat_jsonl(tmp_path / "d.jsonl", 12)
     common = ["sft", "--model_id_or_path", str(tiny_models["gemma2"]), "--dataset", str(data),
@@ -94,13 +94,15 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
               "--dtype", "bf16", "--fast_path", "true", "--max_steps", "2", "--eval_steps", "2",
               "--logging_steps", "1", "--gradient_accumulation_steps", "1"]
     runs = {}
-    for fp8, extra in (("false", []), ("true", []), ("rowwise", ["--fp8_recipe", "rowwise"])):
+    for fp8, extra in (("false", []), ("true", []), ("rowwise", ["--fp8_recipe", "rowwise"]), ("head", [])):
         out = tmp_path / f"out-{fp8}"
+        if fp8 == "head":
+            monkeypatch.setenv("ZHTUNE_FP8_LM_HEAD", "1")  # opt-in: the lm_head's frozen weight in float8 too
         assert main(common + ["--fp8", "false" if fp8 == "false" else "true", "--output_dir", str(out)] + extra) == 0
         runs[fp8] = next(out.glob("*/v*"))
     err = capsys.readouterr().err
-    assert "frozen linear layers of 2 decoder layers and the lm_head multiply in float8" in err  # tensorwise
-    assert "frozen linear layers of 2 decoder layers multiply in float8 (torchao, rowwise" in err
+    assert err.count("frozen linear layers of 2 decoder layers multiply in float8 (tensorwise") == 1
+    assert err.count("frozen linear layers of 2 decoder layers and the lm_head multiply in float8 (tensorwise") == 1
     assert "float8 base weights (tensorwise, not exact)" in err  # the default: measured faster on the H200
     assert "float8 base weights (rowwise, not exact)" in err
     from safetensors import safe_open
@@ -108,20 +110,21 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
     for fp8, run in runs.items():
         with safe_open(str(run / "checkpoint-2" / "adapter_model.safetensors"), "pt") as f:
             keys[fp8] = set(f.keys())
-    assert keys["true"] == keys["rowwise"] == keys["false"] and keys["true"]
+    assert keys["true"] == keys["rowwise"] == keys["head"] == keys["false"] and keys["true"]
     losses = {fp8: [r["loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
               for fp8, run in runs.items()}
-    assert len(losses["true"]) == len(losses["rowwise"]) == len(losses["false"]) == 2
-    for recipe in ("true", "rowwise"):
+    assert [len(v) for v in losses.values()] == [2] * 4
+    assert losses["head"] != losses["true"], "the head's float8 rounding shows"
+    for recipe in ("true", "rowwise", "head"):
         for a, b in zip(losses[recipe], losses["false"]):
             assert abs(a - b) / b < 0.05, losses
 
 
 def test_the_frozen_lm_head_goes_float8_beside_its_tied_embedding_and_the_chunked_loss_learns_through_it():
-    """Tensorwise: the lm_head's frozen base multiplies in float8 too (PEFT's LoRA on it stays), its weight still
-    the embedding's parameter and left on the device for it; the chunked loss (zhtune's, as the fast path runs it,
-    with the gradient through the float8 head) stays close to fp32's, for the head's LoRA too; removing gives the
-    exact tied model back. `lm_head=False` keeps the head as it was."""
+    """Opt-in (ZHTUNE_FP8_LM_HEAD=1), tensorwise: the lm_head's frozen base multiplies in float8 too (PEFT's LoRA
+    on it stays), its weight still the embedding's parameter and left on the device for it; the chunked loss
+    (zhtune's, as the fast path runs it, with the gradient through the float8 head) stays close to fp32's, for the
+    head's LoRA too; removing gives the exact tied model back. By default the head stays as it was."""
     from peft import LoraConfig, get_peft_model
     from test_fused_lora import TARGETS
     from tiny_models import tiny_config
@@ -136,8 +139,8 @@ def test_the_frozen_lm_head_goes_float8_beside_its_tied_embedding_and_the_chunke
         if "lora_B" in name or "lora_embedding_A" in name:
             torch.nn.init.normal_(p, std=0.05)
     fp8, bf16_head = copy.deepcopy(plain), copy.deepcopy(plain)
-    assert apply_fp8(bf16_head, lm_head=False) == 2 * BASE_LINEARS and "lm_head" not in str(float8_names(bf16_head))
-    assert apply_fp8(fp8) == 2 * BASE_LINEARS + 1 and apply_fp8(fp8) == 0
+    assert apply_fp8(bf16_head) == 2 * BASE_LINEARS and "lm_head" not in str(float8_names(bf16_head))
+    assert apply_fp8(fp8, lm_head=True) == 2 * BASE_LINEARS + 1 and apply_fp8(fp8, lm_head=True) == 0
     base = fp8.get_base_model()
     head = base.lm_head.base_layer
     assert isinstance(head, Float8FrozenLinear) and not head.weight_on_host and not head.fast_grad_input

@@ -25,8 +25,8 @@ fuses and may recompute instead of drawing Philox numbers and keeping the masks;
 2.5 GiB less at 80 GiB; ZHTUNE_HASH_DROPOUT=0 in the environment keeps nn.Dropout).
 Each is also a field here: False turns it off. Not exact, off unless asked (`--fp8 true`): `fp8`, the frozen
 base linears in float8 (train/fp8.py; ZHTUNE_FP8_FAST_ACCUM=0 in the environment: their input-gradient matmuls
-accumulate precisely, as torchao's do: 0.97-0.98x on the H200, the same losses; ZHTUNE_FP8_LM_HEAD=0: the
-lm_head stays bf16).
+accumulate precisely, as torchao's do: 0.97-0.98x on the H200, the same losses; ZHTUNE_FP8_LM_HEAD=1: the
+lm_head's too).
 `set_checkpointed_layers` checkpoints only as many decoder layers as memory needs.
 """
 
@@ -186,7 +186,7 @@ class FastPath:
         if self.fp8:
             from zhtune.train.fp8 import apply_fp8
             if apply_fp8(model, self.fp8, fast_grad_input=env_switch("ZHTUNE_FP8_FAST_ACCUM", True),
-                         lm_head=env_switch("ZHTUNE_FP8_LM_HEAD", True)):
+                         lm_head=env_switch("ZHTUNE_FP8_LM_HEAD", False)):
                 applied.append(f"float8 base weights ({self.fp8}, not exact)")
         if self._flex_kernel_options(model):
             applied.append("flex_attention tiles measured for this GPU")

@@ -14,13 +14,13 @@ benchmarks/sft_speed.py reports by how much (`--fp8_curve`). Two implementations
   curve (largest gap to bf16 over 50 steps 0.20% with and without fast accumulation).
 - rowwise (`--fp8_recipe rowwise`): torchao's `Float8Linear` (one scale per row; the weight cast at each call).
 
-With the tensorwise default the frozen lm_head multiplies in float8 too (its output, the logits before the
-softcap, and the input gradient; PEFT's LoRA on it stays bf16): the chunked loss's two matmuls of 256k columns
-per token were ~7% of the float8 step. Its bf16 weight stays on the device where the embedding shares it, its
-input-gradient matmul (256k products per sum) accumulates precisely, and its output gradient is cast by one
-compiled kernel pair (the loss runs it outside the compiled layers). `ZHTUNE_FP8_LM_HEAD=0` in the environment
-keeps it bf16. The LoRA matrices, the embedding and the norms stay in bf16/fp32, and a checkpoint is the same
-as without the option. Needs float8 matmuls: an NVIDIA GPU of compute
+The LoRA matrices, the embedding, the lm_head and the norms stay in bf16/fp32, and a checkpoint is the same
+as without the option. Opt-in, `ZHTUNE_FP8_LM_HEAD=1` in the environment (tensorwise only): the frozen lm_head
+multiplies in float8 too (the logits before the softcap and their input gradient; PEFT's LoRA on it stays
+bf16; its bf16 weight stays on the device where the tied embedding shares it; its input-gradient matmul, 256k
+products per sum, accumulates precisely; its output gradient cast by a compiled kernel pair, the loss running
+outside the compiled layers). Off by default: on the H200 it gave 1.015x (benchmark) at 1.7 GiB more, while on
+the real Gemma 3 270M it moved the loss a further 1.35% from bf16's (benchmarks/RESULTS.md, fifteenth session). Needs float8 matmuls: an NVIDIA GPU of compute
 capability 8.9 or newer (L4, RTX 4090, H100, H200, B200); on a CPU, torch's own float8 kernels (slow; for
 checking the wiring); torchao (`pip install 'zhtune[fp8]'`) for rowwise.
 
@@ -61,7 +61,7 @@ def check_fp8_support(device: str, recipe: str = DEFAULT_RECIPE) -> None:
 
 
 def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_grad_input: bool = True,
-              lm_head: bool = True) -> int:
+              lm_head: bool = False) -> int:
     """Swap the frozen base linears of the decoder layers (PEFT's `base_layer`, or the plain linears where no
     LoRA wraps them) for float8 ones sharing their weights; returns how many. Tensorwise with `cast_once`:
     zhtune's `Float8FrozenLinear` (the weight cast once, torchao's numerics), and with `lm_head` the frozen
