@@ -221,3 +221,20 @@ def test_lora_rounding_probe_smoke(tmp_path):
     assert max(first) - min(first) < 0.01 * min(first), result["losses"]
     assert set(result["gap_to_fp32"]) == {"bf16_peft", "bf16_folded"}
     assert all(len(g) == 2 for g in result["gap_to_fp32"].values())
+
+
+def test_fp8_loss_probe_smoke(tmp_path):
+    """benchmarks/fp8_loss_probe.py on the embedded model, one short step from an alpaca-style file: every float8
+    run (torchao's rowwise where installed) moves the loss from bf16's (128 tokens of one repeated sentence: by up
+    to ~12%, not the real measurement's size)."""
+    probe = load_benchmark("fp8_loss_probe")
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"instruction": "介绍一下长城。", "input": "", "output": "长城是中国古代的军事防御工程。"}],
+                               ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "probe.json"
+    assert probe.main(["--data", str(data), "--steps", "1", "--length", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"bf16", "fp8_tensorwise", "fp8_tensorwise_head"} <= set(result["losses"])
+    assert set(result["relative_gap_to_bf16"]) == set(result["losses"]) - {"bf16"}
+    for name, (gap,) in result["relative_gap_to_bf16"].items():
+        assert 0 < abs(gap) < 0.5, (name, gap)
