@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_rounding_probe import TEXTS  # noqa: E402
+from lora_rounding_probe import TEXTS, curve  # noqa: E402
 
 from zhtune.models.embedded import embedded_model_dir  # noqa: E402
 from zhtune.train.fp8 import apply_fp8  # noqa: E402
@@ -64,23 +64,13 @@ def lora_model(folder: Path, seed: int):
     return model.train()
 
 
-def losses_of(model, ids: torch.Tensor, steps: int, name: str, start: float) -> list[float]:
+def chunked_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The mean token loss as the fast path computes it (zhtune/train/loss.py: chunked, softcapped, fp32)."""
     inner = model.get_base_model()
-    softcap = getattr(inner.config, "final_logit_softcapping", None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
-    losses = []
-    for step in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = inner.model(input_ids=ids).last_hidden_state
-            loss_sum, n = chunked_causal_lm_loss(hidden, inner.lm_head, ids, softcap, 1024)
-        loss = loss_sum / n
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        print(f"[probe] {name}: step {step + 1}/{steps}, loss {losses[-1]:.5f} ({time.perf_counter() - start:.0f}s)",
-              flush=True)
-    return losses
+    hidden = inner.model(input_ids=ids).last_hidden_state
+    loss_sum, n = chunked_causal_lm_loss(hidden, inner.lm_head, ids,
+                                         getattr(inner.config, "final_logit_softcapping", None), 1024)
+    return loss_sum / n
 
 
 def main(argv=None) -> int:
@@ -105,7 +95,7 @@ def main(argv=None) -> int:
             except ImportError:
                 print(f"[probe] {name}: skipped (torchao not installed)")
                 continue
-        curves[name] = losses_of(model, ids, args.steps, name, start)
+        curves[name] = curve(model, ids, args.steps, True, name, start, loss_of=chunked_loss)
     ref = curves["bf16"]
     gaps = {name: [(a - b) / b for a, b in zip(c, ref)] for name, c in curves.items() if name != "bf16"}
     for name, gap in gaps.items():
