@@ -20,9 +20,12 @@ multiplies in float8 too (the logits before the softcap and their input gradient
 bf16; its bf16 weight stays on the device where the tied embedding shares it; its input-gradient matmul, 256k
 products per sum, accumulates precisely; its output gradient cast by a compiled kernel pair, the loss running
 outside the compiled layers). Off by default: on the H200 it gave 1.015x (benchmark) at 1.7 GiB more, while on
-the real Gemma 3 270M it moved the loss a further 1.35% from bf16's (benchmarks/RESULTS.md, fifteenth session). Needs float8 matmuls: an NVIDIA GPU of compute
-capability 8.9 or newer (L4, RTX 4090, H100, H200, B200); on a CPU, torch's own float8 kernels (slow; for
-checking the wiring); torchao (`pip install 'zhtune[fp8]'`) for rowwise.
+the real Gemma 3 270M it moved the loss a further 0.7-1.8 points of a percent from bf16's (benchmarks/
+fp8_loss_probe.py; benchmarks/RESULTS.md, fifteenth session).
+
+Needs float8 matmuls: an NVIDIA GPU of compute capability 8.9 or newer (L4, RTX 4090, H100, H200, B200); on a
+CPU, torch's own float8 kernels (slow; for checking the wiring); torchao (`pip install 'zhtune[fp8]'`) for
+rowwise.
 
 No weight gradient is computed for the frozen weights: `Float8FrozenLinear` has none; torchao's matmul's is
 dropped where the decoder layers compile (the compiled backward never returns it: one float8 matmul forward,
