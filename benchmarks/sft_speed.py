@@ -461,6 +461,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time_budget_s", type=float, default=400.0, help="skip variants that would start later")
     ap.add_argument("--rounds", type=int, default=1, help="time every variant this many times, in turn (one process, "
                     "one GPU): tokens/s and ratios per round, their median; checks and profiles in the first round")
+    ap.add_argument("--fresh_compile", action="store_true", help="clear torch.compile's caches (torch._dynamo.reset) "
+                    "before every variant and round: each then compiles its graphs anew, none left from the variants "
+                    "before (variants timed after others ran 10-20%% slower on the H200; cause not found)")
     ap.add_argument("--fp8_curve", type=int, default=0, metavar="N", help="after the variants: N AdamW steps from "
                     "the same LoRA weights in bf16 and with each float8 recipe (the headline levers), and the "
                     "largest relative gap between their per-step losses")
@@ -678,6 +681,9 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
     batches = work.batches[:1] + work.batches * repeat
     n_layers = n_layers_of(model)
     note = [f"loss chunks of {spec['chunk']} tokens"] if spec["chunk"] else []
+    if args.fresh_compile:
+        import torch._dynamo as dynamo  # (binds `dynamo`, not a function-local `torch`)
+        dynamo.reset()
     with contextlib.ExitStack() as undo:
         if spec["attn"] == "eager":
             set_attention(model, "eager")

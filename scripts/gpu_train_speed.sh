@@ -18,6 +18,8 @@
 #                                                   # each timed 3 times in turn: the spread of the x hf_best ratio
 #   BENCH_VARIANTS=compiled_fused_selective_closs_hashdrop,compiled_fused_selective_closs_fold_hashdrop ... bench
 #                                                   # LoRA-B folded into the frozen matmul (1.00x: not in zhtune sft)
+#   BENCH_ARGS=--fresh_compile BENCH_ROUNDS=2 ... bench  # torch.compile's caches cleared before every variant:
+#                                                   # do variants timed after others still run slower?
 #   FP8_VARIANTS=compiled_fused_selective_closs_fp8_tensorwise_hashdrop,compiled_fused_selective_closs_fp8_tensorwise_head_hashdrop \
 #   FP8_ROUNDS=2 FP8_CURVES=tensorwise,tensorwise_head FP8_PROFILE=... fp8   # the float8 lm_head (opt-in) against bf16's
 #
@@ -81,7 +83,7 @@ PY
 bench() {  # the issue's targets: x eager_packed and x hf_best, >= 11,000 tok/s <= 80 GiB, >= 8,500 <= 24 GiB
     timeout 570 $PY benchmarks/sft_speed.py \
         --variants ${BENCH_VARIANTS:-baseline,eager_packed,hf_best,compiled_fused_all_closs,compiled_fused_plan24_closs_hashdrop,compiled_fused_selective_closs,compiled_fused_selective_closs_hashdrop} \
-        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --rounds ${BENCH_ROUNDS:-1} --profile "${BENCH_PROFILE-hf_best,compiled_fused_selective_closs_hashdrop}" \
+        --baseline_rows 1 --mem_budget_gib 80 --time_budget_s 480 --rounds ${BENCH_ROUNDS:-1} --profile "${BENCH_PROFILE-hf_best,compiled_fused_selective_closs_hashdrop}" ${BENCH_ARGS:-} \
         --out "$OUT/sft_speed.json" \
         2>&1 | tee "$OUT/sft_speed.log"
 }

@@ -54,12 +54,15 @@ def test_sft_speed_dropout_suffixes(tmp_path):
         bench.main(["--smoke", "--variants", "chunked_nocast_hashdrop_x"])
 
 
-def test_sft_speed_rounds(tmp_path, capsys):
+def test_sft_speed_rounds(tmp_path, capsys, monkeypatch):
     """--rounds 2: every variant timed twice in turn, tokens/s and the ratios per round and their median."""
     bench = load_benchmark("sft_speed")
     out = tmp_path / "results.json"
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     assert bench.main(["--smoke", "--variants", "eager_packed,chunked_nocast_hashdrop", "--check", "false",
-                       "--rounds", "2", "--out", str(out)]) == 0
+                       "--rounds", "2", "--fresh_compile", "--out", str(out)]) == 0
+    assert len(resets) == 4, "--fresh_compile: compile caches cleared before each variant in each round"
     variants = json.loads(out.read_text())["variants"]
     ref, fast = variants["eager_packed"], variants["chunked_nocast_hashdrop"]
     assert len(ref["rounds"]) == len(fast["rounds"]) == 2 and ref["rounds"][0] == ref["tokens_per_s"]
