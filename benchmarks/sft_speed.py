@@ -164,7 +164,7 @@ VARIANT_SPECS = {
     # zhtune's plan (what `zhtune sft --memory_budget_gib 24` does) within 24 GiB
     "compiled_fused_plan24_closs": dict(compiled=True, fused=True, selective=True, closs=True, ckpt="plan", budget=24),
     # + LoRA-B folded into the frozen projection's matmul ([x | a] @ [W | s·B]ᵀ; zhtune/train/fold_lora.py):
-    # not yet in `zhtune sft`, until measured here
+    # 1.00x on the H200 (fifteenth session), so not in `zhtune sft`
     "compiled_fused_selective_closs_fold": dict(compiled=True, fused=True, selective=True, ckpt="plan", closs=True,
                                                 fold=True),
     # the same with inductor's default flex_attention tiles (FastPath.flex_kernels off; zhtune/train/flex_kernels.py)

@@ -109,7 +109,7 @@ def _swap_lm_head(model) -> int:
         tied = sum(p is linear.weight for p in shared) > 1
         return Float8FrozenLinear(linear, fast_grad_input=False, weight_on_host=not tied)
 
-    if _frozen_linear(head, ""):
+    if _frozen_linear(head):
         base.set_output_embeddings(make(head))
         return 1
     return _swap_linears(head, make)  # a LoRA around it: its frozen base_layer
@@ -123,7 +123,7 @@ def _swap_linears(module, make) -> int:
         if hasattr(parent, FOLDED_ATTR):
             continue
         for name, child in list(parent.named_children()):
-            if _frozen_linear(child, name):
+            if _frozen_linear(child):
                 setattr(parent, name, make(child))
                 swapped += 1
     return swapped
@@ -155,7 +155,7 @@ def _linear_of(module) -> torch.nn.Linear:
     return linear
 
 
-def _frozen_linear(module, fqn: str) -> bool:
+def _frozen_linear(module) -> bool:
     """Plain `nn.Linear`s whose weight is frozen and whose shape float8 matmuls take (multiples of 16)."""
     if type(module) is not torch.nn.Linear or module.weight.requires_grad:
         return False

@@ -21,8 +21,9 @@ in two runs (1.026x with a first, two-mix hash), and 2.5 GiB less at the peak (7
 dropout off the same step is 1.058x. Where the layers had first been compiled with another p (inductor
 then takes p as a value, not a constant) the peak was 61.5 GiB: the backward recomputed the MLP's activation
 ([tokens, intermediate] per layer) that the constant-p graph kept. The cause was in train/recompute.py (two
-checkpoints computing the same activation, merged by the compiler); changed after that measurement, on the
-CPU the compiled layer now keeps only gate and up with either dropout (not yet measured on the GPU).
+checkpoints computing the same activation, merged by the compiler); changed after that measurement, the
+compiled layer now keeps only gate and up with either dropout (61.5 GiB with hashed masks on the H200,
+fourteenth session).
 
 On by default where the decoder layers compile (`FastPath.hash_dropout`, a GPU); eager code keeps
 `nn.Dropout` (the index tensor would be materialised there). `set_hash_dropout(model)` swaps every LoRA
