@@ -1,14 +1,15 @@
 """How far does `--fp8 true` move the loss of a real model? (CPU, a few minutes.)
 
-    python benchmarks/fp8_loss_probe.py [--data alpaca_zh_demo.json] [--steps 3] [--out FILE.json]
+    python benchmarks/fp8_loss_probe.py [--data alpaca_zh_demo.json] [--steps 3] [--device cuda] [--out FILE.json]
 
 The GPU benchmarks (sft_speed.py --fp8_curve) train Gemma-2-9B's config with random weights, whose activations
 have none of a trained model's outliers; there float8 stayed within 0.2% of bf16's loss. Here the embedded
 Gemma 3 270M (real weights) in bf16, the seed's LoRA (r=8, alpha=32, no dropout; every decoder linear and the
 lm_head; B drawn small so the LoRA path is live), zhtune's chunked softcapped loss as the fast path runs it,
-a few AdamW steps (lr 1e-4) on 4 rows of Chinese text, from the same weights in each run: bf16, float8
-tensorwise (zhtune's default), tensorwise with the lm_head in float8 too (ZHTUNE_FP8_LM_HEAD=1), and torchao's
-rowwise (when torchao is installed). torch's own float8 kernels run on the CPU: the numerics a GPU computes,
+a few AdamW steps (lr 1e-4), each on 4 new rows of Chinese text (until 2026-11-30's fifteenth session: the
+same 4 rows every step), from the same weights in each run: bf16, float8 tensorwise (zhtune's default), delayed
+(scales from earlier steps' maxima), tensorwise with the lm_head in float8 too (ZHTUNE_FP8_LM_HEAD=1), and
+torchao's rowwise (when torchao is installed; `--runs` picks). torch's own float8 kernels run on the CPU: the numerics a GPU computes,
 slowly. Reported: each run's losses and their relative gap to bf16's.
 """
 
@@ -31,7 +32,7 @@ from zhtune.train.fp8 import apply_fp8  # noqa: E402
 from zhtune.train.loss import chunked_causal_lm_loss  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-RUNS = {"bf16": None, "fp8_tensorwise": dict(recipe="tensorwise"),
+RUNS = {"bf16": None, "fp8_tensorwise": dict(recipe="tensorwise"), "fp8_delayed": dict(recipe="delayed"),
         "fp8_tensorwise_head": dict(recipe="tensorwise", lm_head=True), "fp8_rowwise": dict(recipe="rowwise")}
 
 
@@ -44,12 +45,13 @@ def texts_of(data: str | None) -> list[str]:
     return ["\n".join(str(v) for v in row.values() if v) for row in rows]
 
 
-def batch(folder: Path, texts: list[str], length: int) -> torch.Tensor:
-    """4 rows of `length` tokens: the texts' tokens in order, repeated if too few."""
+def batches(folder: Path, texts: list[str], length: int, steps: int) -> list[torch.Tensor]:
+    """One batch of 4 rows of `length` tokens per step, each the next tokens of the texts (repeated if too few):
+    every step sees new rows, as in training (delayed scales come from earlier batches)."""
     from transformers import AutoTokenizer
     ids = AutoTokenizer.from_pretrained(folder)("\n".join(texts))["input_ids"]
-    need = 4 * length
-    return torch.tensor((ids * (need // len(ids) + 1))[:need]).reshape(4, length)
+    need = steps * 4 * length
+    return list(torch.tensor((ids * (need // len(ids) + 1))[:need]).reshape(steps, 4, length))
 
 
 def lora_model(folder: Path, seed: int):
@@ -80,14 +82,21 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=512, help="tokens per row (4 rows)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the GPU's float8 kernels, in seconds")
+    ap.add_argument("--runs", default=",".join(RUNS), help="which runs (bf16 always first): " + ", ".join(RUNS))
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     folder = embedded_model_dir()
-    ids = batch(folder, texts_of(args.data), args.length)
-    base = lora_model(folder, args.seed)
+    ids = [rows.to(args.device) for rows in batches(folder, texts_of(args.data), args.length, args.steps)]
+    base = lora_model(folder, args.seed).to(args.device)
     curves = {}
-    for name, float8 in RUNS.items():
+    names = ["bf16", *(n for n in args.runs.split(",") if n and n != "bf16")]
+    unknown = set(names) - set(RUNS)
+    if unknown:
+        raise SystemExit(f"--runs: unknown {', '.join(sorted(unknown))}; known: {', '.join(RUNS)}")
+    for name in names:
+        float8 = RUNS[name]
         model = copy.deepcopy(base)
         if float8 is not None:
             try:
@@ -101,9 +110,10 @@ def main(argv=None) -> int:
     for name, gap in gaps.items():
         print(f"[probe] {name} against bf16, steps 1-{args.steps}: " + " ".join(f"{g:+.2%}" for g in gap))
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": "cpu", "date": time.strftime("%Y-%m-%d"),
+        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+        Path(args.out).write_text(json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"),
                                               "data": Path(args.data).name if args.data else "built-in",
-                                              "rows": len(ids), "length": args.length, "steps": args.steps,
+                                              "rows_per_step": 4, "length": args.length, "steps": args.steps,
                                               "seed": args.seed, "losses": curves, "relative_gap_to_bf16": gaps},
                                              indent=1))
     return 0

@@ -59,15 +59,17 @@ def model_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def curve(model, ids, steps: int, autocast: bool, name: str, start: float, loss_of=model_loss) -> list[float]:
-    """`steps` AdamW steps (lr 1e-4, weight decay 0.1, as `zhtune sft`) on `ids`; the loss of each, printed as it
-    comes. `loss_of(model, ids)`: the loss to train (default: the model's own)."""
+    """`steps` AdamW steps (lr 1e-4, weight decay 0.1, as `zhtune sft`) on `ids` (one batch, or a list: step i
+    trains on batch i modulo its length); the loss of each, printed as it comes. `loss_of(model, ids)`: the loss
+    to train (default: the model's own)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
     losses = []
     for step in range(steps):
-        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        device = (ids[0] if isinstance(ids, list) else ids).device.type
+        context = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with context:
-            loss = loss_of(model, ids)
+            loss = loss_of(model, ids[step % len(ids)] if isinstance(ids, list) else ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@
 #   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each);
 #                                                            # "single": zhtune sft on one GPU, no engine flag;
 #                                                            # "fp8": the same with --fp8 true
+#                                                            # "fp8_delayed": --fp8 true --fp8_recipe delayed
 #   ENGINE_LORA="--lora_target_modules ALL" ... engines      # other LoRA flags than the seed's
 #   BENCH_VARIANTS=hf_best,compiled_fused_selective_closs_hashdrop BENCH_ROUNDS=3 ... bench
 #                                                   # each timed 3 times in turn: the spread of the x hf_best ratio
@@ -91,7 +92,7 @@ bench() {  # the issue's targets: x eager_packed and x hf_best, >= 11,000 tok/s 
 fp8() {  # --fp8 true's variants (not exact) beside the exact headline, then the 50-step loss curves (~8 min)
     timeout 570 $PY benchmarks/sft_speed.py \
         --variants ${FP8_VARIANTS:-compiled_fused_selective_closs,compiled_fused_selective_closs_fp8,compiled_fused_selective_closs_fp8_tensorwise,compiled_fused_all_closs_fp8} \
-        --mem_budget_gib 80 --time_budget_s 330 --fp8_curve ${FP8_STEPS:-50} --fp8_curve_recipes ${FP8_CURVES:-rowwise,tensorwise} \
+        --mem_budget_gib 80 --time_budget_s ${FP8_TIME:-330} --fp8_curve ${FP8_STEPS:-50} --fp8_curve_recipes ${FP8_CURVES:-rowwise,tensorwise} \
         --rounds ${FP8_ROUNDS:-1} --profile "${FP8_PROFILE-}" --out "$OUT/sft_speed_fp8.json" \
         2>&1 | tee "$OUT/sft_speed_fp8.log"
 }
@@ -139,6 +140,7 @@ PY
         case $name in
             single) flag="" ;;  # one GPU, no engine: the fast path as a user gets it by default
             fp8) flag="--fp8 true" ;;  # the same, the frozen base weights in float8
+            fp8_delayed) flag="--fp8 true --fp8_recipe delayed" ;;  # scales from the last 16 micro-batches' amax
             zero2) flag="--deepspeed default-zero2" ;;
             zero3) flag="--deepspeed default-zero3" ;;
             fsdp2) flag="--fsdp fsdp2" ;;
@@ -159,7 +161,7 @@ import json, sys
 from pathlib import Path
 root, out, layers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 result = {"layers": layers, "engines": {}}
-for name in ("single", "fp8", "zero2", "zero3", "fsdp2"):
+for name in ("single", "fp8", "fp8_delayed", "zero2", "zero3", "fsdp2"):
     runs = sorted(root.glob(f"{name}/*/v*-*"))
     r = {"run_dir": str(runs[-1]) if runs else None}
     if runs:

@@ -15,7 +15,8 @@ from zhtune.cli import main
 pytest.importorskip("torchao", reason="--fp8 needs torchao (zhtune[fp8])")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 
-from zhtune.train.fp8 import Float8FrozenLinear, apply_fp8, remove_fp8  # noqa: E402
+from zhtune.train.fp8 import (E4M3, Float8FrozenLinear, apply_fp8, remove_fp8, to_float8,  # noqa: E402
+                              to_float8_delayed)
 
 BASE_LINEARS = 7  # q, k, v, o, gate, up, down in each decoder layer
 
@@ -34,8 +35,8 @@ def test_only_the_frozen_base_linears_of_the_decoder_layers_go_float8():
     assert all(isinstance(m, Float8FrozenLinear) for n, m in model.named_modules() if n in names)  # the default
     assert not any(".layers." in n and ".base_layer." in n for n, _ in model.named_parameters()), "on the host"
     assert apply_fp8(model) == 0  # idempotent
-    with pytest.raises(ValueError, match="known: rowwise, tensorwise"):
-        apply_fp8(model, "delayed")
+    with pytest.raises(ValueError, match="known: rowwise, tensorwise, delayed"):
+        apply_fp8(model, "bogus")
 
 
 def test_weights_cast_once_give_torchaos_tensorwise_outputs_and_gradients_bit_for_bit():
@@ -86,6 +87,59 @@ def test_loss_and_lora_gradients_stay_close_and_removing_restores_the_exact_mode
     assert fp8.state_dict().keys() == plain.state_dict().keys()
 
 
+def test_delayed_scales_come_from_earlier_micro_batches_and_removing_detaches_them():
+    """--fp8_recipe delayed: the first training micro-batch scales as tensorwise does (the same loss and gradients,
+    bit for bit); each later one with the largest amax its linear saw before (committed at the decoder's next
+    training forward, not at an evaluation's), close to bf16; `remove_fp8` takes the hook away."""
+    plain = lora_model(layers=2)
+    delayed, tensorwise = copy.deepcopy(plain), copy.deepcopy(plain)
+    assert apply_fp8(delayed, "delayed") == apply_fp8(tensorwise, "tensorwise") == 2 * BASE_LINEARS
+    linears = [m for m in delayed.modules() if isinstance(m, Float8FrozenLinear)]
+    assert all(m.delayed and not m.delayed_ready for m in linears)
+    rows = torch.randint(3, 300, (3, 2, 32), generator=torch.Generator().manual_seed(1))
+    loss_d, _, grads_d = loss_and_grads(delayed, rows[0])
+    loss_t, _, grads_t = loss_and_grads(tensorwise, rows[0])
+    assert loss_d == loss_t and all(torch.equal(grads_d[n], grads_t[n]) for n in grads_t)
+    first = [(m.x_seen.item(), m.grad_seen.item()) for m in linears]
+    assert all(x > 0 and g > 0 for x, g in first) and not any(m.delayed_ready for m in linears)
+    with torch.no_grad():  # an evaluation in between: no commit, and its amax only joins the next record
+        delayed(input_ids=rows[1])
+    assert not any(m.delayed_ready for m in linears) and all(m.x_recent.item() == 0 for m in linears)
+    loss_ref, _, grads_ref = loss_and_grads(plain, rows[2])
+    loss_d, _, grads_d = loss_and_grads(delayed, rows[2])
+    loss_t, _, _ = loss_and_grads(tensorwise, rows[2])
+    assert all(m.delayed_ready for m in linears)
+    for m, (x, g) in zip(linears, first):  # the scales' source: micro-batch 1's gradient, the max of 1 and eval's x
+        assert m.grad_recent.item() == g and m.grad_history[0].item() == g and m.x_recent.item() >= x
+        assert m.x_history[1:].abs().sum() == 0
+    assert loss_d != loss_t, "the delayed scales differ from this micro-batch's own"
+    assert abs(loss_d - loss_ref) / loss_ref < 0.02
+    lora = [n for n in grads_ref if "lora_A" in n or "lora_B" in n]
+    flat = lambda g: torch.cat([g[n].flatten() for n in lora])  # noqa: E731
+    assert torch.nn.functional.cosine_similarity(flat(grads_d), flat(grads_ref), dim=0) > 0.98
+    decoder = delayed.get_base_model().get_decoder()
+    assert len(decoder._forward_pre_hooks) == 1
+    assert remove_fp8(delayed) == 2 * BASE_LINEARS and not decoder._forward_pre_hooks
+    assert not hasattr(decoder, "_zhtune_fp8_delayed")
+
+
+def test_the_delayed_cast_scales_by_the_recent_amax_saturates_above_it_and_records_its_own():
+    torch.manual_seed(0)
+    x = torch.randn(16, 64, dtype=torch.bfloat16) * 3
+    amax = x.float().abs().max()
+    seen = torch.zeros(())
+    x8, inv = to_float8_delayed(x, E4M3, seen, amax.clone())  # the recent amax is this tensor's own: dynamic's cast
+    ref8, ref_inv = to_float8(x, E4M3)
+    assert torch.equal(x8.float(), ref8.float()) and torch.allclose(inv, ref_inv, rtol=1e-7) and seen == amax
+    small8, _ = to_float8_delayed(x, E4M3, seen, amax / 4)  # a tensor above the recent amax: its top saturates
+    assert small8.float().abs().max() == torch.finfo(E4M3).max and (small8.float().abs() == 448).sum() > 1
+    seen.fill_(100.0)
+    to_float8_delayed(x, E4M3, seen, amax)
+    assert seen == 100.0, "the record keeps the larger amax"
+    zero8, zero_inv = to_float8_delayed(x, E4M3, torch.zeros(()), torch.zeros(()))  # nothing recorded yet: scale 1
+    assert zero_inv == 1 and torch.equal(zero8.float(), x.float().clamp(-448, 448).to(E4M3).float())
+
+
 def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_path, capsys, monkeypatch):
     from helpers import write_chat_jsonl
     data = write_chat_jsonl(tmp_path / "d.jsonl", 12)
@@ -94,28 +148,35 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
               "--dtype", "bf16", "--fast_path", "true", "--max_steps", "2", "--eval_steps", "2",
               "--logging_steps", "1", "--gradient_accumulation_steps", "1"]
     runs = {}
-    for fp8, extra in (("false", []), ("true", []), ("rowwise", ["--fp8_recipe", "rowwise"]), ("head", [])):
+    for fp8, extra in (("false", []), ("true", []), ("rowwise", ["--fp8_recipe", "rowwise"]), ("head", []),
+                       ("delayed", ["--fp8_recipe", "delayed"])):
         out = tmp_path / f"out-{fp8}"
         if fp8 == "head":
             monkeypatch.setenv("ZHTUNE_FP8_LM_HEAD", "1")  # opt-in: the lm_head's frozen weight in float8 too
+        else:
+            monkeypatch.delenv("ZHTUNE_FP8_LM_HEAD", raising=False)
         assert main(common + ["--fp8", "false" if fp8 == "false" else "true", "--output_dir", str(out)] + extra) == 0
         runs[fp8] = next(out.glob("*/v*"))
     err = capsys.readouterr().err
-    assert err.count("frozen linear layers of 2 decoder layers multiply in float8 (tensorwise") == 1
+    assert err.count("frozen linear layers of 2 decoder layers multiply in float8 (tensorwise scales, weights") == 1
     assert err.count("frozen linear layers of 2 decoder layers and the lm_head multiply in float8 (tensorwise") == 1
     assert "float8 base weights (tensorwise, not exact)" in err  # the default: measured faster on the H200
     assert "float8 base weights (rowwise, not exact)" in err
+    assert err.count("multiply in float8 (tensorwise scales delayed (the last 16 micro-batches' amax)") == 1
+    assert "float8 base weights (delayed, not exact)" in err
     from safetensors import safe_open
     keys = {}
     for fp8, run in runs.items():
         with safe_open(str(run / "checkpoint-2" / "adapter_model.safetensors"), "pt") as f:
             keys[fp8] = set(f.keys())
-    assert keys["true"] == keys["rowwise"] == keys["head"] == keys["false"] and keys["true"]
+    assert keys["true"] == keys["rowwise"] == keys["head"] == keys["delayed"] == keys["false"] and keys["true"]
     losses = {fp8: [r["loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
               for fp8, run in runs.items()}
-    assert [len(v) for v in losses.values()] == [2] * 4
+    assert [len(v) for v in losses.values()] == [2] * 5
     assert losses["head"] != losses["true"], "the head's float8 rounding shows"
-    for recipe in ("true", "rowwise", "head"):
+    assert losses["delayed"][0] == losses["true"][0] and losses["delayed"][1] != losses["true"][1], \
+        "delayed: the first step scales as tensorwise, the second from the first's amax"
+    for recipe in ("true", "rowwise", "head", "delayed"):
         for a, b in zip(losses[recipe], losses["false"]):
             assert abs(a - b) / b < 0.05, losses
 
@@ -199,7 +260,7 @@ def test_fp8_bad_combinations_are_one_line_and_write_nothing(tmp_path, capsys, m
     assert not out.exists(), "nothing written"
 
 
-@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise", "cast_once"])
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise", "cast_once", "delayed"])
 def test_compiled_backward_of_a_frozen_float8_linear_has_one_matmul(recipe):
     """Where the decoder layers compile, torchao's weight-gradient matmul of a frozen weight is dropped: one
     float8 matmul forward and one backward (the input's gradient), as for the bf16 linear it replaces."""
@@ -217,6 +278,10 @@ def test_compiled_backward_of_a_frozen_float8_linear_has_one_matmul(recipe):
     linear[0].weight.requires_grad_(False)
     if recipe == "cast_once":  # zhtune's Float8FrozenLinear (the default): no weight gradient at all
         linear[0] = Float8FrozenLinear(linear[0])
+    elif recipe == "delayed":  # scales from earlier amax records; this call's amax recorded in the compiled graphs
+        linear[0] = Float8FrozenLinear(linear[0], delayed=True)
+        linear[0].delayed_ready = True
+        linear[0].x_recent.fill_(4.0), linear[0].grad_recent.fill_(1.0)
     else:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         convert_to_float8_training(linear, config=Float8LinearConfig.from_recipe_name(recipe))
@@ -228,3 +293,5 @@ def test_compiled_backward_of_a_frozen_float8_linear_has_one_matmul(recipe):
     matmuls = {k: sum(t.endswith("mm.default") for t in targets) for k, targets in graphs.items()}
     assert matmuls == {"forward": 1, "backward": 1}, graphs
     assert any("_scaled_mm" in t for t in graphs["backward"]) and x.grad is not None
+    if recipe == "delayed":
+        assert linear[0].x_seen == x.detach().abs().max() and linear[0].grad_seen == 1.0  # the sum's gradient: ones

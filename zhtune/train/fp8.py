@@ -14,6 +14,13 @@ the random 9B). Two implementations:
   accumulation as the forward's does (torchao keeps it off there). On the H200 (Gemma-2-9B config, seed
   LoRA, 2026-11-30): 1.05x torchao's per-call casting, fast accumulation another 1.02-1.03x, the same loss
   curve (largest gap to bf16 over 50 steps 0.20% with and without fast accumulation).
+- delayed (`--fp8_recipe delayed`): as tensorwise, but each input's and output gradient's scale comes from the
+  largest amax that linear saw over the previous 16 micro-batches (TransformerEngine's delayed scaling; the first
+  micro-batch scales dynamically). The cast no longer waits for its own tensor's amax, so inductor computes that
+  amax (for later scales) in the cast's own kernel: one pass over the tensor instead of two (on the H200 the
+  MLP's activation cast, [8192, 14336], took 0.245 ms instead of 0.414: benchmarks/fp8_cast_fusion.py). A value
+  above the recent maxima saturates at float8's largest. The records are committed at each training forward of
+  the decoder (a pre-hook), so a checkpointed layer's recomputation uses the forward's scales.
 - rowwise (`--fp8_recipe rowwise`): torchao's `Float8Linear` (one scale per row; the weight cast at each call).
 
 The LoRA matrices, the embedding, the lm_head and the norms stay in bf16/fp32, and a checkpoint is the same
@@ -43,7 +50,7 @@ from zhtune.log import logger
 from zhtune.models.parts import base_model, decoder_layers
 from zhtune.train.fused_lora import FOLDED_ATTR
 
-RECIPES = ("rowwise", "tensorwise")  # torchao's recipe names: per-row scales (more accurate) or one per tensor
+RECIPES = ("rowwise", "tensorwise", "delayed")  # per-row scales (torchao), one per tensor, one per tensor delayed
 DEFAULT_RECIPE = "tensorwise"  # the faster on the H200, both within 0.25% of bf16 (benchmarks/RESULTS.md)
 INSTALL_HINT = "`pip install 'zhtune[fp8]'` (torchao)"
 
@@ -77,11 +84,15 @@ def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_
         raise ValueError(f"fp8 recipe {recipe!r}; known: {', '.join(RECIPES)}")
     layers = decoder_layers(model) or []
     head = 0
-    if recipe == "tensorwise" and cast_once:
-        swapped = sum(_swap_linears(layer, lambda m: Float8FrozenLinear(m, fast_grad_input)) for layer in layers)
-        how = ("tensorwise scales, weights cast once, their bf16 in host memory"
-               + (", fast accumulation" if fast_grad_input else ""))
+    if recipe in ("tensorwise", "delayed") and (cast_once or recipe == "delayed"):
+        delayed = recipe == "delayed"
+        swapped = sum(_swap_linears(layer, lambda m: Float8FrozenLinear(m, fast_grad_input, delayed=delayed))
+                      for layer in layers)
+        how = ("tensorwise scales" + (" delayed (the last 16 micro-batches' amax)" if delayed else "")
+               + ", weights cast once, their bf16 in host memory" + (", fast accumulation" if fast_grad_input else ""))
         head = _swap_lm_head(model) if lm_head else 0
+        if delayed:
+            DelayedScaling.attach(model)
     else:
         float8 = _import_torchao()
         config = float8.Float8LinearConfig.from_recipe_name(recipe)
@@ -143,6 +154,7 @@ def remove_fp8(model) -> int:
         child = getattr(parent, name)
         setattr(parent, name, child.restored() if isinstance(child, Float8FrozenLinear) else _linear_of(child))
         del child
+    DelayedScaling.detach(model)
     return len(places)
 
 
@@ -174,16 +186,41 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 EPS = 1e-12  # torchao's floor under amax
 
 
-def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def to_float8(x: torch.Tensor, dtype: torch.dtype, seen: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """`x` in float8 with one dynamic scale, as torchao's tensorwise cast (amax in float64, scaling in float32,
-    saturated); returns the float8 tensor and the inverse scale `torch._scaled_mm` takes."""
+    saturated); returns the float8 tensor and the inverse scale `torch._scaled_mm` takes. `seen` (a float32
+    scalar), if given, keeps the largest amax so far (delayed scaling's record)."""
     amax = x.abs().max().to(torch.float64)
+    if seen is not None:
+        seen.copy_(torch.maximum(seen, amax.to(torch.float32)))
     scale = (torch.finfo(dtype).max / torch.clamp(amax, min=EPS)).to(torch.float32)
     limit = torch.finfo(dtype).max
     return (x.to(torch.float32) * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
 
 
+def to_float8_delayed(x: torch.Tensor, dtype: torch.dtype, seen: torch.Tensor, recent: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` ([rows, columns]) in float8 with the scale of `recent` (the largest amax of earlier micro-batches; a
+    value above it saturates), and x's own amax into `seen` for later scales. The amax is taken per row, then
+    over the rows: a row reduction inductor fuses into the cast's kernel (a whole-tensor one it keeps apart)."""
+    seen.copy_(torch.maximum(seen, x.abs().amax(dim=-1).max().to(torch.float32)))
+    limit = torch.finfo(dtype).max
+    scale = (limit / torch.clamp(recent.to(torch.float64), min=EPS)).to(torch.float32)  # as to_float8's
+    scale = torch.where(recent > 0, scale, torch.ones_like(scale))
+    return (x.to(torch.float32) * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
+
+
 _COMPILED_CAST = {}
+
+
+def _cast_scaled(x: torch.Tensor, dtype: torch.dtype, seen: torch.Tensor | None, recent: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder linear's cast: dynamic (no `seen`), dynamic keeping the amax in `seen` (delayed scaling's first
+    micro-batch), or delayed (scaled by `recent`)."""
+    if seen is None:
+        return _cast(x, dtype)
+    return to_float8(x, dtype, seen) if recent is None else to_float8_delayed(x, dtype, seen, recent)
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,26 +237,28 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
 class _FrozenFloat8Matmul(torch.autograd.Function):
     """x @ Wᵀ for a frozen W held in float8 twice: W ([out, in]) for the output, Wᵀ ([in, out]) for the input's
     gradient, each the row-major operand `torch._scaled_mm` reads as column-major. x is cast to e4m3 and the
-    output's gradient to e5m2 at each call (dynamic scales); no weight gradient."""
+    output's gradient to e5m2 at each call: dynamic scales, or delayed ones where a `seen` record is given (its
+    `recent` the scale's source; None: dynamic, keeping the amax). No weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight8, weight8_t, weight_inv_scale, fast_grad_input):
+    def forward(ctx, x, weight8, weight8_t, weight_inv_scale, fast_grad_input, x_seen=None, x_recent=None,
+                grad_seen=None, grad_recent=None):
         rows = x.reshape(-1, x.shape[-1]).contiguous()  # _scaled_mm's first operand is row-major
-        x8, x_inv_scale = _cast(rows, E4M3)
+        x8, x_inv_scale = _cast_scaled(rows, E4M3, x_seen, x_recent)
         out = torch._scaled_mm(x8, weight8.t(), scale_a=x_inv_scale, scale_b=weight_inv_scale, out_dtype=x.dtype,
                                use_fast_accum=True)
-        ctx.save_for_backward(weight8_t, weight_inv_scale)
+        ctx.save_for_backward(weight8_t, weight_inv_scale, grad_seen, grad_recent)
         ctx.fast_grad_input, ctx.dtype = fast_grad_input, x.dtype
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        weight8_t, weight_inv_scale = ctx.saved_tensors
+        weight8_t, weight_inv_scale, grad_seen, grad_recent = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1]).contiguous()
-        grad8, grad_inv_scale = _cast(rows, E5M2)
+        grad8, grad_inv_scale = _cast_scaled(rows, E5M2, grad_seen, grad_recent)
         grad_input = torch._scaled_mm(grad8, weight8_t.t(), scale_a=grad_inv_scale, scale_b=weight_inv_scale,
                                       out_dtype=ctx.dtype, use_fast_accum=ctx.fast_grad_input)
-        return grad_input.reshape(*grad.shape[:-1], grad_input.shape[-1]), None, None, None, None
+        return (grad_input.reshape(*grad.shape[:-1], grad_input.shape[-1]), *(None,) * 8)
 
 
 class Float8FrozenLinear(torch.nn.Module):
@@ -228,9 +267,14 @@ class Float8FrozenLinear(torch.nn.Module):
     copies (W for the output, Wᵀ for the input's gradient: together the bf16 weight's bytes) as plain
     attributes, invisible to state dicts and to DDP's broadcasts; the bf16 parameter itself waits in host
     memory (`weight`, unregistered) until `remove_fp8` puts it back on the device, or stays on the device
-    with `weight_on_host=False` (a weight another module uses: the lm_head's tied embedding)."""
+    with `weight_on_host=False` (a weight another module uses: the lm_head's tied embedding). `delayed`: scales
+    from the amax records of earlier micro-batches (`DelayedScaling`; plain float32 scalars, like the float8
+    copies unregistered): `x_seen` / `grad_seen` the largest amax since the last commit, `x_history` /
+    `grad_history` the last 16 committed, `x_recent` / `grad_recent` their maximum, the scales' source once
+    `delayed_ready` (the first micro-batch scales dynamically)."""
 
-    def __init__(self, linear: torch.nn.Linear, fast_grad_input: bool = True, weight_on_host: bool = True):
+    def __init__(self, linear: torch.nn.Linear, fast_grad_input: bool = True, weight_on_host: bool = True,
+                 delayed: bool = False):
         super().__init__()
         if linear.bias is not None or linear.weight.requires_grad:
             raise ValueError("Float8FrozenLinear takes a frozen linear without bias")
@@ -244,6 +288,13 @@ class Float8FrozenLinear(torch.nn.Module):
         if weight_on_host:
             weight.data = weight.data.to("cpu")
         self.__dict__["_host_weight"] = weight  # not registered: no parameter of the module while it is float8
+        self.delayed, self.delayed_ready = delayed, False
+        if delayed:
+            device = self.weight8.device
+            for kind in ("x", "grad"):
+                setattr(self, f"{kind}_seen", torch.zeros((), device=device))
+                setattr(self, f"{kind}_history", torch.zeros(HISTORY, device=device))
+                setattr(self, f"{kind}_recent", torch.zeros((), device=device))
 
     @property
     def weight(self) -> torch.nn.Parameter:
@@ -260,9 +311,63 @@ class Float8FrozenLinear(torch.nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if x.numel() == 0:  # the lm_head under the fast path's forward: logits of no token (no scale to take)
             return x.new_zeros(*x.shape[:-1], self.out_features)
+        records = ()
+        if self.delayed:
+            ready = self.delayed_ready
+            records = (self.x_seen, self.x_recent if ready else None, self.grad_seen,
+                       self.grad_recent if ready else None)
         return _FrozenFloat8Matmul.apply(x, self.weight8, self.weight8_t, self.weight_inv_scale,
-                                         self.fast_grad_input)
+                                         self.fast_grad_input, *records)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, float8 weight cast once"
-                + (", fast accumulation" if self.fast_grad_input else ""))
+                + (", fast accumulation" if self.fast_grad_input else "") + (", delayed scales" if self.delayed else ""))
+
+
+HISTORY = 16  # delayed scaling: a scale comes from the largest amax of this many earlier micro-batches (torchao's
+_DELAYED = "_zhtune_fp8_delayed"  # default length); on the decoder: its DelayedScaling
+
+
+class DelayedScaling:
+    """The decoder's forward pre-hook for `--fp8_recipe delayed`: at each training forward (grad enabled, training
+    mode) every delayed `Float8FrozenLinear`'s amax seen since the last one goes into its history (a ring of
+    HISTORY), and its recent maximum (the next scales) is refreshed; from the second micro-batch on, the linears
+    scale with it. A handful of multi-tensor kernels for all linears at once, outside the compiled layers."""
+
+    def __init__(self, linears: list):
+        self.linears = linears
+        self.seen = [getattr(m, f"{k}_seen") for m in linears for k in ("x", "grad")]
+        self.history = [getattr(m, f"{k}_history") for m in linears for k in ("x", "grad")]
+        self.recent = [getattr(m, f"{k}_recent") for m in linears for k in ("x", "grad")]
+        self.slots = [[h[i] for h in self.history] for i in range(HISTORY)]  # views: slot i of every history
+        self.forwards = 0
+
+    def __call__(self, decoder, _args) -> None:
+        if not (torch.is_grad_enabled() and decoder.training):
+            return
+        if self.forwards:
+            self.commit()
+        self.forwards += 1
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        torch._foreach_copy_(self.slots[(self.forwards - 1) % HISTORY], self.seen)
+        torch._foreach_zero_(self.seen)
+        torch._foreach_copy_(self.recent, torch._foreach_max(self.history))
+        for m in self.linears:
+            m.delayed_ready = True
+
+    @classmethod
+    def attach(cls, model) -> None:
+        decoder = base_model(model).get_decoder()
+        linears = [m for m in model.modules() if isinstance(m, Float8FrozenLinear) and m.delayed]
+        cls.detach(model)
+        scaling = cls(linears)
+        setattr(decoder, _DELAYED, (scaling, decoder.register_forward_pre_hook(scaling)))
+
+    @staticmethod
+    def detach(model) -> None:
+        for module in model.modules():
+            if _DELAYED in module.__dict__:
+                module.__dict__[_DELAYED][1].remove()
+                delattr(module, _DELAYED)
