@@ -54,10 +54,10 @@ def batches(folder: Path, texts: list[str], length: int, steps: int) -> list[tor
     return list(torch.tensor((ids * (need // len(ids) + 1))[:need]).reshape(steps, 4, length))
 
 
-def lora_model(folder: Path, seed: int):
+def lora_model(folder: Path, seed: int, dtype: torch.dtype = torch.bfloat16):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
     torch.manual_seed(seed)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     for name, p in model.named_parameters():
@@ -83,18 +83,23 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the GPU's float8 kernels, in seconds")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="the model's and the "
+                    "reference's precision: bfloat16 (the measurement: weights and autocast as on the GPU), or "
+                    "float32 (only to check the wiring quickly on a CPU without bf16 matmuls; the run named bf16 is then "
+                    "the float32 reference)")
     ap.add_argument("--runs", default=",".join(RUNS), help="which runs (bf16 always first): " + ", ".join(RUNS))
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    start = time.perf_counter()
-    folder = embedded_model_dir()
-    ids = [rows.to(args.device) for rows in batches(folder, texts_of(args.data), args.length, args.steps)]
-    base = lora_model(folder, args.seed).to(args.device)
-    curves = {}
     names = ["bf16", *(n for n in args.runs.split(",") if n and n != "bf16")]
     unknown = set(names) - set(RUNS)
     if unknown:
         raise SystemExit(f"--runs: unknown {', '.join(sorted(unknown))}; known: {', '.join(RUNS)}")
+    start = time.perf_counter()
+    folder = embedded_model_dir()
+    ids = [rows.to(args.device) for rows in batches(folder, texts_of(args.data), args.length, args.steps)]
+    bf16 = args.dtype == "bfloat16"
+    base = lora_model(folder, args.seed, torch.bfloat16 if bf16 else torch.float32).to(args.device)
+    curves = {}
     for name in names:
         float8 = RUNS[name]
         model = copy.deepcopy(base)
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
             except ImportError:
                 print(f"[probe] {name}: skipped (torchao not installed)")
                 continue
-        curves[name] = curve(model, ids, args.steps, True, name, start, loss_of=chunked_loss)
+        curves[name] = curve(model, ids, args.steps, bf16, name, start, loss_of=chunked_loss)
     ref = curves["bf16"]
     gaps = {name: [(a - b) / b for a, b in zip(c, ref)] for name, c in curves.items() if name != "bf16"}
     for name, gap in gaps.items():
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
         device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
         Path(args.out).write_text(json.dumps({"device": device, "date": time.strftime("%Y-%m-%d"),
                                               "data": Path(args.data).name if args.data else "built-in",
-                                              "rows_per_step": 4, "length": args.length, "steps": args.steps,
+                                              "dtype": args.dtype, "rows_per_step": 4, "length": args.length, "steps": args.steps,
                                               "seed": args.seed, "losses": curves, "relative_gap_to_bf16": gaps},
                                              indent=1))
     return 0

@@ -227,17 +227,23 @@ def test_lora_rounding_probe_smoke(tmp_path):
 
 
 def test_fp8_loss_probe_smoke(tmp_path):
-    """benchmarks/fp8_loss_probe.py on the embedded model, one short step from an alpaca-style file: every float8
-    run (torchao's rowwise where installed) moves the loss from bf16's (128 tokens of one repeated sentence: by up
-    to ~12%, not the real measurement's size)."""
+    """benchmarks/fp8_loss_probe.py on the embedded model, two short steps of new rows from an alpaca-style file,
+    the reference and the default float8 (delayed scales: the first step dynamic, the second from the first's
+    amax), in float32 (on a CPU without AVX-512 bf16 every bf16 matmul of the 262k-wide lm_head runs a plain
+    loop: 8.6 min for this test in bf16 on such a machine). Float8 moves the loss from the reference's at each
+    step (a few repeated sentences: by up to ~12%, not the real measurement's size)."""
     probe = load_benchmark("fp8_loss_probe")
     data = tmp_path / "rows.json"
-    data.write_text(json.dumps([{"instruction": "介绍一下长城。", "input": "", "output": "长城是中国古代的军事防御工程。"}],
-                               ensure_ascii=False), encoding="utf-8")
+    rows = [{"instruction": "介绍一下长城。", "input": "", "output": "长城是中国古代的军事防御工程。"},
+            {"instruction": "什么是光合作用？", "input": "", "output": "植物利用阳光把二氧化碳和水变成糖和氧气。"}]
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "probe.json"
-    assert probe.main(["--data", str(data), "--steps", "1", "--length", "32", "--out", str(out)]) == 0
+    assert probe.main(["--data", str(data), "--steps", "2", "--length", "16", "--runs", "fp8_delayed",
+                       "--dtype", "float32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert {"bf16", "fp8_tensorwise", "fp8_tensorwise_head"} <= set(result["losses"])
-    assert set(result["relative_gap_to_bf16"]) == set(result["losses"]) - {"bf16"}
-    for name, (gap,) in result["relative_gap_to_bf16"].items():
-        assert 0 < abs(gap) < 0.5, (name, gap)
+    assert set(result["losses"]) == {"bf16", "fp8_delayed"} and result["steps"] == 2 and result["dtype"] == "float32"
+    assert set(result["relative_gap_to_bf16"]) == {"fp8_delayed"}
+    for gap in result["relative_gap_to_bf16"]["fp8_delayed"]:
+        assert 0 < abs(gap) < 0.5, gap
+    with pytest.raises(SystemExit, match="unknown fp8_bogus"):
+        probe.main(["--runs", "fp8_bogus"])

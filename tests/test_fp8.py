@@ -1,6 +1,7 @@
 """`--fp8 true` (zhtune/train/fp8.py): which linears multiply in float8, how close the loss and the LoRA
 gradients stay to bf16's, that undoing it gives the exact model back, that zhtune's weights-cast-once linear
-(the tensorwise default) computes torchao's tensorwise results bit for bit, and the CLI's run and its errors.
+computes torchao's tensorwise results bit for bit (dynamic scales), where delayed scales (the default) come
+from, and the CLI's run and its errors.
 On the CPU torch's own float8 kernels run the same code the GPU runs (slowly); torchao is the comparison."""
 
 import copy
@@ -149,7 +150,7 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
               "--logging_steps", "1", "--gradient_accumulation_steps", "1"]
     runs = {}
     for fp8, extra in (("false", []), ("true", []), ("rowwise", ["--fp8_recipe", "rowwise"]), ("head", []),
-                       ("delayed", ["--fp8_recipe", "delayed"])):
+                       ("tensorwise", ["--fp8_recipe", "tensorwise"])):
         out = tmp_path / f"out-{fp8}"
         if fp8 == "head":
             monkeypatch.setenv("ZHTUNE_FP8_LM_HEAD", "1")  # opt-in: the lm_head's frozen weight in float8 too
@@ -158,25 +159,32 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
         assert main(common + ["--fp8", "false" if fp8 == "false" else "true", "--output_dir", str(out)] + extra) == 0
         runs[fp8] = next(out.glob("*/v*"))
     err = capsys.readouterr().err
+    delayed = "multiply in float8 (tensorwise scales delayed (the last 16 micro-batches' amax)"
+    assert err.count("frozen linear layers of 2 decoder layers " + delayed) == 1  # the default: faster on the H200
+    assert err.count("frozen linear layers of 2 decoder layers and the lm_head " + delayed) == 1
+    assert err.count("float8 base weights (delayed, not exact)") == 2
     assert err.count("frozen linear layers of 2 decoder layers multiply in float8 (tensorwise scales, weights") == 1
-    assert err.count("frozen linear layers of 2 decoder layers and the lm_head multiply in float8 (tensorwise") == 1
-    assert "float8 base weights (tensorwise, not exact)" in err  # the default: measured faster on the H200
+    assert "float8 base weights (tensorwise, not exact)" in err
     assert "float8 base weights (rowwise, not exact)" in err
-    assert err.count("multiply in float8 (tensorwise scales delayed (the last 16 micro-batches' amax)") == 1
-    assert "float8 base weights (delayed, not exact)" in err
     from safetensors import safe_open
     keys = {}
     for fp8, run in runs.items():
         with safe_open(str(run / "checkpoint-2" / "adapter_model.safetensors"), "pt") as f:
             keys[fp8] = set(f.keys())
-    assert keys["true"] == keys["rowwise"] == keys["head"] == keys["delayed"] == keys["false"] and keys["true"]
+    assert keys["true"] == keys["rowwise"] == keys["head"] == keys["tensorwise"] == keys["false"] and keys["true"]
     losses = {fp8: [r["loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
               for fp8, run in runs.items()}
     assert [len(v) for v in losses.values()] == [2] * 5
     assert losses["head"] != losses["true"], "the head's float8 rounding shows"
-    assert losses["delayed"][0] == losses["true"][0] and losses["delayed"][1] != losses["true"][1], \
-        "delayed: the first step scales as tensorwise, the second from the first's amax"
-    for recipe in ("true", "rowwise", "head", "delayed"):
+    # delayed (the default): step 1 scales as tensorwise; step 2's forward here too, since every row's first token
+    # (BOS, the same hidden states in every row) holds each input's amax; its gradients' scales come from step 1's
+    assert losses["true"][0] == losses["tensorwise"][0]
+    from safetensors.torch import load_file
+    adapters = {fp8: load_file(str(runs[fp8] / "checkpoint-2" / "adapter_model.safetensors"))
+                for fp8 in ("true", "tensorwise")}
+    assert any(not torch.equal(t, adapters["tensorwise"][k]) for k, t in adapters["true"].items()), \
+        "step 2's output gradients were cast with step 1's scales"
+    for recipe in ("true", "rowwise", "head", "tensorwise"):
         for a, b in zip(losses[recipe], losses["false"]):
             assert abs(a - b) / b < 0.05, losses
 
@@ -256,7 +264,7 @@ def test_fp8_bad_combinations_are_one_line_and_write_nothing(tmp_path, capsys, m
     monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # as if torchao were not installed
     assert main(base + ["--fast_path", "true", "--fp8_recipe", "rowwise"]) == 2  # tensorwise is zhtune's own
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'zhtune[fp8]'" in err[0] and "--fp8_recipe tensorwise" in err[0], err
+    assert len(err) == 1 and "pip install 'zhtune[fp8]'" in err[0] and "drop --fp8_recipe" in err[0], err
     assert not out.exists(), "nothing written"
 
 

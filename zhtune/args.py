@@ -127,10 +127,11 @@ class SftArguments(ModelArguments, DataArguments):
     fp8: bool = field(default=False, metadata={"help": "the fast path's frozen base weights multiply in float8 "
                                                "(GPU of compute capability 8.9+; not exact, LoRA only)"})
     fp8_recipe: str | None = field(default=None, metadata={
-        "choices": ("tensorwise", "delayed", "rowwise"), "help": "--fp8's scales: one per tensor (the default; the "
-                                                                 "weights cast once), one per tensor from the last "
-                                                                 "16 micro-batches' maxima (delayed: one pass less "
-                                                                 "over each input), or one per row (torchao: "
+        "choices": ("delayed", "tensorwise", "rowwise"), "help": "--fp8's scales: one per tensor from the last 16 "
+                                                                 "micro-batches' maxima (delayed, the default: one "
+                                                                 "pass less over each input; the weights cast "
+                                                                 "once), one per tensor from its own maximum "
+                                                                 "(tensorwise), or one per row (torchao: "
                                                                  "zhtune[fp8]; a little more accurate)"})
     memory_budget_gib: float | None = field(default=None, metadata={
         "min": 1.0, "help": "GPU fast path: checkpoint only as many decoder layers as keep the peak within this many "

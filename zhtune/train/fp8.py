@@ -1,31 +1,33 @@
 """`--fp8 true`: LoRA's frozen base weights multiply in float8, the rest in bf16.
 
 Not exact: every base linear of the decoder layers (q/k/v/o, gate/up/down) runs its forward and its input
-gradient as float8 matmuls with dynamic scales, so the loss moves from the bf16 run's by the float8 rounding:
-benchmarks/sft_speed.py reports by how much on random weights (`--fp8_curve`), benchmarks/fp8_loss_probe.py on
-the real embedded Gemma 3 270M, whose activation outliers move it more (0.1-1.1% over 3 steps, against 0.2% on
-the random 9B). Two implementations:
+gradient as float8 matmuls, so the loss moves from the bf16 run's by the float8 rounding: benchmarks/sft_speed.py
+reports by how much on random weights (`--fp8_curve`: within 0.2% over 50 steps on the Gemma-2-9B config),
+benchmarks/fp8_loss_probe.py on the real embedded Gemma 3 270M, whose activation outliers move it more (on an
+H200, 20 steps of new rows each: +1.6% on average with delayed scales, +1.5% tensorwise, +1.3% rowwise; benchmarks/
+RESULTS.md, sixteenth session). Three recipes:
 
-- tensorwise (the default, `--fp8_recipe tensorwise`): zhtune's `Float8FrozenLinear`. The weights never
-  change, so each is cast to float8 once (e4m3, one scale: torchao's tensorwise numerics, checked equal on the
-  CPU), twice laid out: W for the output, Wᵀ for the input's gradient; inputs (e4m3) and output gradients
-  (e5m2) are cast at each call. The bf16 weights wait in host memory while training, so the device holds the
-  same bytes as without the option. The input-gradient matmul uses the tensor cores' fast float8
-  accumulation as the forward's does (torchao keeps it off there). On the H200 (Gemma-2-9B config, seed
-  LoRA, 2026-11-30): 1.05x torchao's per-call casting, fast accumulation another 1.02-1.03x, the same loss
-  curve (largest gap to bf16 over 50 steps 0.20% with and without fast accumulation).
-- delayed (`--fp8_recipe delayed`): as tensorwise, but each input's and output gradient's scale comes from the
-  largest amax that linear saw over the previous 16 micro-batches (TransformerEngine's delayed scaling; the first
-  micro-batch scales dynamically). The cast no longer waits for its own tensor's amax, so inductor computes that
-  amax (for later scales) in the cast's own kernel: one pass over the tensor instead of two (on the H200 the
-  MLP's activation cast, [8192, 14336], took 0.245 ms instead of 0.414: benchmarks/fp8_cast_fusion.py). A value
-  above the recent maxima saturates at float8's largest. The records are committed at each training forward of
-  the decoder (a pre-hook), so a checkpointed layer's recomputation uses the forward's scales.
+- delayed (the default, `--fp8_recipe delayed`): zhtune's `Float8FrozenLinear`. The weights never change, so
+  each is cast to float8 once (e4m3, one scale: torchao's tensorwise numerics, checked equal on the CPU), twice
+  laid out: W for the output, Wᵀ for the input's gradient. Inputs (e4m3) and output gradients (e5m2) are cast
+  at each call with one scale per tensor from the largest amax that linear saw over the previous 16
+  micro-batches (TransformerEngine's delayed scaling; the first micro-batch scales dynamically; a value above
+  the recent maxima saturates at float8's largest). The cast no longer waits for its own tensor's amax, so
+  inductor computes that amax (for later scales, per row then over the rows) in the cast's own kernel: one
+  pass over the tensor instead of two (the MLP's activation, [8192, 14336]: 0.245 ms instead of 0.414 on an
+  H200, benchmarks/fp8_cast_fusion.py). The records are committed at each training forward of the decoder (a
+  pre-hook, `DelayedScaling`), so a checkpointed layer's recomputation uses its forward's scales. The bf16
+  weights wait in host memory while training, so the device holds the same bytes as without the option. The
+  input-gradient matmul uses the tensor cores' fast float8 accumulation as the forward's does (torchao keeps
+  it off there). On the H200 (Gemma-2-9B config, seed LoRA, 2026-11-30): 1.07x tensorwise's tokens/s in the
+  benchmark and through `zhtune sft`, the same 50-step loss curve (largest gap to bf16 0.18%, tensorwise 0.19%).
+- tensorwise (`--fp8_recipe tensorwise`): the same with dynamic scales (each tensor's own amax, a pass over it
+  before the cast). Against torchao's per-call weight casting 1.05x, fast accumulation another 1.02-1.03x.
 - rowwise (`--fp8_recipe rowwise`): torchao's `Float8Linear` (one scale per row; the weight cast at each call).
 
 The LoRA matrices, the embedding, the lm_head and the norms stay in bf16/fp32, and a checkpoint is the same
-as without the option. Opt-in, `ZHTUNE_FP8_LM_HEAD=1` in the environment (tensorwise only): the frozen lm_head
-multiplies in float8 too (the logits before the softcap and their input gradient; PEFT's LoRA on it stays
+as without the option. Opt-in, `ZHTUNE_FP8_LM_HEAD=1` in the environment (not with rowwise): the frozen lm_head
+multiplies in float8 too (dynamic scales; the logits before the softcap and their input gradient; PEFT's LoRA on it stays
 bf16; its bf16 weight stays on the device where the tied embedding shares it; its input-gradient matmul, 256k
 products per sum, accumulates precisely; its output gradient cast by a compiled kernel pair, the loss running
 outside the compiled layers). Off by default: on the H200 it gave 1.015x (benchmark) at 1.7 GiB more, while on
@@ -51,7 +53,7 @@ from zhtune.models.parts import base_model, decoder_layers
 from zhtune.train.fused_lora import FOLDED_ATTR
 
 RECIPES = ("rowwise", "tensorwise", "delayed")  # per-row scales (torchao), one per tensor, one per tensor delayed
-DEFAULT_RECIPE = "tensorwise"  # the faster on the H200, both within 0.25% of bf16 (benchmarks/RESULTS.md)
+DEFAULT_RECIPE = "delayed"  # the fastest on the H200 (1.07x tensorwise), all three within 0.25% of bf16 over 50 steps
 INSTALL_HINT = "`pip install 'zhtune[fp8]'` (torchao)"
 
 
@@ -62,8 +64,8 @@ def check_fp8_support(device: str, recipe: str = DEFAULT_RECIPE) -> None:
         try:
             _import_torchao()
         except ImportError:
-            raise UserError(f"--fp8_recipe rowwise needs torchao: {INSTALL_HINT}, or use --fp8_recipe tensorwise "
-                            "(zhtune's own, the default).") from None
+            raise UserError(f"--fp8_recipe rowwise needs torchao: {INSTALL_HINT}, or drop --fp8_recipe (zhtune's "
+                            "own delayed scales, the default; or --fp8_recipe tensorwise).") from None
     if str(device).startswith("cuda"):
         major, minor = torch.cuda.get_device_capability(torch.device(device))
         if (major, minor) < (8, 9):
@@ -75,9 +77,10 @@ def check_fp8_support(device: str, recipe: str = DEFAULT_RECIPE) -> None:
 def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_grad_input: bool = True,
               lm_head: bool = False) -> int:
     """Swap the frozen base linears of the decoder layers (PEFT's `base_layer`, or the plain linears where no
-    LoRA wraps them) for float8 ones sharing their weights; returns how many. Tensorwise with `cast_once`:
-    zhtune's `Float8FrozenLinear` (the weight cast once, torchao's numerics), and with `lm_head` the frozen
-    lm_head's too; otherwise torchao's `Float8Linear` (the weight cast at every call). `fast_grad_input`: the
+    LoRA wraps them) for float8 ones sharing their weights; returns how many. Delayed, or tensorwise with
+    `cast_once`: zhtune's `Float8FrozenLinear` (the weight cast once, torchao's numerics; delayed: the scales
+    from earlier micro-batches, `DelayedScaling` hooked on the decoder), and with `lm_head` the frozen lm_head's
+    too (dynamic scales); otherwise torchao's `Float8Linear` (the weight cast at every call). `fast_grad_input`: the
     decoder's input-gradient matmuls accumulate with the tensor cores' fast float8 accumulation too (torchao:
     only the forward's). Trainable linears and every other module are left alone."""
     if recipe not in RECIPES:
