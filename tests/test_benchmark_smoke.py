@@ -217,7 +217,7 @@ def test_lora_rounding_probe_smoke(tmp_path):
     (the first step's losses agree: no update has happened yet) and their gaps to fp32."""
     probe = load_benchmark("lora_rounding_probe")
     out = tmp_path / "probe.json"
-    assert probe.main(["--steps", "2", "--length", "24", "--out", str(out)]) == 0
+    assert probe.main(["--steps", "2", "--length", "8", "--out", str(out)]) == 0  # bf16 on an AVX2 CPU: a plain loop
     result = json.loads(out.read_text())
     assert set(result["losses"]) == {"fp32", "bf16_peft", "bf16_folded"}
     first = [losses[0] for losses in result["losses"].values()]

@@ -176,14 +176,10 @@ def test_sft_with_fp8_trains_and_saves_the_same_adapter_layout(tiny_models, tmp_
               for fp8, run in runs.items()}
     assert [len(v) for v in losses.values()] == [2] * 5
     assert losses["head"] != losses["true"], "the head's float8 rounding shows"
-    # delayed (the default): step 1 scales as tensorwise; step 2's forward here too, since every row's first token
-    # (BOS, the same hidden states in every row) holds each input's amax; its gradients' scales come from step 1's
+    # delayed (the default): step 1 scales as tensorwise does. On these near-identical chat rows every amax of step
+    # 2 came out equal to step 1's (seen when this was written), so step 2 matches too; the delayed numerics
+    # themselves: test_delayed_scales_come_from_earlier_micro_batches_and_removing_detaches_them
     assert losses["true"][0] == losses["tensorwise"][0]
-    from safetensors.torch import load_file
-    adapters = {fp8: load_file(str(runs[fp8] / "checkpoint-2" / "adapter_model.safetensors"))
-                for fp8 in ("true", "tensorwise")}
-    assert any(not torch.equal(t, adapters["tensorwise"][k]) for k, t in adapters["true"].items()), \
-        "step 2's output gradients were cast with step 1's scales"
     for recipe in ("true", "rowwise", "head", "tensorwise"):
         for a, b in zip(losses[recipe], losses["false"]):
             assert abs(a - b) / b < 0.05, losses

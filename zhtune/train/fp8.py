@@ -94,7 +94,7 @@ def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_
         how = ("tensorwise scales" + (" delayed (the last 16 micro-batches' amax)" if delayed else "")
                + ", weights cast once, their bf16 in host memory" + (", fast accumulation" if fast_grad_input else ""))
         head = _swap_lm_head(model) if lm_head else 0
-        if delayed:
+        if delayed and swapped:
             DelayedScaling.attach(model)
     else:
         float8 = _import_torchao()
@@ -356,7 +356,9 @@ class DelayedScaling:
     def commit(self) -> None:
         torch._foreach_copy_(self.slots[(self.forwards - 1) % HISTORY], self.seen)
         torch._foreach_zero_(self.seen)
-        torch._foreach_copy_(self.recent, torch._foreach_max(self.history))
+        maxima = torch._foreach_max(self.history) if hasattr(torch, "_foreach_max") else [  # torch < 2.5
+            h.max() for h in self.history]
+        torch._foreach_copy_(self.recent, maxima)
         for m in self.linears:
             m.delayed_ready = True
 
