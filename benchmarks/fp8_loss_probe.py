@@ -37,12 +37,12 @@ RUNS = {"bf16": None, "fp8_tensorwise": dict(recipe="tensorwise"), "fp8_delayed"
 
 
 def texts_of(data: str | None) -> list[str]:
-    """The built-in Chinese texts, or an alpaca-style JSON / JSON-lines file's rows joined."""
+    """The built-in Chinese texts, or a dataset file's rows (any format `zhtune sft --dataset` reads), each its
+    messages joined."""
     if not data:
         return TEXTS
-    raw = Path(data).read_text(encoding="utf-8")
-    rows = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(line) for line in raw.splitlines() if line]
-    return ["\n".join(str(v) for v in row.values() if v) for row in rows]
+    from zhtune.data.loaders import load_local
+    return ["\n".join(m["content"] for m in row["messages"]) for row in load_local(Path(data))]
 
 
 def batches(folder: Path, texts: list[str], length: int, steps: int) -> list[torch.Tensor]:

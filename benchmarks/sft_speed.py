@@ -709,11 +709,11 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
             undo.callback(unfold_lora_b, model)
             note.append("LoRA-B folded into the frozen matmul")
         if spec["fp8"]:
-            from zhtune.train.fp8 import apply_fp8, remove_fp8
+            from zhtune.train.fp8 import apply_fp8, casts_once, remove_fp8
             apply_fp8(model, spec["fp8"], cast_once=spec["fp8_once"], fast_grad_input=spec["fp8_fast"],
                       lm_head=spec["fp8_head"])
             undo.callback(remove_fp8, model)
-            once = spec["fp8"] == "delayed" or spec["fp8_once"] and spec["fp8"] == "tensorwise"
+            once = casts_once(spec["fp8"], spec["fp8_once"])
             how = ("weights cast once" + (", fast accumulation" if spec["fp8_fast"] else "")
                    + (", the lm_head's too" if spec["fp8_head"] else "")) if once else "torchao, per call"
             note.append(f"float8 base weights ({spec['fp8']} scales, {how}; not exact)")

@@ -74,6 +74,12 @@ def check_fp8_support(device: str, recipe: str = DEFAULT_RECIPE) -> None:
                             f"(L4, RTX 4090, H100, H200); {name} has {major}.{minor}. Drop --fp8 to train in bf16.")
 
 
+def casts_once(recipe: str, cast_once: bool = True) -> bool:
+    """Whether `apply_fp8(recipe, cast_once)` uses zhtune's `Float8FrozenLinear` (the weights cast once) rather
+    than torchao's per-call `Float8Linear`."""
+    return recipe == "delayed" or recipe == "tensorwise" and cast_once
+
+
 def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_grad_input: bool = True,
               lm_head: bool = False) -> int:
     """Swap the frozen base linears of the decoder layers (PEFT's `base_layer`, or the plain linears where no
@@ -87,7 +93,7 @@ def apply_fp8(model, recipe: str = DEFAULT_RECIPE, cast_once: bool = True, fast_
         raise ValueError(f"fp8 recipe {recipe!r}; known: {', '.join(RECIPES)}")
     layers = decoder_layers(model) or []
     head = 0
-    if recipe in ("tensorwise", "delayed") and (cast_once or recipe == "delayed"):
+    if casts_once(recipe, cast_once):
         delayed = recipe == "delayed"
         swapped = sum(_swap_linears(layer, lambda m: Float8FrozenLinear(m, fast_grad_input, delayed=delayed))
                       for layer in layers)
@@ -197,9 +203,7 @@ def to_float8(x: torch.Tensor, dtype: torch.dtype, seen: torch.Tensor | None = N
     amax = x.abs().max().to(torch.float64)
     if seen is not None:
         seen.copy_(torch.maximum(seen, amax.to(torch.float32)))
-    scale = (torch.finfo(dtype).max / torch.clamp(amax, min=EPS)).to(torch.float32)
-    limit = torch.finfo(dtype).max
-    return (x.to(torch.float32) * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
+    return _saturated(x, dtype, (torch.finfo(dtype).max / torch.clamp(amax, min=EPS)).to(torch.float32))
 
 
 def to_float8_delayed(x: torch.Tensor, dtype: torch.dtype, seen: torch.Tensor, recent: torch.Tensor
@@ -208,9 +212,13 @@ def to_float8_delayed(x: torch.Tensor, dtype: torch.dtype, seen: torch.Tensor, r
     value above it saturates), and x's own amax into `seen` for later scales. The amax is taken per row, then
     over the rows: a row reduction inductor fuses into the cast's kernel (a whole-tensor one it keeps apart)."""
     seen.copy_(torch.maximum(seen, x.abs().amax(dim=-1).max().to(torch.float32)))
+    scale = (torch.finfo(dtype).max / torch.clamp(recent.to(torch.float64), min=EPS)).to(torch.float32)  # as above
+    return _saturated(x, dtype, torch.where(recent > 0, scale, torch.ones_like(scale)))
+
+
+def _saturated(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x · scale in float8, clamped to its range, and the inverse scale `torch._scaled_mm` takes."""
     limit = torch.finfo(dtype).max
-    scale = (limit / torch.clamp(recent.to(torch.float64), min=EPS)).to(torch.float32)  # as to_float8's
-    scale = torch.where(recent > 0, scale, torch.ones_like(scale))
     return (x.to(torch.float32) * scale).clamp(-limit, limit).to(dtype), scale.reciprocal()
 
 
@@ -359,8 +367,9 @@ class DelayedScaling:
         maxima = torch._foreach_max(self.history) if hasattr(torch, "_foreach_max") else [  # torch < 2.5
             h.max() for h in self.history]
         torch._foreach_copy_(self.recent, maxima)
-        for m in self.linears:
-            m.delayed_ready = True
+        if self.forwards == 1:  # the first commit: from now on the linears scale with the records
+            for m in self.linears:
+                m.delayed_ready = True
 
     @classmethod
     def attach(cls, model) -> None:
