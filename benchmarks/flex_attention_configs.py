@@ -61,7 +61,12 @@ def main(argv=None) -> int:
     ap.add_argument("--softcap", type=float, default=CONFIG["attn_logit_softcapping"])
     ap.add_argument("--repeat", type=int, default=5, help="timed passes over the rows")
     ap.add_argument("--autotune", default="true", choices=["true", "false"])
-    ap.add_argument("--kernel_options", action="append", default=[], help="a JSON dict; may be given again")
+    ap.add_argument("--kernel_options", action="append", default=[], help="a JSON dict; may be given again "
+                    "(`{\"BACKEND\": \"FLASH\"}`: FlashAttention-4's CuTe DSL kernels, flash-attn-4 installed)")
+    ap.add_argument("--block_kv", type=int, default=128, help="the BlockMask's key/value block (FLASH on sm90 with "
+                    "head_dim 256 tiles keys by 64 and needs 64 here)")
+    ap.add_argument("--window", type=int, default=0, help="a sliding window of this many keys (Gemma 2's local "
+                    "layers: 4096); 0: a global layer")
     ap.add_argument("--smoke", action="store_true", help="on the CPU: builds the rows and the block mask only (flex_attention has no CPU backward, "
                     "so every configuration reports that error)")
     ap.add_argument("--out", default=None)
@@ -72,17 +77,22 @@ def main(argv=None) -> int:
     h, hkv, d, cap = args.heads, args.kv_heads, args.head_dim, args.softcap
     docs = doc_ids_of_rows(args.rows, args.seq, args.smoke)
     say(f"[flex] {device} {torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}; "
-        f"{len(docs)} rows of {args.seq}, heads {h}/{hkv}, head_dim {d}, softcap {cap}")
+        f"{len(docs)} rows of {args.seq}, heads {h}/{hkv}, head_dim {d}, softcap {cap}, mask blocks 128x{args.block_kv}"
+        + (f", window {args.window}" if args.window else ", global"))
 
     ids = torch.stack(docs).to(device)  # one batch of all rows: one compiled graph, one block mask
 
     def same_doc_causal(b, hh, q, kv):
-        return (q >= kv) & (ids[b, q] == ids[b, kv])
-    mask = create_block_mask(same_doc_causal, len(docs), None, args.seq, args.seq, device=device)
+        keep = (q >= kv) & (ids[b, q] == ids[b, kv])
+        return keep & (q - kv < args.window) if args.window else keep
+    mask = create_block_mask(same_doc_causal, len(docs), None, args.seq, args.seq, device=device,
+                             BLOCK_SIZE=(128, args.block_kv))
     flops = 0.0
     for row in docs:
         lengths = torch.bincount(row[row < 10**6].long()).double()
-        flops += float((lengths * (lengths + 1) / 2).sum()) * h * d * 2 * 2 * 3.5  # fwd 2 matmuls, bwd 2.5x
+        m = lengths.clamp(max=args.window) if args.window else lengths  # keys per query: up to the window
+        keys = m * (m + 1) / 2 + (lengths - m) * m
+        flops += float(keys.sum()) * h * d * 2 * 2 * 3.5  # fwd 2 matmuls, bwd 2.5x
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = lambda heads: (len(docs), heads, args.seq, d)  # noqa: E731
     q0 = torch.randn(shape(h), generator=g).to(device, dtype)
@@ -149,7 +159,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({
             "date": date.today().isoformat(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "torch": torch.__version__, "seq": args.seq, "rows": len(docs), "heads": [h, hkv], "head_dim": d,
+            "torch": torch.__version__, "block_kv": args.block_kv, "window": args.window, "seq": args.seq, "rows": len(docs), "heads": [h, hkv], "head_dim": d,
             "results": results}, indent=1))
     return 0
 

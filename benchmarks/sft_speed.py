@@ -64,6 +64,11 @@ checkpointed (the seed's --gradient_checkpointing true) unless the variant says 
                               the same with loss chunks of M tokens (default --chunk_size)
     compiled_fused_plan24_closs
                               compiled_fused_selective_closs with zhtune's plan for 24 GiB (--memory_budget_gib 24)
+    compiled_fused_selective_closs_stockflex, compiled_fused_selective_closs_tritonflex
+                              compiled_fused_selective_closs with inductor's default flex_attention kernels, or
+                              with the measured Triton tiles where the fast path would run flex_attention's
+                              FlashAttention-4 backend (flash-attn-4 installed; without it every fast variant
+                              runs those tiles; zhtune/train/flex_kernels.py)
     <any variant>_hashdrop    the same with LoRA dropout's masks hashed from element indices (zhtune/train/
                               hash_dropout.py; what `zhtune sft` runs wherever its layers compile)
     <any variant>_nodrop      the same with LoRA dropout off: not the seed's setting, the ceiling of any cheaper
@@ -96,6 +101,7 @@ FLOPs per token (model FLOPs, recomputation not counted), for utilisation agains
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -133,7 +139,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # What each variant changes from the fast path's defaults (packed rows, the fast attention, chunked loss,
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
-                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, keep=0,
+                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, flash=None, keep=0,
                     budget=None, dropout=None, fp8_once=True, fp8_fast=True, fp8_head=False, fold=False)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
@@ -170,6 +176,10 @@ VARIANT_SPECS = {
     # the same with inductor's default flex_attention tiles (FastPath.flex_kernels off; zhtune/train/flex_kernels.py)
     "compiled_fused_selective_closs_stockflex": dict(compiled=True, fused=True, selective=True, ckpt="plan",
                                                      closs=True, flex=False),
+    # the same with the measured Triton tiles where flex_attention's FlashAttention-4 backend would run (flash-attn-4
+    # installed: FastPath.flash_attention off; without it every variant runs these tiles)
+    "compiled_fused_selective_closs_tritonflex": dict(compiled=True, fused=True, selective=True, ckpt="plan",
+                                                      closs=True, flash=False),
     # not exact: the frozen base linears multiply in float8 (`zhtune sft --fp8 true`, zhtune/train/fp8.py), with
     # torchao's per-row scales or one scale per tensor (zhtune's default since the ninth session's measurement)
     "compiled_fused_selective_closs_fp8": dict(compiled=True, fused=True, selective=True, ckpt="plan", closs=True,
@@ -676,9 +686,9 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
     if spec["loss"] == "full":
         step = baseline_step if spec["data"] == "samples" else packed_full_step
     else:
-        chunked = fast if spec["chunk"] is None else FastPath(chunk_size=spec["chunk"], softcap=fast.softcap)
-        chunked.compile_loss = spec["closs"]
-        chunked.flex_kernels = spec["flex"]
+        # a copy per variant: its attention kernels are looked up anew (FastPath keeps them once looked up)
+        chunked = dataclasses.replace(fast, chunk_size=spec["chunk"] or fast.chunk_size, compile_loss=spec["closs"],
+                                      flex_kernels=spec["flex"], flash_attention=spec["flash"] is not False)
         step = make_chunked_step(chunked)
     repeat = 1 if spec["data"] == "samples" else args.slow_repeat if spec["loss"] == "full" else args.repeat
     batches = work.batches[:1] + work.batches * repeat

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_train_speed.sh fp8             # ~8 min: --fp8's float8 variants beside the exact headline,
 #                                                   # and 50-step loss curves bf16 vs each float8 recipe
 #   bash scripts/gpu_train_speed.sh flex            # ~4 min: flex_attention's tiles (default, autotuned, zhtune's)
+#   FLASH_KEEP=/root/keep bash scripts/gpu_train_speed.sh flash   # ~3 min: the tiles against FlashAttention-4's kernels
 #   bash scripts/gpu_train_speed.sh curves          # ~5 min: 30-step loss curves, the plain computation (no lever)
 #                                                   # against the fast path, bf16 and float8
 #   bash scripts/gpu_train_speed.sh levers engines  # ~8 min: the eager levers; ZeRO-2, ZeRO-3, FSDP2 via zhtune sft
@@ -28,7 +29,13 @@
 #   env.txt, sft_speed.json + .log (bench), sft_speed_fp8*.json (fp8), sft_speed_curves.json (curves),
 #   flex_configs.json (flex),
 #   sft_speed_levers.json + .log (levers), engines.json + .log.
-# Phases: carry (here, with PyPI: fills .carry16), setup (the wheels and env.txt only: run it first when phases
+# flex_attention's FlashAttention-4 backend (flash-attn-4 and its CuTe DSL, ~100 MB: more than one call carries)
+# travels in two parts, built here with `bash scripts/gpu_train_speed.sh carry_flash` (.flash1, .flash2):
+#   call 1 carries .flash1:            mkdir -p /root/keep && cp .flash1/* /root/keep/
+#   call 2 (warm) carries .flash2 too: FLASH_KEEP=/root/keep bash scripts/gpu_train_speed.sh setup bench ...
+# with FLASH_KEEP set, install() adds it to $SITE and `zhtune sft` / every fast-path variant use it (the
+# variant ..._tritonflex keeps the Triton tiles).
+# Phases: carry (here, with PyPI: fills .carry16), carry_flash (here: .flash1, .flash2), setup (the wheels and env.txt only: run it first when phases
 # run side by side on separate GPUs), bench, fp8, curves, flex, levers, engines; several may be given.
 # On several GPUs: NPROC_PER_NODE=2 ... engines runs each engine's zhtune sft over 2 processes (torchrun).
 set -uo pipefail
@@ -59,10 +66,40 @@ carry() {  # here, not on the GPU machine: wheels (< 50 MiB together) and the to
     du -sh $CARRY
 }
 
-install() {  # the carried wheels into $SITE (not the image's site-packages)
+FLASH_WHEELS="flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
+nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 quack-kernels==0.6.5"
+
+carry_flash() {  # here: flash-attn-4 and its CuTe DSL for cu13 (einops, cuda-bindings, protobuf: in the image)
+    local tmp
+    tmp=$(mktemp -d)
+    rm -rf .flash1 .flash2 && mkdir -p .flash1 .flash2
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        -d .flash1 $FLASH_WHEELS
+    # the cu13 libraries (92 MB as a wheel): unpacked, xz-compressed, in two parts
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d "$tmp" nvidia-cutlass-dsl-libs-cu13==4.8.1
+    (cd "$tmp" && mkdir x && cd x && unzip -q ../nvidia_cutlass_dsl_libs_cu13-*.whl \
+        && rm -rf nvidia_cutlass_dsl/cu13/lib/stubs && tar cf - . | xz -T2 -6 > "$tmp/cu13.tar.xz")
+    split -b 34000000 "$tmp/cu13.tar.xz" "$tmp/cu13.part"
+    mv "$tmp/cu13.partaa" .flash1/ && mv "$tmp/cu13.partab" .flash2/
+    rm -rf "$tmp"
+    du -sh .flash1 .flash2
+}
+
+install() {  # the carried wheels into $SITE (not the image's site-packages); FLASH_KEEP: flash-attn-4 too
     [ -f "$SITE/.done" ] && return 0
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        --find-links $CARRY/whl $WHEELS && touch "$SITE/.done"
+        --find-links $CARRY/whl $WHEELS || return 1
+    if [ -n "${FLASH_KEEP:-}" ]; then
+        cp .flash2/* "$FLASH_KEEP/" 2>/dev/null
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+            "$FLASH_KEEP"/*.whl || return 1
+        # after the wheels: pip --target replaces a package folder they share with the libraries
+        cat "$FLASH_KEEP"/cu13.parta? | $PY -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$SITE')" \
+            || return 1
+    fi
+    touch "$SITE/.done"
 }
 
 env_report() {
@@ -71,7 +108,8 @@ env_report() {
         $PY - <<'PY'
 import importlib.metadata as md, sys
 print("python", sys.version.split()[0])
-for name in ("torch", "transformers", "peft", "accelerate", "triton", "liger-kernel", "torchao", "deepspeed", "pydantic"):
+for name in ("torch", "transformers", "peft", "accelerate", "triton", "liger-kernel", "torchao", "deepspeed", "pydantic",
+             "flash-attn-4", "nvidia-cutlass-dsl"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:
@@ -107,6 +145,16 @@ flex() {  # flex_attention's tiles for Gemma 2's head_dim 256: inductor's defaul
     measured=$($PY -c "import json; from zhtune.train.flex_kernels import MEASURED; print(json.dumps(MEASURED[((9, 0), 256)]))")
     timeout 330 $PY benchmarks/flex_attention_configs.py --kernel_options "$measured" --out "$OUT/flex_configs.json" \
         2>&1 | tee "$OUT/flex_configs.log"
+}
+
+flash() {  # the tiles against flex_attention's FlashAttention-4 backend (FLASH_KEEP), global and sliding (~3 min)
+    local measured window
+    measured=$($PY -c "import json; from zhtune.train.flex_kernels import MEASURED; print(json.dumps(MEASURED[((9, 0), 256)]))")
+    for window in 0 4096; do
+        timeout 270 $PY benchmarks/flex_attention_configs.py --autotune false --block_kv 64 --window $window \
+            --kernel_options "$measured" --kernel_options '{"BACKEND": "FLASH"}' --out "$OUT/flash_w$window.json" \
+            2>&1 | grep -v Warning | tee "$OUT/flash_w$window.log"
+    done
 }
 
 levers() {  # each eager lever alone, same run (the reference is computed again: ~10 s)
@@ -184,11 +232,13 @@ phases=${*:-bench}
 for phase in $phases; do
     case $phase in
         carry) carry ;;
-        setup|bench|fp8|curves|flex|levers|engines)
+        carry_flash) carry_flash ;;
+        setup|bench|fp8|curves|flex|flash|levers|engines)
             install || { echo "wheel install failed"; exit 1; }
-            export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+            # the CuTe DSL's own packages folder (its wheel's .pth, which a --target install does not run)
+            export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD${PYTHONPATH:+:$PYTHONPATH}"
             [ -f "$OUT/env.txt" ] || env_report
             [ "$phase" = setup ] || $phase ;;
-        *) echo "unknown phase $phase (carry, setup, bench, fp8, curves, flex, levers, engines)"; exit 2 ;;
+        *) echo "unknown phase $phase (carry, carry_flash, setup, bench, fp8, curves, flex, flash, levers, engines)"; exit 2 ;;
     esac
 done

@@ -433,6 +433,76 @@ def test_flex_kernel_options_only_where_measured(monkeypatch):
     assert training_kernel_options(gemma, "cuda:0", torch.bfloat16) is None
 
 
+def test_flash_backend_only_where_measured_installed_and_masks_built(monkeypatch):
+    """FlashAttention-4's backend (kernel_options BACKEND FLASH) is chosen on compute capability 9.0 with
+    head_dim 256, with flash-attn-4 importable, on packed rows, for models of full/sliding layers only;
+    otherwise the measured Triton tiles; ZHTUNE_FLEX_FLASH=0 keeps the tiles."""
+    from types import SimpleNamespace
+
+    import zhtune.train.flex_kernels as flex_kernels
+    from zhtune.train.flex_kernels import FLASH, MEASURED, flash_kv_block, training_kernel_options
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    installed = {"value": True}
+    monkeypatch.setattr(flex_kernels, "flash_installed", lambda: installed["value"])
+    gemma = SimpleNamespace(_attn_implementation="flex_attention", head_dim=256, hidden_size=3584,
+                            num_attention_heads=16, sliding_window=4096,
+                            layer_types=["sliding_attention", "full_attention"] * 21)
+    tiles = MEASURED[((9, 0), 256)]
+    assert training_kernel_options(gemma, "cuda:0", torch.bfloat16) == FLASH
+    assert flash_kv_block(gemma, "cuda:0") == 64
+    assert training_kernel_options(gemma, "cuda:0", torch.bfloat16, packed=False) == tiles
+    assert training_kernel_options(gemma, "cuda:0", torch.float32) is None
+    chunked = SimpleNamespace(**{**vars(gemma), "layer_types": ["chunked_attention", "full_attention"]})
+    assert training_kernel_options(chunked, "cuda:0", torch.bfloat16) == tiles  # no mask of ours for it
+    monkeypatch.setenv("ZHTUNE_FLEX_FLASH", "0")
+    assert training_kernel_options(gemma, "cuda:0", torch.bfloat16) == tiles
+    monkeypatch.delenv("ZHTUNE_FLEX_FLASH")
+    installed["value"] = False
+    assert training_kernel_options(gemma, "cuda:0", torch.bfloat16) == tiles
+
+
+def test_flash_document_masks_train_as_transformers_own_masks(monkeypatch):
+    """Under the FLASH backend the fast path builds the packed rows' document masks itself (key blocks of 64):
+    through the model (a sliding layer with a window shorter than the samples, and a full layer), the loss and
+    gradients equal those under transformers' own masks. On the CPU the spy runs eager attention on the
+    BlockMask made dense."""
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+    from transformers.models.gemma2 import modeling_gemma2
+
+    import zhtune.train.flex_kernels as flex_kernels
+    eager = modeling_gemma2.eager_attention_forward
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        if isinstance(attention_mask, BlockMask):
+            seen.append((attention_mask.BLOCK_SIZE, kwargs.get("kernel_options")))
+            b, _, q_len, kv_len = attention_mask.shape
+            dense = create_mask(attention_mask.mask_mod, b, 1, q_len, kv_len, device=query.device)
+            attention_mask = torch.zeros(dense.shape, dtype=query.dtype).masked_fill(~dense, torch.finfo(query.dtype).min)
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", spy)
+    monkeypatch.setattr(flex_kernels, "training_kernel_options",
+                        lambda config, device, dtype, packed=True: dict(flex_kernels.FLASH) if packed else None)
+    monkeypatch.setattr(flex_kernels, "flash_kv_block", lambda config, device: 64)
+    model = tiny_model("gemma2")
+    model.get_base_model().config.sliding_window = 6
+    assert set(model.get_base_model().config.layer_types) == {"sliding_attention", "full_attention"}
+    items = samples([30, 21, 9, 40])
+    results = {}
+    for flash in (True, False):
+        fast = FastPath(flex_kernels=True, flash_attention=flash)
+        rows, collator = fast.prepare_data(items, _Args())
+        batch = collator(rows[:1])
+        model.zero_grad()
+        loss = fast.compute_loss(model, batch)
+        loss.backward()
+        results[flash] = (float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    n_layers = model.get_base_model().config.num_hidden_layers
+    assert seen == [((128, 64), {"BACKEND": "FLASH"})] * n_layers, seen
+    assert abs(results[True][0] - results[False][0]) < 1e-6
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
+
+
 def test_compute_loss_hands_the_tiles_to_every_layers_attention(monkeypatch):
     """Through PEFT and transformers' forward, kernel_options reach each decoder layer's attention call
     (where flex_attention reads them); the loss is the same, and with the lever off nothing is passed."""
@@ -446,7 +516,8 @@ def test_compute_loss_hands_the_tiles_to_every_layers_attention(monkeypatch):
         seen.append(kwargs.get("kernel_options"))
         return eager(*args, **kwargs)
     monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", spy)
-    monkeypatch.setattr(flex_kernels, "training_kernel_options", lambda config, device, dtype: {"fwd_BLOCK_M": 128})
+    monkeypatch.setattr(flex_kernels, "training_kernel_options",
+                        lambda config, device, dtype, packed=True: {"fwd_BLOCK_M": 128})
     model = tiny_model("gemma2")
     items = samples([9, 14])
     losses = {}

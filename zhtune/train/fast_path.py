@@ -18,8 +18,10 @@ each LoRA input under bf16 autocast), and, wherever the layers compile (by defau
 (train/fused_lora.py), `selective_recompute` (train/recompute.py) and `compile_loss` (train/loss.py): on
 the H200 (9B config, seed LoRA, no layer checkpointed) the three together gave 10,504 tokens/s at 73 GiB,
 10,020 without the compiled loss; compiled layers alone gave 9,999 at 89 GiB (another day); all exact
-(benchmarks/RESULTS.md); and `flex_kernels` (train/flex_kernels.py: flex_attention's tiles where they
-beat inductor's default; head_dim 256 on compute capability 9.0: 1.04x on the whole step on an H200) and
+(benchmarks/RESULTS.md); and `flex_kernels` (train/flex_kernels.py: flex_attention's kernels where they
+beat inductor's default; head_dim 256 on compute capability 9.0: its FlashAttention-4 backend where flash-attn-4
+is installed (`flash_attention`; the document masks then built here, with its key blocks), 1.07x the Triton
+tiles on the whole step on an H200, and those tiles 1.04x inductor's default) and
 `hash_dropout` (train/hash_dropout.py: LoRA dropout masks from a hash of each element's index, which inductor
 fuses and may recompute instead of drawing Philox numbers and keeping the masks; on the H200 1.028-1.031x and
 2.5 GiB less at 80 GiB; ZHTUNE_HASH_DROPOUT=0 in the environment keeps nn.Dropout).
@@ -74,7 +76,8 @@ class FastPath:
     fused_lora: bool | None = None  # one matmul for the LoRA-A of q/k/v and of gate/up (train/fused_lora.py)
     selective_recompute: bool | None = None  # norms/activations recomputed in un-checkpointed layers (train/recompute.py)
     compile_loss: bool | None = None  # the chunked loss's per-chunk arithmetic through torch.compile (train/loss.py)
-    flex_kernels: bool | None = None  # flex_attention's tiles measured for this GPU and head size (train/flex_kernels.py)
+    flex_kernels: bool | None = None  # flex_attention's kernels measured for this GPU and head size (train/flex_kernels.py)
+    flash_attention: bool = True  # among those, FlashAttention-4's (flex's FLASH backend) where flash-attn-4 is installed
     hash_dropout: bool | None = None  # LoRA dropout masks hashed from element indices (train/hash_dropout.py)
     fp8: str | None = None  # --fp8 true: the frozen base linears in float8 with this recipe (train/fp8.py)
     chunked_loss: bool = True  # False under ZeRO-3 / FSDP (set by decide()): transformers' loss, no levers
@@ -82,6 +85,7 @@ class FastPath:
     device: str = "cpu"  # set by decide()
     _tiles: dict | None = field(default=None, init=False, repr=False)  # _flex_kernel_options, once looked up
     _tiles_known: bool = field(default=False, init=False, repr=False)
+    _mask_kv_block: int | None = field(default=None, init=False, repr=False)  # FLASH: our document masks' key block
 
     # -- choosing the path -----------------------------------------------------------------------
     @classmethod
@@ -188,8 +192,10 @@ class FastPath:
             if apply_fp8(model, self.fp8, fast_grad_input=env_switch("ZHTUNE_FP8_FAST_ACCUM", True),
                          lm_head=env_switch("ZHTUNE_FP8_LM_HEAD", False)):
                 applied.append(f"float8 base weights ({self.fp8}, not exact)")
-        if self._flex_kernel_options(model):
-            applied.append("flex_attention tiles measured for this GPU")
+        options = self._flex_kernel_options(model)
+        if options:
+            applied.append("flex_attention's FlashAttention-4 kernels (flash-attn-4)" if self._mask_kv_block
+                           else "flex_attention tiles measured for this GPU")
         if self.compiles():
             compile_decoder_layers(model, "layer")
             applied.append("torch.compile per decoder layer")
@@ -223,9 +229,12 @@ class FastPath:
         if not self._tiles_known:
             self._tiles_known = True
             if self._lever(self.flex_kernels):
-                from zhtune.train.flex_kernels import training_kernel_options
+                from zhtune.train.flex_kernels import FLASH, flash_kv_block, training_kernel_options
                 base = base_model(model)
-                self._tiles = training_kernel_options(base.config, self.device, base.dtype)
+                self._tiles = training_kernel_options(base.config, self.device, base.dtype,
+                                                      packed=self.packing and self.flash_attention)
+                if self._tiles == FLASH:
+                    self._mask_kv_block = flash_kv_block(base.config, self.device)
         return self._tiles
 
     # -- loss ------------------------------------------------------------------------------------
@@ -253,6 +262,9 @@ class FastPath:
         options = self._flex_kernel_options(model)
         if options:
             inputs["kernel_options"] = options  # transformers passes it down to flex_attention
+        if self._mask_kv_block:  # FLASH: the document masks with its key block (transformers' have 128)
+            from zhtune.train.flex_kernels import document_block_masks
+            inputs["attention_mask"] = document_block_masks(inputs["position_ids"], base.config, self._mask_kv_block)
         hook = decoder.register_forward_hook(keep_hidden)
         try:
             model(**inputs, use_cache=False,
