@@ -4,10 +4,11 @@ Two choices, per compute capability and head size, each only where it was measur
 - FLASH (`FLASH_KV_BLOCK`): flex_attention's FlashAttention-4 backend (`kernel_options={"BACKEND": "FLASH"}`;
   the CuTe DSL kernels of the optional package flash-attn-4, `pip install 'zhtune[flash]'`). For Gemma 2/3's
   head_dim 256 on compute capability 9.0 (H100/H200; measured on an H200) it ran the forward + backward of one
-  layer's attention 1.75x as fast as the tiles below (1.56 against 2.73 ms per 8192-token packed row,
-  Gemma-2-9B's 16/8 heads, softcap and document mask; output and gradients within bf16 rounding of inductor's
-  default, max |diff| 0.031: benchmarks/flex_attention_configs.py, benchmarks/RESULTS.md, seventeenth
-  session). Its head_dim-256 backward tiles keys by 64, and its block sparsity needs the BlockMask's key
+  layer's attention 1.77-1.81x as fast as the tiles below in the same run (1.51 against 2.75 ms per 8192-token
+  packed row for a global layer, 1.51 against 2.68 for a sliding one; Gemma-2-9B's 16/8 heads, softcap and
+  document mask; output and gradients within bf16 rounding of inductor's default, max |diff| 0.031), and the
+  whole training step 1.074x (benchmarks/flex_attention_configs.py, sft_speed.py; benchmarks/RESULTS.md,
+  seventeenth session). Its head_dim-256 backward tiles keys by 64, and its block sparsity needs the BlockMask's key
   block to match, so the fast path builds the document masks itself (`document_block_masks`) with key
   blocks of 64 instead of transformers' 128. Only on packed rows (position_ids), only for models whose
   layers are all full or sliding-window attention.
