@@ -41,12 +41,14 @@ MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")  # what document_bl
 
 @functools.cache
 def flash_installed() -> bool:
-    """flash-attn-4's CuTe DSL kernels import (flex_attention's FLASH backend needs them)."""
+    """flash-attn-4's CuTe DSL kernels import, and this torch's flex_attention has the FLASH backend's backward
+    (torch 2.11 was measured)."""
     try:
+        from torch._inductor.kernel.flex import flex_flash_attention
         import flash_attn.cute.interface  # noqa: F401
     except Exception:  # noqa: BLE001 - missing, or a CUDA/CuTe DSL mismatch: the Triton kernels run
         return False
-    return True
+    return hasattr(flex_flash_attention, "create_flex_flash_attention_backward_kernel")
 
 
 def training_kernel_options(config, device: str, dtype: torch.dtype, packed: bool = True) -> dict | None:
