@@ -8,15 +8,17 @@ down_proj's float8 matmul beside a bf16 copy for its LoRA. `delayed` takes the a
 keeps it a separate reduction kernel: 2026-11-30, benchmarks/RESULTS.md), `delayed_rows` one per row then their
 max (a row reduction, which inductor can fuse with the cast that reads the same rows).
 """
-import torch, time
+import time
+
+import torch
 import torch.nn.functional as F
+
 E4M3 = torch.float8_e4m3fn
 FMAX = torch.finfo(E4M3).max
 T, N = 8192, 14336
 dev = "cuda"
 g = torch.randn(T, N, device=dev, dtype=torch.bfloat16)
 u = torch.randn(T, N, device=dev, dtype=torch.bfloat16)
-seeds = torch.tensor([12345, 678], device=dev, dtype=torch.int32)
 
 def act_of(g, u):
     return F.gelu(g, approximate="tanh") * u
@@ -28,19 +30,18 @@ def dynamic(g, u):
     act8 = (act.float() * scale).clamp(-FMAX, FMAX).to(E4M3)
     return act8, scale.reciprocal(), act * 1.05
 
-def delayed(g, u, pending, recent):
-    act = act_of(g, u)
-    pending.copy_(torch.maximum(pending, act.abs().max().float()))
-    scale = torch.where(recent > 0, FMAX / recent, torch.ones_like(recent))
-    act8 = (act.float() * scale).clamp(-FMAX, FMAX).to(E4M3)
-    return act8, scale.reciprocal(), act * 1.05
+def delayed_with(amax_of):
+    """The delayed cast, recording the activation's amax as `amax_of` takes it."""
+    def delayed(g, u, pending, recent):
+        act = act_of(g, u)
+        pending.copy_(torch.maximum(pending, amax_of(act).float()))
+        scale = torch.where(recent > 0, FMAX / recent, torch.ones_like(recent))
+        act8 = (act.float() * scale).clamp(-FMAX, FMAX).to(E4M3)
+        return act8, scale.reciprocal(), act * 1.05
+    return delayed
 
-def delayed_rows(g, u, pending, recent):
-    act = act_of(g, u)
-    pending.copy_(torch.maximum(pending, act.abs().amax(dim=-1).max().float()))
-    scale = torch.where(recent > 0, FMAX / recent, torch.ones_like(recent))
-    act8 = (act.float() * scale).clamp(-FMAX, FMAX).to(E4M3)
-    return act8, scale.reciprocal(), act * 1.05
+delayed = delayed_with(lambda act: act.abs().max())  # the whole tensor
+delayed_rows = delayed_with(lambda act: act.abs().amax(dim=-1).max())  # per row, then over the rows
 
 
 def bench(fn, *args, n=30):

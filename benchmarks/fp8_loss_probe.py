@@ -7,8 +7,8 @@ have none of a trained model's outliers; there float8 stayed within 0.2% of bf16
 Gemma 3 270M (real weights) in bf16, the seed's LoRA (r=8, alpha=32, no dropout; every decoder linear and the
 lm_head; B drawn small so the LoRA path is live), zhtune's chunked softcapped loss as the fast path runs it,
 a few AdamW steps (lr 1e-4), each on 4 new rows of Chinese text (until 2026-11-30's fifteenth session: the
-same 4 rows every step), from the same weights in each run: bf16, float8 tensorwise (zhtune's default), delayed
-(scales from earlier steps' maxima), tensorwise with the lm_head in float8 too (ZHTUNE_FP8_LM_HEAD=1), and
+same 4 rows every step), from the same weights in each run: bf16, float8 tensorwise, delayed (scales from
+earlier steps' maxima; zhtune's default), tensorwise with the lm_head in float8 too (ZHTUNE_FP8_LM_HEAD=1), and
 torchao's rowwise (when torchao is installed; `--runs` picks). torch's own float8 kernels run on the CPU: the numerics a GPU computes,
 slowly. Reported: each run's losses and their relative gap to bf16's.
 """

@@ -65,8 +65,8 @@ def curve(model, ids, steps: int, autocast: bool, name: str, start: float, loss_
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
     losses = []
+    device = (ids[0] if isinstance(ids, list) else ids).device.type
     for step in range(steps):
-        device = (ids[0] if isinstance(ids, list) else ids).device.type
         context = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with context:
             loss = loss_of(model, ids[step % len(ids)] if isinstance(ids, list) else ids)

@@ -139,7 +139,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # What each variant changes from the fast path's defaults (packed rows, the fast attention, chunked loss,
 # bf16 LoRA inputs, every layer checkpointed); the order is the default run order.
 DEFAULT_SPEC = dict(data="packed", attn="fast", loss="chunked", chunk=None, cast=False, fused=False, selective=False,
-                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, flash=None, keep=0,
+                    compiled=False, ckpt="all", liger=False, closs=False, fp8=None, flex=None, flash=True, keep=0,
                     budget=None, dropout=None, fp8_once=True, fp8_fast=True, fp8_head=False, fold=False)
 VARIANT_SPECS = {
     "baseline": dict(data="samples", attn="eager", loss="full", cast=True),
@@ -688,7 +688,7 @@ def run_variant(name, spec, train_model, model, fast, work: Workload, device, au
     else:
         # a copy per variant: its attention kernels are looked up anew (FastPath keeps them once looked up)
         chunked = dataclasses.replace(fast, chunk_size=spec["chunk"] or fast.chunk_size, compile_loss=spec["closs"],
-                                      flex_kernels=spec["flex"], flash_attention=spec["flash"] is not False)
+                                      flex_kernels=spec["flex"], flash_attention=spec["flash"])
         step = make_chunked_step(chunked)
     repeat = 1 if spec["data"] == "samples" else args.slow_repeat if spec["loss"] == "full" else args.repeat
     batches = work.batches[:1] + work.batches * repeat

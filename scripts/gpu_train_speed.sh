@@ -14,7 +14,7 @@
 #   ENGINES="fsdp2" bash scripts/gpu_train_speed.sh engines  # some of the engines only (~3 min each);
 #                                                            # "single": zhtune sft on one GPU, no engine flag;
 #                                                            # "fp8": the same with --fp8 true
-#                                                            # "fp8_delayed": --fp8 true --fp8_recipe delayed
+#                                                            # "fp8_delayed": --fp8 true --fp8_recipe delayed (= fp8 now)
 #   ENGINE_LORA="--lora_target_modules ALL" ... engines      # other LoRA flags than the seed's
 #   BENCH_VARIANTS=hf_best,compiled_fused_selective_closs_hashdrop BENCH_ROUNDS=3 ... bench
 #                                                   # each timed 3 times in turn: the spread of the x hf_best ratio
@@ -188,7 +188,7 @@ PY
         case $name in
             single) flag="" ;;  # one GPU, no engine: the fast path as a user gets it by default
             fp8) flag="--fp8 true" ;;  # the same, the frozen base weights in float8
-            fp8_delayed) flag="--fp8 true --fp8_recipe delayed" ;;  # scales from the last 16 micro-batches' amax
+            fp8_delayed) flag="--fp8 true --fp8_recipe delayed" ;;  # = fp8 since delayed became the default (the sixteenth session's name)
             zero2) flag="--deepspeed default-zero2" ;;
             zero3) flag="--deepspeed default-zero3" ;;
             fsdp2) flag="--fsdp fsdp2" ;;

@@ -193,6 +193,8 @@ def _import_torchao():
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 EPS = 1e-12  # torchao's floor under amax
+HISTORY = 16  # delayed scaling: a scale comes from the largest amax of this many earlier micro-batches (torchao's
+_DELAYED = "_zhtune_fp8_delayed"  # default length); on the decoder: its DelayedScaling
 
 
 def to_float8(x: torch.Tensor, dtype: torch.dtype, seen: torch.Tensor | None = None
@@ -335,8 +337,6 @@ class Float8FrozenLinear(torch.nn.Module):
                 + (", fast accumulation" if self.fast_grad_input else "") + (", delayed scales" if self.delayed else ""))
 
 
-HISTORY = 16  # delayed scaling: a scale comes from the largest amax of this many earlier micro-batches (torchao's
-_DELAYED = "_zhtune_fp8_delayed"  # default length); on the decoder: its DelayedScaling
 
 
 class DelayedScaling:
